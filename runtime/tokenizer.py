@@ -1,0 +1,143 @@
+"""
+nanochat's tokenizer and chat format, and an incremental detokenizer for streaming.
+
+The tokenizer is the pickled tiktoken.Encoding that nanochat's tok_train writes. Special tokens are
+never parsed out of user text (encode_ordinary), exactly as nanochat does. A conversation is
+rendered as [bos] + <|user_start|>..<|user_end|> / <|assistant_start|>..<|assistant_end|> turns,
+with a leading system message merged into the first user message, and completion adds a final
+<|assistant_start|>.
+"""
+
+from __future__ import annotations
+
+import codecs
+import pickle
+from pathlib import Path
+
+SPECIAL_TOKENS = (
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+)
+
+
+class ConversationError(ValueError):
+    """A conversation that nanochat's chat format cannot render."""
+
+
+class Tokenizer:
+    def __init__(self, encoding) -> None:
+        self.enc = encoding
+        missing = [s for s in SPECIAL_TOKENS if s not in encoding._special_tokens]
+        if missing:
+            raise ValueError(f"tokenizer lacks nanochat special tokens: {missing}")
+        ids = {s: encoding.encode_single_token(s) for s in SPECIAL_TOKENS}
+        self.bos = ids["<|bos|>"]
+        self.user_start, self.user_end = ids["<|user_start|>"], ids["<|user_end|>"]
+        self.assistant_start, self.assistant_end = ids["<|assistant_start|>"], ids["<|assistant_end|>"]
+        self.python_start, self.python_end = ids["<|python_start|>"], ids["<|python_end|>"]
+        self.output_start, self.output_end = ids["<|output_start|>"], ids["<|output_end|>"]
+        self.special_ids = ids
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        with open(path, "rb") as f:
+            try:
+                encoding = pickle.load(f)
+            except Exception as e:
+                raise ValueError(f"cannot read tokenizer {path}: {e}") from e
+        return cls(encoding)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token)
+
+    # --- chat format ---
+
+    def render_conversation(self, messages: list[dict]) -> list[int]:
+        """nanochat's render_conversation without the training mask (and without silent truncation)."""
+        messages = list(messages)
+        if not messages:
+            raise ConversationError("conversation is empty")
+        if messages[0].get("role") == "system":
+            if len(messages) < 2 or messages[1].get("role") != "user":
+                raise ConversationError("a system message must be followed by a user message")
+            merged = {"role": "user", "content": _text(messages[0]) + "\n\n" + _text(messages[1])}
+            messages = [merged, *messages[2:]]
+        ids = [self.bos]
+        for i, msg in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            role = msg.get("role")
+            if role != expected:
+                raise ConversationError(
+                    f"message {i} has role {role!r}; nanochat conversations alternate user/assistant "
+                    "starting with user (an optional system message may come first)"
+                )
+            if role == "user":
+                ids += [self.user_start, *self.encode(_text(msg)), self.user_end]
+            else:
+                ids += [self.assistant_start, *self._assistant_content(msg["content"]), self.assistant_end]
+        return ids
+
+    def render_for_completion(self, messages: list[dict]) -> list[int]:
+        """Render a conversation that ends with a user turn and prime the assistant's reply."""
+        if messages and messages[-1].get("role") == "assistant":
+            raise ConversationError("the last message must be from the user")
+        return [*self.render_conversation(messages), self.assistant_start]
+
+    def _assistant_content(self, content) -> list[int]:
+        if isinstance(content, str):
+            return self.encode(content)
+        ids: list[int] = []
+        for part in content:
+            kind, text = part.get("type"), part.get("text", "")
+            if kind == "text":
+                ids += self.encode(text)
+            elif kind == "python":
+                ids += [self.python_start, *self.encode(text), self.python_end]
+            elif kind == "python_output":
+                ids += [self.output_start, *self.encode(text), self.output_end]
+            else:
+                raise ConversationError(f"unknown assistant content part type {kind!r}")
+        return ids
+
+
+def _text(msg: dict) -> str:
+    content = msg.get("content")
+    if not isinstance(content, str):
+        raise ConversationError(f"{msg.get('role')} message content must be a string")
+    return content
+
+
+class Detokenizer:
+    """Turns a stream of token ids into text pieces that are always whole UTF-8 characters.
+
+    Equivalent to decoding all ids so far with errors='replace' and emitting the new suffix, but
+    O(1) per token: bytes of an unfinished character wait for the next token instead of showing
+    as U+FFFD, and spaces are never lost because tokens are joined as bytes before decoding.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._token_bytes = tokenizer.token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
