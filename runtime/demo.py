@@ -1,0 +1,149 @@
+"""
+Small nanochat checkpoints the project makes itself, in nanochat's exact on-disk format.
+
+`make_checkpoint` writes a model of any generation G0..G4 with random weights, deterministic from a
+seed, under a nanochat base directory:
+
+    <base>/<source>_checkpoints/<tag>/model_<step:06d>.pt   state dict, as nanochat's save_checkpoint
+    <base>/<source>_checkpoints/<tag>/meta_<step:06d>.json  meta with model_config (+ user_config)
+    <base>/tokenizer/tokenizer.pkl                           pickled tiktoken.Encoding (rustbpe-trained)
+    <base>/tokenizer/token_bytes.pt                          UTF-8 length of each token, 0 for specials
+
+The tokenizer is trained with rustbpe on text the project ships (runtime/data/demo_corpus.txt),
+with nanochat's split pattern and special tokens. The demo that `make demo` serves is the default:
+a G4 model tagged "demo" in the sft checkpoints. Tests use the same function for every generation.
+
+    python -m runtime.demo --out /tmp/nanochat-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+from runtime.checkpoint import SOURCES, expected_shapes
+from runtime.config import build_config
+from runtime.tokenizer import SPECIAL_TOKENS
+
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+CORPUS = Path(__file__).parent / "data" / "demo_corpus.txt"
+
+
+def train_tokenizer(vocab_size: int = 512):
+    """A tiktoken Encoding trained by rustbpe the way nanochat's tok_train builds it."""
+    import rustbpe
+    import tiktoken
+
+    paragraphs = [p for p in CORPUS.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(paragraphs), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    ranks = {bytes(k): v for k, v in trainer.get_mergeable_ranks()}
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(), mergeable_ranks=ranks,
+                             special_tokens=specials)
+
+
+def write_tokenizer(enc, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "tokenizer.pkl", "wb") as f:
+        pickle.dump(enc, f)
+    special_ids = set(enc._special_tokens.values())
+    lengths = [0 if i in special_ids else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+    torch.save(torch.tensor(lengths, dtype=torch.int32), directory / "token_bytes.pt")
+
+
+def model_config_for(generation: str, depth: int, n_embd: int, n_head: int, n_kv_head: int,
+                     sequence_len: int, vocab_size: int, window_pattern: str) -> dict:
+    """The meta json's model_config as that generation's nanochat wrote it (G0 had no window_pattern)."""
+    mc = dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+              n_kv_head=n_kv_head, n_embd=n_embd)
+    if generation != "G0":
+        mc["window_pattern"] = window_pattern
+    return mc
+
+
+def random_state_dict(generation: str, model_config: dict, padded_vocab: int, seed: int) -> dict:
+    """Random weights of the right keys and shapes; scalars in ranges trained models show."""
+    cfg = build_config(generation, model_config, padded_vocab_size=padded_vocab)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name == "resid_lambdas":
+            t = 1.0 + 0.1 * torch.rand(shape, generator=gen)
+        elif name == "x0_lambdas":
+            t = 0.2 * torch.rand(shape, generator=gen) - 0.1
+        elif name in ("smear_lambda", "backout_lambda"):
+            t = 0.2 + 0.4 * torch.rand(shape, generator=gen)
+        else:
+            fan_in = shape[-1]
+            std = 1.0 if "wte" in name or "value_embeds" in name else fan_in**-0.5
+            t = std * torch.randn(shape, generator=gen)
+        sd[name] = t
+    return sd
+
+
+def make_checkpoint(
+    base: str | Path,
+    generation: str = "G4",
+    tag: str = "demo",
+    source: str = "sft",
+    step: int = 0,
+    depth: int = 4,
+    n_embd: int = 128,
+    n_head: int = 2,
+    n_kv_head: int | None = None,
+    sequence_len: int = 512,
+    window_pattern: str = "SSSL",
+    vocab_size: int = 512,
+    seed: int = 0,
+    pad_vocab: bool = True,
+    bf16_embeddings: bool = False,
+    orig_mod_prefix: bool = False,
+) -> Path:
+    """Write a checkpoint (and the tokenizer) under `base`; returns the checkpoint directory."""
+    base = Path(base)
+    tok_dir = base / "tokenizer"
+    if (tok_dir / "tokenizer.pkl").is_file():
+        with open(tok_dir / "tokenizer.pkl", "rb") as f:
+            enc = pickle.load(f)
+    else:
+        enc = train_tokenizer(vocab_size)
+        write_tokenizer(enc, tok_dir)
+    V = enc.n_vocab  # rustbpe may stop early on a small corpus: always read the size back
+    padded = -(-V // 64) * 64 if pad_vocab else V
+    mc = model_config_for(generation, depth, n_embd, n_head, n_kv_head or n_head, sequence_len, V, window_pattern)
+    sd = random_state_dict(generation, mc, padded, seed)
+    if bf16_embeddings:  # what a CUDA-trained checkpoint stores
+        sd = {k: v.bfloat16() if k.startswith(("transformer.wte", "value_embeds")) else v for k, v in sd.items()}
+    if orig_mod_prefix:
+        sd = {"_orig_mod." + k: v for k, v in sd.items()}
+    directory = base / SOURCES[source] / tag
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, directory / f"model_{step:06d}.pt")
+    meta = dict(step=step, val_bpb=None, model_config=mc,
+                user_config=dict(depth=depth, seed=seed, generation=generation, made_by="runtime.demo"))
+    (directory / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return directory
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Write a small nanochat checkpoint (random weights) in nanochat's format.")
+    p.add_argument("--out", required=True, help="nanochat base directory to write into")
+    p.add_argument("--generation", default="G4", choices=["G0", "G1", "G2", "G3", "G4"])
+    p.add_argument("--tag", default="demo")
+    p.add_argument("--source", default="sft", choices=sorted(SOURCES))
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    d = make_checkpoint(a.out, a.generation, a.tag, a.source, depth=a.depth, seed=a.seed)
+    print(json.dumps({"event": "demo_checkpoint", "path": str(d), "generation": a.generation}))
+
+
+if __name__ == "__main__":
+    main()
