@@ -241,7 +241,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        ids, pos, sl = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (input_ids, positions, slots))
+        ids, pos, sl = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (input_ids, positions, slots))
         T = ids.shape[1]
         if int(pos.max()) + T > self.max_seq:
             raise ValueError(f"positions {pos.tolist()} + {T} tokens exceed the cache of {self.max_seq}")

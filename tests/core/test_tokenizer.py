@@ -1,0 +1,88 @@
+"""nanochat's chat format and the streaming detokenizer, on the oracle's real tokenizer."""
+
+from pathlib import Path
+
+import pytest
+
+from runtime.tokenizer import ConversationError, Detokenizer, Tokenizer
+
+TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "oracle" / "head" / "tokenizer" / "tokenizer.pkl"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if not TOKENIZER.is_file():
+        pytest.skip(f"oracle tokenizer not found at {TOKENIZER}")
+    return Tokenizer.load(TOKENIZER)
+
+
+def test_special_ids_come_after_the_merges(tok):
+    assert tok.bos == tok.vocab_size - 9 and tok.python_end == tok.vocab_size - 3
+    assert tok.decode([tok.python_start]) == "<|python_start|>"
+
+
+def test_special_token_text_is_ordinary_text(tok):
+    assert tok.bos not in tok.encode("<|bos|> hello")
+
+
+def test_render_conversation(tok):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "ok"}]
+    ids = tok.render_for_completion(msgs)
+    assert ids == [tok.bos, tok.user_start, *tok.encode("hi"), tok.user_end,
+                   tok.assistant_start, *tok.encode("yo"), tok.assistant_end,
+                   tok.user_start, *tok.encode("ok"), tok.user_end, tok.assistant_start]
+
+
+def test_system_message_merges_into_first_user_message(tok):
+    merged = tok.render_for_completion([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert merged == tok.render_for_completion([{"role": "user", "content": "Be brief.\n\nhi"}])
+
+
+def test_assistant_tool_parts(tok):
+    msgs = [{"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": [{"type": "python", "text": "2+2"},
+                                              {"type": "python_output", "text": "4"},
+                                              {"type": "text", "text": "four"}]},
+            {"role": "user", "content": "thanks"}]
+    ids = tok.render_for_completion(msgs)
+    want = [tok.assistant_start, tok.python_start, *tok.encode("2+2"), tok.python_end,
+            tok.output_start, *tok.encode("4"), tok.output_end, *tok.encode("four"), tok.assistant_end]
+    i = ids.index(tok.assistant_start)
+    assert ids[i : i + len(want)] == want
+
+
+@pytest.mark.parametrize("msgs, problem", [
+    ([], "empty"),
+    ([{"role": "assistant", "content": "x"}], "last message"),
+    ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "role 'assistant'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+    ([{"role": "system", "content": "s"}], "followed by a user"),
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "role"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
+    ([{"role": "user", "content": 5}], "string"),
+])
+def test_bad_conversations_say_why(tok, msgs, problem):
+    with pytest.raises(ConversationError, match=problem):
+        tok.render_for_completion(msgs)
+
+
+TEXTS = ["café ☕ 日本語 — naïve façade, Ünïcödé! Ça va? 😀", "  leading and  double  spaces ", "a\nb\n\n  c"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_detokenizer_pieces_are_whole_characters_and_add_up(tok, text):
+    # byte-level tokens split multi-byte characters across tokens; feed them one at a time
+    ids = tok.encode(text)
+    raw = [tok.enc.encode_single_token(bytes([b])) for b in text.encode("utf-8")]
+    for stream in (ids, raw):
+        det = Detokenizer(tok)
+        pieces = [det.push(t) for t in stream] + [det.flush()]
+        assert "".join(pieces) == text
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_detokenizer_equals_decode_with_invalid_bytes(tok):
+    stream = [tok.enc.encode_single_token(bytes([b])) for b in b"ok \xe2\x98 x \xff"]
+    det = Detokenizer(tok)
+    assert "".join([det.push(t) for t in stream] + [det.flush()]) == tok.decode(stream)
