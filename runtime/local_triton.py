@@ -1,0 +1,238 @@
+"""
+A real Triton Inference Server on this machine, serving a model repository with the nanochat backend.
+
+`LocalTriton` is a context manager for tests, benchmarks and `make triton`. It builds a temporary
+backend directory the way NVIDIA's container lays one out:
+
+    <tmp>/backends/python/    libtriton_python.so, triton_python_backend_utils.py and the stub built
+                              for the running Python (all from the nvidia-pytriton wheel)
+    <tmp>/backends/nanochat/  model.py: our Python-based backend (runtime/triton_backend/model.py)
+
+then runs the wheel's `tritonserver` with explicit model control, free ports and a short exit timeout,
+waits until the server and the requested models are ready, and always stops it (on exit, on an
+exception, on Ctrl-C). The stub runs an isolated interpreter that ignores PYTHONPATH, so the backend
+reads NANOCHAT_TRITON_SYS_PATH (set here: the project root and this environment's site-packages, whose
+.pth files carry the editable install) and adds those directories itself.
+
+On a machine with NVIDIA's Triton container, copy runtime/triton_backend/ to
+/opt/tritonserver/backends/nanochat/ instead and run the container's tritonserver.
+
+    python -m runtime.local_triton --model-repository model_repository --load demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import runtime
+
+BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "model.py"
+SYS_PATH_VAR = "NANOCHAT_TRITON_SYS_PATH"
+
+
+def pytriton_root() -> Path:
+    import pytriton  # the nvidia-pytriton wheel: tritonserver binary, Python backend and stubs
+
+    return Path(pytriton.__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_backend_dir(root: Path) -> Path:
+    """Fill root/backends with the Python backend, the stub for this Python and our backend."""
+    tritonserver = pytriton_root() / "tritonserver"
+    backends = root / "backends"
+    python = backends / "python"
+    shutil.copytree(tritonserver / "backends" / "python", python, ignore=shutil.ignore_patterns("__pycache__"))
+    stub = tritonserver / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy2(stub / "triton_python_backend_stub", python / "triton_python_backend_stub")
+    (backends / "nanochat").mkdir()
+    shutil.copy2(BACKEND_SOURCE, backends / "nanochat" / "model.py")
+    return backends
+
+
+def stub_sys_path() -> str:
+    """Directories the stub's interpreter needs: the project (first, so this checkout wins) and site-packages."""
+    project = str(Path(runtime.__file__).resolve().parents[1])
+    return os.pathsep.join([project, *site.getsitepackages()])
+
+
+def derive_model(repository: str | Path, source: str, name: str, **parameters: int | str) -> Path:
+    """Add model `name` to a repository: `source`'s artifacts (linked, not copied) with some config
+    parameters changed, e.g. derive_model(repo, "head", "head_1slot", max_slots=1)."""
+    repository = Path(repository)
+    src, dst = repository / source, repository / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir()
+    for version in (p for p in src.iterdir() if p.is_dir()):
+        (dst / version.name).mkdir()
+        for f in version.iterdir():
+            (dst / version.name / f.name).symlink_to(f.resolve())
+    config = (src / "config.pbtxt").read_text()
+    config = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', config, flags=re.M)
+    for key, value in parameters.items():
+        pattern = rf'(key:\s*"{key}"\s*value:\s*\{{\s*string_value:\s*)"[^"]*"'
+        config, n = re.subn(pattern, rf'\g<1>"{value}"', config)
+        if n != 1:
+            raise ValueError(f"parameter {key!r} not found once in {src / 'config.pbtxt'}")
+    (dst / "config.pbtxt").write_text(config)
+    return dst
+
+
+class LocalTriton:
+    """tritonserver from the nvidia-pytriton wheel over a model repository, with our backend installed."""
+
+    def __init__(self, model_repository: str | Path, load: list[str] = (), http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None, log_path: str | Path | None = None,
+                 startup_timeout: float = 120.0, verbose: bool = False):
+        self.model_repository = Path(model_repository).resolve()
+        self.load = list(load)
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_path = Path(log_path) if log_path else None
+        self.startup_timeout = startup_timeout
+        self.verbose = verbose
+        self.process: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._log = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self, backends: Path) -> list[str]:
+        cmd = [str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
+               f"--model-repository={self.model_repository}", f"--backend-directory={backends}",
+               "--model-control-mode=explicit", f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
+               "--exit-timeout-secs=3", "--strict-readiness=true", f"--log-verbose={int(self.verbose)}"]
+        return cmd + [f"--load-model={name}" for name in self.load]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = Path(pytriton_root()).parent / "nvidia_pytriton.libs"  # the stub does not find them otherwise
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env[SYS_PATH_VAR] = stub_sys_path()
+        return env
+
+    def start(self) -> LocalTriton:
+        self._tmp = tempfile.TemporaryDirectory(prefix="nanochat-triton-")
+        backends = make_backend_dir(Path(self._tmp.name))
+        log_path = self.log_path or Path(self._tmp.name) / "tritonserver.log"
+        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
+        self.log_file = log_path
+        # own process group, so Ctrl-C in a terminal reaches us first and we stop the server in order
+        self.process = subprocess.Popen(self.command(backends), env=self.environment(), stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.wait_ready(self.load)
+        except BaseException:
+            self.stop()
+            raise
+        _log_event("triton_started", pid=self.process.pid, grpc=self.grpc_url, http=self.http_url,
+                   metrics=self.metrics_url, models=self.load)
+        return self
+
+    def wait_ready(self, models: list[str] = (), timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        paths = ["/v2/health/ready"] + [f"/v2/models/{m}/ready" for m in models]
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}; log: {self.log_tail()}")
+            if all(self._http_ok(p) for p in paths):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tritonserver not ready after {timeout or self.startup_timeout}s; "
+                                   f"log: {self.log_tail()}")
+            time.sleep(0.2)
+
+    def _http_ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-chars:]
+        except (OSError, AttributeError):
+            return ""
+
+    def stop(self) -> None:
+        """Stop the server and wait for it (SIGTERM, then SIGKILL), and remove the backend directory."""
+        p, self.process = self.process, None
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)  # its own session: the server and its stub processes
+                p.wait(timeout=10)
+            _log_event("triton_stopped", pid=p.pid, returncode=p.returncode)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalTriton:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _log_event(event: str, **fields) -> None:
+    print(json.dumps({"event": event, **fields}), file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Run a local Triton server with the nanochat backend until Ctrl-C.")
+    p.add_argument("--model-repository", default="model_repository")
+    p.add_argument("--load", action="append", default=[], help="model to load (repeatable)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log", help="server log file (default: inside the temporary backend directory)")
+    a = p.parse_args()
+    server = LocalTriton(a.model_repository, a.load, a.http_port, a.grpc_port, a.metrics_port, a.log)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below on SIGTERM too
+    with server:
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""
+Engine statistics, and their export as Triton custom metrics (on Triton's /metrics page).
+
+The step thread only bumps plain Python numbers and appends latencies to deques (no IPC on the hot
+path); the response thread calls TritonMetrics.export every poll interval, which turns the deltas
+into pb_utils counter increments, gauge sets and histogram observations. Triton 2.51's Python
+backend supports all three kinds (MetricFamily.HISTOGRAM with explicit buckets).
+
+CPU time is split by where it is spent, per thread (time.thread_time): `model_call` is the step
+thread inside Runner.forward, `schedule` the rest of the step thread (batching, sampling,
+detokenizing), `send` the response thread (building and sending responses, cancellation checks).
+schedule + send per token is the per-token cost outside the model.
+"""
+
+from __future__ import annotations
+
+import collections
+
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.tokens = 0  # generated (sampled or forced, stop tokens included)
+        self.prompt_tokens = 0  # prefilled
+        self.rejected = 0  # refused because the queue was full
+        self.send_errors = 0
+        self.last_send_error = ""
+        self.active = 0  # slots in use
+        self.waiting = 0  # requests queued for a slot
+        self.ttft: collections.deque[float] = collections.deque()  # seconds, drained by the exporter
+        self.itl: collections.deque[float] = collections.deque()
+        self.cpu = {"step": 0.0, "model_call": 0.0, "send": 0.0}
+
+
+class TritonMetrics:
+    """Stats -> pb_utils.MetricFamily metrics labelled with the model name and instance device."""
+
+    def __init__(self, pb_utils, labels: dict[str, str]) -> None:
+        F = pb_utils.MetricFamily
+
+        def family(name: str, description: str, kind):
+            return F(name=name, description=description, kind=kind)
+
+        self.counters = {
+            "tokens": family("nanochat_generated_tokens_total", "Tokens generated", F.COUNTER).Metric(labels=labels),
+            "prompt_tokens": family("nanochat_prompt_tokens_total", "Prompt tokens prefilled",
+                                    F.COUNTER).Metric(labels=labels),
+            "rejected": family("nanochat_rejected_requests_total", "Requests refused because the queue was full",
+                               F.COUNTER).Metric(labels=labels),
+        }
+        self.gauges = {
+            "active": family("nanochat_active_slots", "KV-cache rows in use", F.GAUGE).Metric(labels=labels),
+            "waiting": family("nanochat_queue_depth", "Requests waiting for a slot", F.GAUGE).Metric(labels=labels),
+        }
+        cpu = family("nanochat_cpu_seconds_total", "CPU time of the backend's threads by part", F.COUNTER)
+        self.cpu = {part: cpu.Metric(labels={**labels, "part": part}) for part in ("schedule", "model_call", "send")}
+        self.ttft = family("nanochat_time_to_first_token_seconds", "Time from arrival to the first token",
+                           F.HISTOGRAM).Metric(labels=labels, buckets=TTFT_BUCKETS)
+        self.itl = family("nanochat_inter_token_latency_seconds", "Time between a request's tokens",
+                          F.HISTOGRAM).Metric(labels=labels, buckets=ITL_BUCKETS)
+        self._last: dict[str, float] = collections.defaultdict(float)
+
+    def _add(self, metric, key: str, value: float) -> None:
+        delta = value - self._last[key]
+        if delta > 0:
+            metric.increment(delta)
+            self._last[key] = value
+
+    def export(self, stats: Stats) -> None:
+        for key, metric in self.counters.items():
+            self._add(metric, key, getattr(stats, key))
+        cpu = dict(stats.cpu)
+        cpu["schedule"] = cpu.pop("step") - cpu["model_call"]
+        for part, metric in self.cpu.items():
+            self._add(metric, "cpu_" + part, cpu[part])
+        for key, metric in self.gauges.items():
+            value = getattr(stats, key)
+            if value != self._last.get("gauge_" + key):
+                metric.set(value)
+                self._last["gauge_" + key] = value
+        for values, metric in ((stats.ttft, self.ttft), (stats.itl, self.itl)):
+            while values:
+                metric.observe(values.popleft())

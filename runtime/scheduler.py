@@ -1,0 +1,201 @@
+"""
+Continuous batching over one Runner: the engine behind each Triton model instance, in plain Python.
+
+One step thread owns the runner and its KV cache of max_slots rows. Each step:
+  1. takes new requests (they join only here, at step boundaries) and drops cancelled ones;
+  2. gives waiting requests the free slots, oldest first;
+  3. decodes every row that has a token to feed, all in one batched runner call;
+  4. prefills one chunk: rows still reading their prompt advance by the same T tokens in one call
+     (T = the shortest remaining prompt part, capped so T x rows <= prefill_chunk), so a long prompt
+     costs the others at most one chunk of latency per step instead of its whole length;
+  5. samples each row's token with its own runtime.generation.Sequence (nanochat's seeded generator,
+     stop tokens, calculator, limits), so a request's tokens never depend on the rest of the batch.
+Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
+bounded queue; one that does not fit is refused at once with an error.
+
+The step thread never blocks on clients: it puts outputs on a ResponseThread (runtime/responses.py),
+which sends them and reports cancellations back through Request.cancelled, checked once per step.
+Every request ends with exactly one final output: finish_reason stop|length|cancelled, or an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from runtime.generation import Runner, SamplingParams, Sequence
+from runtime.metrics import Stats
+from runtime.responses import Output, ResponseThread, Sink
+from runtime.tokenizer import Detokenizer, Tokenizer
+
+
+@dataclass(eq=False)
+class Request:
+    handle: object  # what the Sink sends to (Triton: the request's response sender)
+    seq: Sequence
+    detok: Detokenizer
+    arrived: float
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
+    emitted: int = 0  # tokens streamed so far (stop tokens are not streamed)
+    last_token_at: float = 0.0
+    cancelled: bool = False  # set by the ResponseThread, read by the step thread
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, sink: Sink, max_queue: int = 64,
+                 prefill_chunk: int = 256, device_id: int = 0, stats: Stats | None = None, exporter=None):
+        self.runner, self.tok = runner, tokenizer
+        self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, max_queue, prefill_chunk
+        self.device_id = device_id
+        self.stats = stats or Stats()
+        self.responses = ResponseThread(sink, self.stats, exporter=exporter)
+        self._cv = threading.Condition()
+        self._inbox: list[Request] = []
+        self._outstanding = 0  # accepted and not finished: bounds slots + queue
+        self._stopping = False
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._free = list(range(self.max_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._thread = threading.Thread(target=self._run, name="nanochat-step", daemon=True)
+        self._thread.start()
+
+    # --- called from Triton's execute() thread ---
+
+    def submit(self, handle: object, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; any problem is answered with a final error response, never raised."""
+        try:
+            seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq)
+        except ValueError as e:
+            self.fail(handle, str(e))
+            return
+        req = Request(handle, seq, Detokenizer(self.tok), time.monotonic())
+        with self._cv:
+            if self._stopping:
+                refusal = "model is shutting down"
+            elif self._outstanding >= self.max_slots + self.max_queue:
+                refusal = (f"queue full: {self.max_slots} slots busy and {self.max_queue} requests waiting; "
+                           "retry later")
+            else:
+                refusal = None
+                self._outstanding += 1
+                self.responses.open(req)  # before the step thread can see it, so its final comes after
+                self._inbox.append(req)
+                self._cv.notify()
+        if refusal:
+            self.stats.rejected += 1
+            self.fail(handle, refusal)
+
+    def fail(self, handle: object, message: str) -> None:
+        self.responses.put(None, handle, None, message)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop stepping: unfinished requests get a final error; then flush responses and join."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        self.responses.close(timeout)
+
+    # --- the step thread ---
+
+    def _run(self) -> None:
+        step_cpu = time.thread_time()
+        while True:
+            with self._cv:
+                while not (self._inbox or self._active or self._waiting or self._stopping):
+                    self.stats.cpu["step"] += time.thread_time() - step_cpu
+                    self._cv.wait()
+                    step_cpu = time.thread_time()
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                stopping = self._stopping
+            if stopping:
+                for req in [*self._active, *self._waiting]:
+                    self._finish(req, error="model is being unloaded; request stopped")
+                return
+            try:
+                self._step()
+            except Exception as e:  # a runner failure ends the requests in flight, not the backend
+                for req in list(self._active):
+                    self._finish(req, error=f"inference failed: {type(e).__name__}: {e}")
+            now = time.thread_time()
+            self.stats.cpu["step"] += now - step_cpu
+            step_cpu = now
+
+    def _step(self) -> None:
+        for req in [r for r in (*self._active, *self._waiting) if r.cancelled]:
+            self._finish(req, finish_reason="cancelled")
+        while self._free and self._waiting:
+            req = self._waiting.popleft()
+            req.slot = self._free.pop()
+            self._active.append(req)
+        self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)
+        decoding = [r for r in self._active if r.prefilled == len(r.seq.prompt)]
+        prefilling = [r for r in self._active if r.prefilled < len(r.seq.prompt)]
+        if decoding:
+            ids = np.array([[r.seq.generated[-1]] for r in decoding], dtype=np.int64)
+            logits = self._forward(ids, [r.seq.length - 1 for r in decoding], decoding)
+            for req, row in zip(decoding, logits, strict=True):
+                self._emit(req, row)
+        if prefilling:
+            T = min(self.prefill_chunk, *(len(r.seq.prompt) - r.prefilled for r in prefilling))
+            rows = prefilling[: max(1, self.prefill_chunk // T)]
+            ids = np.array([r.seq.prompt[r.prefilled: r.prefilled + T] for r in rows], dtype=np.int64)
+            logits = self._forward(ids, [r.prefilled for r in rows], rows)
+            for req, row in zip(rows, logits, strict=True):
+                req.prefilled += T
+                if req.prefilled == len(req.seq.prompt):
+                    self.stats.prompt_tokens += req.prefilled
+                    self._emit(req, row)
+
+    def _forward(self, ids: np.ndarray, positions: list[int], rows: list[Request]) -> np.ndarray:
+        t0 = time.thread_time()
+        logits = self.runner.forward(ids, np.array(positions, dtype=np.int64),
+                                     np.array([r.slot for r in rows], dtype=np.int64))
+        self.stats.cpu["model_call"] += time.thread_time() - t0
+        return logits
+
+    def _emit(self, req: Request, logits: np.ndarray) -> None:
+        """Sample one token for a row and hand its piece of text to the ResponseThread."""
+        seq = req.seq
+        token, _ = seq.next_token(torch.from_numpy(logits[None]))
+        now = time.monotonic()
+        if req.emitted == 0:
+            self.stats.ttft.append(now - req.arrived)
+        else:
+            self.stats.itl.append(now - req.last_token_at)
+        req.last_token_at = now
+        self.stats.tokens += 1
+        if seq.finish_reason == "stop":  # a stop token ends the stream and is not part of the text
+            self._finish(req, finish_reason="stop", text=req.detok.flush())
+            return
+        req.emitted += 1
+        text = req.detok.push(token)
+        if seq.finished:
+            self._finish(req, finish_reason=seq.finish_reason, text=text + req.detok.flush(), ids=[token])
+        else:
+            self.responses.put(req, req.handle, self._output(req, text, [token], ""), None)
+
+    def _output(self, req: Request, text: str, ids: list[int], finish_reason: str) -> Output:
+        return Output(text, ids, finish_reason, len(req.seq.prompt), req.emitted, self.device_id)
+
+    def _finish(self, req: Request, finish_reason: str = "", text: str = "", ids: tuple = (),
+                error: str | None = None) -> None:
+        """The request's one final output; its slot is free for the next step."""
+        if req.slot >= 0:
+            self._active.remove(req)
+            self._free.append(req.slot)
+            req.slot = -1
+        else:
+            self._waiting.remove(req)
+        out = None if error else self._output(req, text, list(ids), finish_reason)
+        self.responses.put(req, req.handle, out, error, final=True)
+        with self._cv:
+            self._outstanding -= 1
+        self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)

@@ -1,0 +1,129 @@
+"""
+The `nanochat` Triton backend: a Python-based backend serving every model whose config.pbtxt says
+backend: "nanochat" (installed as <backends>/nanochat/model.py, the layout of vLLM's Triton backend).
+
+Glue only, as in vLLM's backend: initialize() reads the config parameters, builds the runner chosen
+by `runtime` (onnx -> OrtRunner, tensorrt -> TrtRunner) on this instance's device and starts a
+runtime.scheduler.Scheduler; execute() parses each request and hands it over, returning None
+(decoupled); finalize() stops the scheduler, which ends anything unfinished with a FINAL error.
+Responses, cancellation checks and custom metrics go through TritonSink and TritonMetrics from the
+scheduler's response thread. The request/response contract is model_repository/README.md.
+
+The stub's interpreter ignores PYTHONPATH, so before importing numpy or the project this file adds
+the directories in NANOCHAT_TRITON_SYS_PATH (set by runtime/local_triton.py; unset in a container
+whose Python already has the packages) to the front of sys.path, honouring their .pth files.
+"""
+
+import os
+import site
+import sys
+
+
+def _add_sys_path() -> None:
+    before = list(sys.path)
+    for directory in filter(None, os.environ.get("NANOCHAT_TRITON_SYS_PATH", "").split(os.pathsep)):
+        site.addsitedir(directory)
+    added = [p for p in sys.path if p not in before]
+    sys.path[:] = added + before  # ours first: the system Python's packages may not fit (numpy 2)
+
+
+_add_sys_path()
+
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from runtime.metrics import TritonMetrics  # noqa: E402
+from runtime.requests import RequestError, parse_request  # noqa: E402
+from runtime.responses import Output  # noqa: E402
+from runtime.scheduler import Scheduler  # noqa: E402
+from runtime.tokenizer import Tokenizer  # noqa: E402
+
+
+def make_runner(runtime: str, version_dir: Path, params: dict, max_slots: int, max_seq: int,
+                kind: str, device_id: int):
+    if runtime == "onnx":
+        from runtime.onnx_runner import OrtRunner
+
+        providers = None  # OrtRunner's default: CUDA when ONNX Runtime has it, else CPU
+        if kind == "GPU":
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        return OrtRunner(version_dir / params.get("onnx_file", "model.onnx"), max_slots, max_seq,
+                         providers=providers)
+    if runtime == "tensorrt":
+        from runtime.trt_runner import TrtRunner
+
+        return TrtRunner(version_dir / params.get("plan_file", "model.plan"), max_slots, max_seq,
+                         device_id=device_id)
+    raise ValueError(f"unknown runtime {runtime!r}; expected onnx or tensorrt")
+
+
+class TritonSink:
+    """Sends scheduler outputs as decoupled responses through each request's response sender."""
+
+    FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+    def send(self, handle, out: Output | None, error: str | None, final: bool) -> None:
+        if error is not None:
+            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error))
+        else:
+            response = pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("text", np.array([out.text.encode()], dtype=np.object_)),
+                pb_utils.Tensor("token_ids", np.array(out.token_ids, dtype=np.int64)),
+                pb_utils.Tensor("device_id", np.array([out.device_id], dtype=np.int32)),
+                pb_utils.Tensor("finish_reason", np.array([out.finish_reason.encode()], dtype=np.object_)),
+                pb_utils.Tensor("prompt_tokens", np.array([out.prompt_tokens], dtype=np.int32)),
+                pb_utils.Tensor("completion_tokens", np.array([out.completion_tokens], dtype=np.int32)),
+            ])
+        handle.send(response, flags=self.FINAL if final else 0)
+
+    def is_cancelled(self, handle) -> bool:
+        return handle.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        if not config.get("model_transaction_policy", {}).get("decoupled"):
+            raise pb_utils.TritonModelException(
+                "the nanochat backend needs model_transaction_policy { decoupled: true }")
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        kind, device_id = args["model_instance_kind"], int(args["model_instance_device_id"])
+        max_slots, max_seq = int(params.get("max_slots", 8)), int(params.get("max_seq", 512))
+        self.tokenizer = Tokenizer.load(version_dir / params.get("tokenizer_file", "tokenizer.pkl"))
+        runner = make_runner(params.get("runtime", "onnx"), version_dir, params, max_slots, max_seq, kind, device_id)
+        labels = {"model": args["model_name"], "version": args["model_version"], "device": str(device_id)}
+        self.scheduler = Scheduler(runner, self.tokenizer, TritonSink(), max_queue=int(params.get("max_queue", 64)),
+                                   prefill_chunk=int(params.get("prefill_chunk", 256)), device_id=device_id,
+                                   exporter=TritonMetrics(pb_utils, labels))
+        self.max_seq = max_seq
+        _log("model_ready", model=args["model_name"], runtime=params.get("runtime", "onnx"), kind=kind,
+             device_id=device_id, max_slots=max_slots, max_seq=max_seq)
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+
+            def get(name: str, request=request):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
+
+            try:
+                prompt, params = parse_request(get, self.tokenizer, self.max_seq)
+            except RequestError as e:
+                self.scheduler.fail(sender, str(e))
+                continue
+            self.scheduler.submit(sender, prompt, params)
+        return None
+
+    def finalize(self) -> None:
+        self.scheduler.close()
+        _log("model_finalized", send_errors=self.scheduler.stats.send_errors)
+
+
+def _log(event: str, **fields) -> None:
+    print(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}), file=sys.stderr, flush=True)
