@@ -1,0 +1,240 @@
+"""
+`make export`: a nanochat checkpoint -> ONNX graph (-> TensorRT engine) -> a Triton model.
+
+export_model() is the whole pipeline as one function, used by the CLI (export/__main__.py), the
+benchmark and tests: find the checkpoint (runtime/checkpoint.py), load it into the model core,
+trace the graph (export/graph.py), lower its precision (export/precision.py), check it and run it
+once under ONNX Runtime against the model core, build a TensorRT engine on GPU nodes
+(export/tensorrt_build.py), and install everything into the repository atomically
+(export/repository.py). Bad input raises ExportError before any heavy work where it can.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export import graph, repository
+from export.precision import PRECISIONS, lower_precision
+from runtime.checkpoint import SOURCES, CheckpointError, find_checkpoint, open_checkpoint
+
+DEFAULT_SOURCE = "sft"
+DEFAULTS = dict(max_slots=8, max_queue=64, prefill_chunk=256)
+RUNTIMES = ("auto", "tensorrt", "onnx")
+
+
+def say(line: str) -> None:
+    print(line, flush=True)  # progress must show through pipes (make, docker logs) as it happens
+
+
+class ExportError(Exception):
+    """Bad input or an unwritable target: the CLI prints the message and exits 2."""
+
+
+def resolve_checkpoint(model: str | None, source: str | None, step: int | None, checkpoint_dir, nanochat_base,
+                       log: Callable[[str], None]):
+    """find_checkpoint, with the default source (sft) falling back to the sources that exist."""
+    if checkpoint_dir is not None or source is not None:
+        return find_checkpoint(source or DEFAULT_SOURCE, model, step, checkpoint_dir, nanochat_base)
+    order = [DEFAULT_SOURCE] + [s for s in ("rl", "mid", "base") if s != DEFAULT_SOURCE]
+    errors = {}
+    for src in order:
+        try:
+            ref = find_checkpoint(src, model, step, None, nanochat_base)
+        except CheckpointError as e:
+            errors[src] = str(e)
+            continue
+        if src != DEFAULT_SOURCE:
+            log(f"note: no {DEFAULT_SOURCE} checkpoint ({errors[DEFAULT_SOURCE]}); using SOURCE={src} instead")
+        return ref
+    raise CheckpointError("no checkpoint found in any source:\n" + "\n".join(f"  {s}: {m}" for s, m in errors.items()))
+
+
+def gpu_reason() -> str | None:
+    """Why TensorRT cannot build here (None when it can)."""
+    from export.tensorrt_build import unavailable_reason
+
+    return unavailable_reason()
+
+
+def choose_runtime(runtime: str, log: Callable[[str], None]) -> str:
+    if runtime not in RUNTIMES:
+        raise ExportError(f"RUNTIME must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "onnx":
+        return "onnx"
+    reason = gpu_reason()
+    if runtime == "tensorrt" and reason:
+        raise ExportError(f"RUNTIME=tensorrt needs an NVIDIA GPU with TensorRT: {reason}. "
+                          "Run the export on a GPU node, or use RUNTIME=onnx")
+    if runtime == "auto":
+        log(f"runtime: {'onnx (' + reason + ')' if reason else 'tensorrt'}")
+        return "onnx" if reason else "tensorrt"
+    return runtime
+
+
+def instance_kind(runtime: str) -> str:
+    if runtime == "tensorrt":
+        return "KIND_GPU"
+    from runtime.onnx_runner import default_providers
+
+    return "KIND_GPU" if "CUDAExecutionProvider" in default_providers() else "KIND_CPU"
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    try:
+        import tensorrt
+
+        trt_version = tensorrt.__version__
+    except ImportError:
+        trt_version = None
+    return dict(torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
+                tensorrt=trt_version, python=platform.python_version())
+
+
+def verify_onnx(onnx_path: Path, model, max_slots: int, max_seq: int, precision: str, log) -> float | None:
+    """Prefill 8 tokens, then decode 4, under ONNX Runtime (CPU) and the model core; max |logit diff|."""
+    from runtime.gpt import TorchRunner
+    from runtime.onnx_runner import OrtRunner
+
+    if precision == "bf16":
+        log("ONNX Runtime check skipped: ONNX Runtime has no bf16 kernels on CPU (TensorRT runs this graph)")
+        return None
+    n = min(8, max_seq - 5)
+    ids = (np.arange(n, dtype=np.int64) * 7919) % model.config.vocab_size
+    ort, ref = OrtRunner(onnx_path, max_slots, max_seq, providers=["CPUExecutionProvider"]), TorchRunner(
+        model, max_slots, max_seq)
+    slot, diff, token = np.array([max_slots - 1]), 0.0, ids[None, :]
+    for step in range(5):
+        pos = np.array([0 if step == 0 else n + step - 1])
+        a, b = ort.forward(token, pos, slot), ref.forward(token, pos, slot)
+        diff = max(diff, float(np.abs(a - b).max()))
+        token = np.array([[int(b.argmax())]])
+    log(f"ONNX Runtime check: prefill + 4 decode steps, max |logits - PyTorch| = {diff:.2e}")
+    limit = 1e-3 if precision == "fp32" else 0.5
+    if diff > limit:
+        raise RuntimeError(f"exported graph disagrees with the model core: max |diff| {diff:.3g} > {limit}")
+    return diff
+
+
+def export_model(
+    model: str | None = None,
+    source: str | None = None,
+    step: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    name: str | None = None,
+    runtime: str = "auto",
+    precision: str = "fp32",
+    max_slots: int = DEFAULTS["max_slots"],
+    max_seq: int | None = None,
+    model_repository: str | Path = "model_repository",
+    force: bool = False,
+    nanochat_base: str | Path | None = None,
+    max_queue: int = DEFAULTS["max_queue"],
+    prefill_chunk: int = DEFAULTS["prefill_chunk"],
+    verify: bool = True,
+    log: Callable[[str], None] = say,
+) -> Path:
+    """Export one checkpoint into <model_repository>/<name>/; returns that folder."""
+    t0 = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise ExportError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if source is not None and source not in SOURCES:
+        raise ExportError(f"SOURCE must be one of {', '.join(SOURCES)}, not {source!r}")
+    for label, value in (("MAX_SLOTS", max_slots), ("MAX_QUEUE", max_queue), ("PREFILL_CHUNK", prefill_chunk)):
+        if value < 1:
+            raise ExportError(f"{label} must be >= 1, not {value}")
+    runtime = choose_runtime(runtime, log)
+    if runtime == "onnx" and precision == "bf16" and instance_kind("onnx") == "KIND_CPU":
+        raise ExportError("PRECISION=bf16 needs a GPU runtime: ONNX Runtime has no bf16 kernels on CPU; "
+                          "use fp32 or fp16 here")
+    try:
+        ref = resolve_checkpoint(model, source, step, checkpoint_dir, nanochat_base, log)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    name = name or ref.model_tag
+    repo = Path(model_repository).expanduser().absolute()
+    target = repo / name
+    try:
+        repository.check_target(target, str(ref.model_path.absolute()), force)
+    except repository.RepositoryError as e:
+        raise ExportError(str(e)) from e
+
+    log(f"loading {ref.model_path} ...")
+    try:
+        loaded, _ = open_checkpoint(ref)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    cfg = loaded.config
+    max_seq = max_seq or cfg.sequence_len
+    if not 2 <= max_seq <= cfg.rope_len:
+        raise ExportError(f"MAX_SEQ must be 2..{cfg.rope_len} (10x sequence_len, nanochat's rotary table), "
+                          f"not {max_seq}")
+    from runtime.gpt import build_gpt
+
+    gpt = build_gpt(cfg, loaded.state_dict)
+    n_params = sum(p.numel() for p in gpt.parameters())
+    log(f"model: {cfg.generation}, {cfg.n_layer} layers, C={cfg.n_embd}, {n_params / 1e6:.1f}M parameters, "
+        f"vocab {cfg.vocab_size}, sequence_len {cfg.sequence_len}")
+
+    try:
+        with repository.staging(repo, name) as stage:
+            vdir = stage / repository.VERSION
+            t = time.perf_counter()
+            onnx_path = graph.export_onnx(gpt, vdir, max_slots, max_seq, log)
+            if precision != "fp32":
+                import onnx
+
+                log(f"lowering the graph to {precision} (fp32 norms, softmax, softcap) ...")
+                proto = onnx.load(str(onnx_path))
+                lower_precision(proto, precision)
+                graph.set_metadata(proto, {"precision": precision})
+                graph.save(proto, vdir)
+            log(f"traced in {time.perf_counter() - t:.1f}s; checking the ONNX graph ...")
+            graph.check(onnx_path)
+            if verify:
+                verify_onnx(onnx_path, gpt, max_slots, max_seq, precision, log)
+            trt_info = None
+            if runtime == "tensorrt":
+                from export.tensorrt_build import build_engine
+
+                trt_info = build_engine(onnx_path, vdir / repository.PLAN_FILE, max_slots=max_slots,
+                                        max_seq=max_seq, prefill_chunk=prefill_chunk, log=log)
+            shutil.copyfile(ref.tokenizer_path, vdir / repository.TOKENIZER_FILE)
+            for f in vdir.iterdir():
+                f.chmod(0o644)  # onnx writes its data file 0600; the server may run as another user
+            files, content_hash = repository.describe_files(vdir)
+            params = dict(runtime=runtime, onnx_file=graph.ONNX_FILE,
+                          plan_file=repository.PLAN_FILE if runtime == "tensorrt" else "",
+                          tokenizer_file=repository.TOKENIZER_FILE, metadata_file=repository.METADATA_FILE,
+                          max_slots=max_slots, max_seq=max_seq, max_queue=max_queue, prefill_chunk=prefill_chunk)
+            meta = dict(
+                name=name, model_tag=ref.model_tag, source=ref.source or "dir", step=ref.step,
+                checkpoint_path=str(ref.model_path.absolute()), generation=cfg.generation, config=cfg.to_dict(),
+                precision=precision, runtime=runtime, max_slots=max_slots, max_seq=max_seq, files=files,
+                tensorrt=trt_info, versions=versions(), content_hash=content_hash,
+                exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            )
+            (vdir / repository.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            (stage / "config.pbtxt").write_text(
+                repository.config_pbtxt(name, instance_kind(runtime), params), encoding="utf-8")
+            repository.check_target(target, meta["checkpoint_path"], force)  # another export may have finished
+            repository.install(stage, target)
+    except repository.RepositoryError as e:
+        raise ExportError(str(e)) from e
+
+    log(f"exported {name} ({cfg.generation}, {precision}, runtime {runtime}) in {time.perf_counter() - t0:.1f}s "
+        f"to {target}")
+    for fname, f in files.items():
+        log(f"  {repository.VERSION}/{fname:<18} {f['bytes'] / 1e6:10.2f} MB")
+    return target

@@ -1,0 +1,102 @@
+"""
+fp16 / bf16 versions of the exported fp32 graph, typed so TensorRT can build it strongly typed.
+
+TensorRT deprecates weak typing (builder precision flags) since 10.12 and always builds strongly
+typed from 11.0, so the precision has to be in the ONNX graph itself. This pass rewrites the traced
+fp32 graph rather than tracing a half model: the model core's RMSNorm computes x^2 in the input
+dtype, which overflows fp16 for activations above 256, and nanochat itself computes norms, softmax
+and the softcap in fp32. The rewrite is autocast-like:
+
+  - weights that feed MatMul/Gemm (every Linear) and Gather (embeddings, value embeddings, rotary
+    tables) are stored in the low dtype; those matmuls run in it, and their results and looked-up
+    rows are cast back to fp32 (this is what halves the bytes a decode step reads);
+  - the KV cache and G4's prev_embedding are inputs and outputs in the low dtype (nanochat's CUDA
+    cache is bf16 too), cast to fp32 where the graph reads them;
+  - everything else stays fp32: RMSNorm, rotary, QK norm, attention scores and softmax, residual
+    stream, lambdas, softcap. logits stay float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+LOW = {"fp16": (torch.float16, 10), "bf16": (torch.bfloat16, 16)}  # torch dtype, onnx TensorProto enum
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _to_low(tensor, precision: str):
+    from onnx import numpy_helper
+
+    dtype, onnx_type = LOW[precision]
+    arr = torch.from_numpy(np.array(numpy_helper.to_array(tensor), dtype=np.float32)).to(dtype)
+    out = type(tensor)()
+    out.name, out.data_type = tensor.name, onnx_type
+    out.dims.extend(tensor.dims)
+    out.raw_data = arr.view(torch.int16).numpy().tobytes()  # fp16 and bf16 are both 2-byte words
+    return out
+
+
+def lower_precision(proto, precision: str) -> None:
+    """Rewrite the fp32 ModelProto in place to `precision` (fp16|bf16) as described above."""
+    from onnx import TensorProto, helper
+
+    onnx_low = LOW[precision][1]
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+
+    def is_weight(name: str) -> bool:
+        t = inits.get(name)
+        if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) < 2:
+            return False
+        # only when every consumer reads it as a weight, so no fp32 reader is left behind
+        return all(c.op_type in ("MatMul", "Gemm", "Gather", "GatherND") for c in consumers[name])
+
+    def cast(src: str, dst: str, to: int):
+        return helper.make_node("Cast", [src], [dst], to=to, name=f"{dst}/cast")
+
+    converted: set[str] = set()
+    nodes = []
+    for node in g.node:
+        weights = [x for x in node.input if is_weight(x)]
+        if not weights:
+            nodes.append(node)
+            continue
+        for w in weights:
+            if w not in converted:
+                inits[w].CopyFrom(_to_low(inits[w], precision))
+                converted.add(w)
+        if node.op_type in ("MatMul", "Gemm"):
+            for j, x in enumerate(node.input):
+                if x and x not in weights:
+                    nodes.append(cast(x, f"{x}__{precision}__{node.name}", onnx_low))
+                    node.input[j] = f"{x}__{precision}__{node.name}"
+        out = node.output[0]
+        node.output[0] = f"{out}__{precision}"
+        nodes.extend([node, cast(node.output[0], out, TensorProto.FLOAT)])
+
+    # cache (and smear state) in the low dtype at the graph's boundary, fp32 inside
+    state_in = [v for v in g.input if v.name.startswith(("k_cache_", "v_cache_")) or v.name == "prev_embedding"]
+    state_out = [v for v in g.output if v.name.startswith(("new_k_", "new_v_")) or v.name == "new_prev"]
+    inner = {v.name: f"{v.name}__f32" for v in state_in + state_out}
+    for node in nodes:
+        for field in (node.input, node.output):
+            for j, x in enumerate(field):
+                field[j] = inner.get(x, x)
+    for v in state_in + state_out:
+        v.type.tensor_type.elem_type = onnx_low
+    head = [cast(v.name, inner[v.name], TensorProto.FLOAT) for v in state_in]
+    tail = [cast(inner[v.name], v.name, onnx_low) for v in state_out]
+    rewritten = [type(n)() for n in nodes]
+    for new, old in zip(rewritten, nodes, strict=True):
+        new.CopyFrom(old)
+    g.ClearField("node")
+    g.node.extend(head + rewritten + tail)
+    # the exporter's value_info still types the converted weights as float; drop those entries
+    kept = [v for v in g.value_info if v.name not in converted]
+    g.ClearField("value_info")
+    g.value_info.extend(kept)

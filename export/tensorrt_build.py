@@ -1,0 +1,167 @@
+"""
+A TensorRT engine (model.plan) from the exported ONNX graph, with the tensorrt Python API.
+
+- Strongly typed network where TensorRT has the flag (9.x+; 10.12 deprecates weak typing and 11.0
+  always types strongly): the graph's own dtypes decide the precision, which is why fp16/bf16 are
+  lowered in the ONNX (export/precision.py). Older versions get the matching builder flag instead.
+- Two optimization profiles, one per execution context in runtime/trt_runner.py (the NeMo GPT demo
+  pattern): 0 = prefill (T up to max_seq, tuned for a prefill_chunk prompt), 1 = decode (T = 1,
+  tuned for every slot busy at half the context). Lc (the cache rows read) ranges 1..max_seq.
+- A timing cache per TensorRT version and GPU under ~/.cache/nanochat-triton, so rebuilds (other
+  precisions, other models) reuse kernel timings.
+- Progress through IProgressMonitor (TensorRT 10+), printed as phase lines.
+- The engine's TensorRT version and GPU compute capability are returned for metadata.json, where
+  the runner checks them before it deserializes anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PREFILL, DECODE = 0, 1
+
+
+def unavailable_reason() -> str | None:
+    """Why a TensorRT engine cannot be built or run here; None when it can."""
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except ImportError:
+        gpu = False
+    if not gpu:
+        return "no CUDA GPU is visible on this machine"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed (pip install '.[tensorrt]')"
+    return None
+
+
+def compute_capability(device: int = 0) -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
+def device_name(device: int = 0) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)
+
+
+def timing_cache_path(trt_version: str, cc: str) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanochat-triton"
+    return root / f"trt-{trt_version}-sm{cc.replace('.', '')}.timing"
+
+
+def _progress_monitor(trt, log: Callable[[str], None]):
+    """An IProgressMonitor that prints top-level phases and every ~10% of their steps."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.lock, self.steps, self.parents = threading.Lock(), {}, {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            with self.lock:
+                self.steps[phase_name], self.parents[phase_name] = num_steps, parent_phase
+                depth = 0 if parent_phase is None else 1 + (self.parents.get(parent_phase) is not None)
+                if depth <= 1:
+                    log(f"  tensorrt: {'  ' * depth}{phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step):
+            with self.lock:
+                n = self.steps.get(phase_name, 0)
+                if self.parents.get(phase_name) is None and n >= 10 and (step + 1) % max(1, n // 10) == 0:
+                    log(f"  tensorrt: {phase_name} {step + 1}/{n}")
+            return True  # never cancel
+
+        def phase_finish(self, phase_name):
+            with self.lock:
+                self.steps.pop(phase_name, None)
+
+    return Monitor()
+
+
+def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int, prefill_chunk: int,
+                 workspace_gib: float = 8.0, log: Callable[[str], None] = print) -> dict:
+    """Parse onnx_path, build, write plan_path; returns the metadata's `tensorrt` entry."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    log(f"tensorrt {trt.__version__}: parsing {onnx_path.name} ...")
+    if not parser.parse_from_file(str(onnx_path)):  # from the file, so external data is found beside it
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}:\n{errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    precision = graph_precision(onnx_path)
+    if not strongly_typed and precision != "fp32":
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    if hasattr(config, "progress_monitor"):
+        config.progress_monitor = _progress_monitor(trt, log)
+
+    chunk = max(1, min(prefill_chunk, max_seq))
+    shapes = {  # profile -> (min, opt, max) of (B, T, Lc)
+        PREFILL: ((1, 1, 1), (1, chunk, chunk), (max_slots, max_seq, max_seq)),
+        DECODE: ((1, 1, 1), (max_slots, 1, max(1, max_seq // 2)), (max_slots, 1, max_seq)),
+    }
+    for index in (PREFILL, DECODE):
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            dims = [_dims(tensor.name, tuple(tensor.shape), s) for s in shapes[index]]
+            if dims[0] is not None:
+                profile.set_shape(tensor.name, *dims)
+        config.add_optimization_profile(profile)
+
+    cc = compute_capability()
+    cache_file = timing_cache_path(trt.__version__, cc)
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    log(f"tensorrt: building the engine for {device_name()} (sm {cc}), {precision}, "
+        f"{'strongly' if strongly_typed else 'weakly'} typed ...")
+    t = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError("TensorRT failed to build the engine (see the TensorRT messages above)")
+    plan_path.write_bytes(plan)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    log(f"tensorrt: engine built in {time.perf_counter() - t:.1f}s ({plan_path.stat().st_size / 1e6:.1f} MB)")
+    return dict(version=trt.__version__, compute_capability=cc, device=device_name(),
+                strongly_typed=strongly_typed, profiles={"prefill": PREFILL, "decode": DECODE})
+
+
+def _dims(name: str, shape: tuple, bt_lc: tuple):
+    """One profile shape for an input; None for static inputs (prev_embedding)."""
+    B, T, Lc = bt_lc
+    if name == "input_ids":
+        return (B, T)
+    if name in ("positions", "slots"):
+        return (B,)
+    if name.startswith(("k_cache_", "v_cache_")):
+        return (Lc, *shape[1:])
+    return None
+
+
+def graph_precision(path: Path) -> str:
+    """The precision export/graph.py recorded in the graph's metadata."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    return json.loads(meta.get("nanochat", "{}")).get("precision", "fp32")

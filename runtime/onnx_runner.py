@@ -1,0 +1,104 @@
+"""
+The exported graph under ONNX Runtime, behind the `Runner` interface (runtime/generation.py).
+
+The graph (export/graph.py) reads the first Lc positions of the cache and returns only the K/V of
+the T new positions. This runner owns the cache as host numpy arrays, one (max_seq, max_slots, Hkv,
+D) pair per layer; the sequence axis is first, so `cache[:Lc]` is a contiguous view that is bound to
+the graph's input as is (IO binding on CPU memory, no copy), and the new K/V are written in place at
+each row's positions: per step the runner touches B*T cache rows, never the whole cache.
+
+Lc is max(positions), at least 1: a one-row slice at a fresh prefill is masked out by the graph
+(a cached key is visible only below the row's position), and it keeps every dimension non-zero.
+
+With the CUDA provider (used when ONNX Runtime has it, unless `providers` says otherwise) the
+cache still lives on the host and ONNX Runtime copies the bound slice to the device each step; the
+TensorRT runner (runtime/trt_runner.py) is the GPU runtime that keeps the cache on the device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OrtRunner:
+    """A Runner on an exported model.onnx: the KV cache is host memory this object owns."""
+
+    def __init__(self, onnx_path: str | Path, max_slots: int, max_seq: int,
+                 providers: list[str] | None = None, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers or default_providers())
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.n_layer = sum(1 for n in inputs if n.startswith("k_cache_"))
+        k0 = inputs["k_cache_0"]
+        graph_slots = k0.shape[1]
+        if graph_slots != max_slots:
+            raise ValueError(f"{onnx_path} was exported for max_slots={graph_slots}, not {max_slots}")
+        self.max_slots, self.max_seq = max_slots, max_seq
+        self.limits = _graph_limits(self.session)
+        if self.limits.get("max_seq") and max_seq > self.limits["max_seq"]:
+            raise ValueError(f"max_seq {max_seq} exceeds the exported graph's {self.limits['max_seq']}")
+        dtype = DTYPES.get(k0.type)
+        if dtype is None:
+            raise ValueError(f"{onnx_path}: KV cache type {k0.type} is not supported by ONNX Runtime here")
+        shape = (max_seq, max_slots, *k0.shape[2:])
+        self.k = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
+        self.v = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
+        self.prev = None
+        if "prev_embedding" in inputs:
+            p = inputs["prev_embedding"]
+            self.prev = np.zeros(p.shape, DTYPES[p.type])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        pos = np.ascontiguousarray(positions, dtype=np.int64)
+        sl = np.ascontiguousarray(slots, dtype=np.int64)
+        B, T = ids.shape
+        if int(pos.max()) + T > self.max_seq:
+            raise ValueError(f"positions {pos.tolist()} + {T} tokens exceed the cache of {self.max_seq}")
+        if sl.min() < 0 or sl.max() >= self.max_slots:
+            raise ValueError(f"slots {sl.tolist()} outside 0..{self.max_slots - 1}")
+        Lc = max(1, int(pos.max()))
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("positions", pos)
+        binding.bind_cpu_input("slots", sl)
+        for i in range(self.n_layer):
+            binding.bind_cpu_input(f"k_cache_{i}", self.k[i][:Lc])
+            binding.bind_cpu_input(f"v_cache_{i}", self.v[i][:Lc])
+        if self.prev is not None:
+            binding.bind_cpu_input("prev_embedding", self.prev)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        out = dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+        rows = pos[None, :] + np.arange(T)[:, None]  # (T, B) cache positions of the new tokens
+        cols = np.broadcast_to(sl[None, :], (T, B))
+        for i in range(self.n_layer):
+            self.k[i][rows, cols] = out[f"new_k_{i}"]
+            self.v[i][rows, cols] = out[f"new_v_{i}"]
+        if self.prev is not None:
+            self.prev[sl] = out["new_prev"]
+        return np.asarray(out["logits"], dtype=np.float32)
+
+
+def _graph_limits(session) -> dict:
+    """The serving shape the exporter recorded in the graph's metadata (absent in foreign graphs)."""
+    raw = session.get_modelmeta().custom_metadata_map.get("nanochat")
+    return json.loads(raw) if raw else {}
