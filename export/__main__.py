@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         export_model(
-            model=a.model or None, source=a.source, step=a.step, checkpoint_dir=a.checkpoint_dir or None,
-            name=a.name or None, runtime=a.runtime, precision=a.precision, max_slots=a.max_slots,
-            max_seq=a.max_seq, model_repository=a.model_repository, force=a.force,
-            nanochat_base=a.nanochat_base_dir or None, max_queue=a.max_queue, prefill_chunk=a.prefill_chunk,
-            verify=a.verify,
+            a.model_repository, a.name or None, model=a.model or None, source=a.source, step=a.step,
+            checkpoint_dir=a.checkpoint_dir or None, runtime=a.runtime, precision=a.precision,
+            max_slots=a.max_slots, max_seq=a.max_seq, force=a.force, nanochat_base=a.nanochat_base_dir or None,
+            max_queue=a.max_queue, prefill_chunk=a.prefill_chunk, verify=a.verify,
         )
     except ExportError as e:
         print(f"export: error: {e}", file=sys.stderr)

@@ -128,16 +128,17 @@ def verify_onnx(onnx_path: Path, model, max_slots: int, max_seq: int, precision:
 
 
 def export_model(
+    model_repository: str | Path = "model_repository",
+    name: str | None = None,
+    *,
     model: str | None = None,
     source: str | None = None,
     step: int | None = None,
     checkpoint_dir: str | Path | None = None,
-    name: str | None = None,
     runtime: str = "auto",
     precision: str = "fp32",
     max_slots: int = DEFAULTS["max_slots"],
     max_seq: int | None = None,
-    model_repository: str | Path = "model_repository",
     force: bool = False,
     nanochat_base: str | Path | None = None,
     max_queue: int = DEFAULTS["max_queue"],
@@ -145,7 +146,8 @@ def export_model(
     verify: bool = True,
     log: Callable[[str], None] = say,
 ) -> Path:
-    """Export one checkpoint into <model_repository>/<name>/; returns that folder."""
+    """Export one checkpoint (model tag, source, step, as nanochat picks them) into
+    <model_repository>/<name>/ (name defaults to the tag); returns that folder."""
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
         raise ExportError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
