@@ -1,0 +1,134 @@
+"""
+A TensorRT engine (model.plan from export/tensorrt_build.py) behind the `Runner` interface.
+
+The KV cache lives on the GPU as one (max_seq, max_slots, Hkv, D) tensor per layer and K/V, in the
+graph's dtype. Each step binds the cache's first Lc rows to the k_cache_i/v_cache_i inputs by
+address (set_tensor_address on the cache's own pointer, with input shape (Lc, ...)), so the engine
+reads the cache in place; the new K/V come back in small per-step buffers and are scattered into
+the cache rows of the batch on the same stream (B*T rows, never the whole cache).
+
+The engine has two optimization profiles (0 prefill, 1 decode); the runner keeps one execution
+context per profile and picks decode when T == 1. Device memory and streams come from torch.cuda.
+
+Before deserializing, the runner compares the TensorRT version and GPU compute capability the
+engine was built for (metadata.json beside the plan) with this machine's, and refuses a mismatch
+with a message that says what to rebuild where: TensorRT plans are specific to both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+PREFILL, DECODE = 0, 1
+
+
+class EngineMismatch(RuntimeError):
+    """The plan was built for another GPU or another TensorRT version."""
+
+
+def check_engine(meta: dict, trt_version: str, cc: str, plan_path: Path) -> None:
+    info = meta.get("tensorrt") or {}
+    built_version, built_cc = info.get("version"), info.get("compute_capability")
+    if built_version is None or built_cc is None:
+        raise EngineMismatch(f"{plan_path}: metadata.json has no tensorrt version/compute_capability; "
+                             "re-export the model with `make export RUNTIME=tensorrt` on this GPU type")
+    problems = []
+    if built_version != trt_version:
+        problems.append(f"TensorRT {built_version} (this machine has {trt_version})")
+    if built_cc != cc:
+        problems.append(f"GPU compute capability {built_cc} ({info.get('device', '?')}; this GPU is {cc})")
+    if problems:
+        raise EngineMismatch(f"{plan_path} was built for " + " and ".join(problems) +
+                             "; rebuild it here with `make export RUNTIME=tensorrt` (a plan runs only on the "
+                             "TensorRT version and GPU architecture that built it)")
+
+
+class TrtRunner:
+    """A Runner on a TensorRT plan; the KV cache is GPU memory this object owns."""
+
+    def __init__(self, plan_path: str | Path, max_slots: int, max_seq: int, device_id: int = 0,
+                 metadata_path: str | Path | None = None):
+        import tensorrt as trt
+        import torch
+
+        plan_path = Path(plan_path)
+        meta_path = Path(metadata_path) if metadata_path else plan_path.parent / "metadata.json"
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.device = torch.device("cuda", device_id)
+        major, minor = torch.cuda.get_device_capability(self.device)
+        check_engine(meta, trt.__version__, f"{major}.{minor}", plan_path)
+        if max_slots != meta["max_slots"] or max_seq > meta["max_seq"]:
+            raise ValueError(f"{plan_path} serves max_slots={meta['max_slots']}, max_seq<={meta['max_seq']}; "
+                             f"asked for {max_slots}, {max_seq}")
+        self.max_slots, self.max_seq = max_slots, max_seq
+        torch.cuda.set_device(self.device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise EngineMismatch(f"TensorRT could not deserialize {plan_path} (see its messages above)")
+        self.stream = torch.cuda.Stream(self.device)
+        self.contexts = []
+        for profile in (PREFILL, DECODE):
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            self.contexts.append(ctx)
+
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        dtype = lambda n: getattr(torch, np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))).name)
+        self.n_layer = sum(n.startswith("k_cache_") for n in self.inputs)
+        k_shape = tuple(self.engine.get_tensor_shape("k_cache_0"))
+        self.cache_dtype = dtype("k_cache_0")
+        shape = (max_seq, max_slots, *k_shape[2:])
+        self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layer)]
+        self.v = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layer)]
+        self.prev = None
+        if "prev_embedding" in self.inputs:
+            p_shape = tuple(self.engine.get_tensor_shape("prev_embedding"))
+            self.prev = torch.zeros(p_shape, dtype=dtype("prev_embedding"), device=self.device)
+        self.out_dtype = {n: dtype(n) for n in self.outputs}  # outputs are per step, from torch's allocator
+
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        import torch
+
+        B, T = input_ids.shape
+        if int(positions.max()) + T > self.max_seq:
+            raise ValueError(f"positions {positions.tolist()} + {T} tokens exceed the cache of {self.max_seq}")
+        if slots.min() < 0 or slots.max() >= self.max_slots:
+            raise ValueError(f"slots {slots.tolist()} outside 0..{self.max_slots - 1}")
+        Lc = max(1, int(positions.max()))
+        ctx = self.contexts[DECODE if T == 1 else PREFILL]
+        with torch.cuda.stream(self.stream):
+            ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64)).to(self.device, non_blocking=True)
+            pos = torch.as_tensor(np.asarray(positions, dtype=np.int64)).to(self.device, non_blocking=True)
+            sl = torch.as_tensor(np.asarray(slots, dtype=np.int64)).to(self.device, non_blocking=True)
+            bound = {"input_ids": ids, "positions": pos, "slots": sl}
+            for name, t in bound.items():
+                ctx.set_input_shape(name, tuple(t.shape))
+                ctx.set_tensor_address(name, t.data_ptr())
+            for i in range(self.n_layer):
+                for name, cache in ((f"k_cache_{i}", self.k[i]), (f"v_cache_{i}", self.v[i])):
+                    ctx.set_input_shape(name, (Lc, *cache.shape[1:]))
+                    ctx.set_tensor_address(name, cache.data_ptr())  # the first Lc rows, in place
+            if self.prev is not None:
+                ctx.set_tensor_address("prev_embedding", self.prev.data_ptr())
+            out = {}
+            for name in self.outputs:
+                out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self.out_dtype[name],
+                                        device=self.device)
+                ctx.set_tensor_address(name, out[name].data_ptr())
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed (see its messages above)")
+            rows = pos[None, :] + torch.arange(T, device=self.device)[:, None]  # (T, B)
+            cols = sl[None, :].expand(T, B)
+            for i in range(self.n_layer):
+                self.k[i][rows, cols] = out[f"new_k_{i}"]
+                self.v[i][rows, cols] = out[f"new_v_{i}"]
+            if self.prev is not None:
+                self.prev[sl] = out["new_prev"]
+            logits = out["logits"].float().cpu()  # waits for the stream
+        return logits.numpy()
