@@ -75,13 +75,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
 
-# A venv that sees the system packages above (TensorRT, the project), so `make export VENV=/opt/venv` finds
-# everything; `.installed` tells the Makefile's install rule that this venv is already set up.
+# A venv that sees the system packages above (TensorRT, the project): `make export` runs $(VENV)/bin/python.
 # hadolint ignore=DL3013
 RUN python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/pip install --constraint docker/constraints-gpu.txt --index-url "${TORCH_INDEX_URL}" torch \
     && /opt/venv/bin/pip install --constraint docker/constraints-gpu.txt ".[cpu,runtime,tensorrt]" \
-    && touch /opt/venv/.installed
+    && /opt/venv/bin/python -m export --help > /dev/null
 
 COPY Makefile ./
 USER 10001:10001
@@ -89,7 +88,8 @@ ENV VENV=/opt/venv \
     MODEL_REPOSITORY=/models \
     NANOCHAT_BASE_DIR=/checkpoints
 
-# The model repository and the checkpoints are mounted; the command is `make export MODEL=... ` with its options.
+# The model repository and the checkpoints are mounted; arguments are make variables: MODEL=d20 PRECISION=fp16 ...
+# (NANOCHAT_BASE_DIR and MODEL_REPOSITORY come from the environment above; make passes them to the CLI).
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "make", "VENV=/opt/venv", "export"]
 CMD ["RUNTIME=tensorrt", "PRECISION=fp16", "MODEL_REPOSITORY=/models"]
 HEALTHCHECK NONE
