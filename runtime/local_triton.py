@@ -150,7 +150,8 @@ class LocalTriton:
         self.log_file = log_path
         # own process group, so Ctrl-C in a terminal reaches us first and we stop the server in order
         self.process = subprocess.Popen(self.command(backends), env=self.environment(), stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         try:
             self.wait_ready(self.load)
         except BaseException:
@@ -209,6 +210,14 @@ class LocalTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM the server if we die without stopping it (e.g. SIGKILL)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _log_event(event: str, **fields) -> None:

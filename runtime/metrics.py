@@ -27,6 +27,8 @@ class Stats:
         self.rejected = 0  # refused because the queue was full
         self.send_errors = 0
         self.last_send_error = ""
+        self.export_errors = 0
+        self.last_export_error = ""
         self.active = 0  # slots in use
         self.waiting = 0  # requests queued for a slot
         self.ttft: collections.deque[float] = collections.deque()  # seconds, drained by the exporter
@@ -39,9 +41,11 @@ class TritonMetrics:
 
     def __init__(self, pb_utils, labels: dict[str, str]) -> None:
         F = pb_utils.MetricFamily
+        self.families = []  # a MetricFamily must outlive its Metrics, or they stop working
 
         def family(name: str, description: str, kind):
-            return F(name=name, description=description, kind=kind)
+            self.families.append(F(name=name, description=description, kind=kind))
+            return self.families[-1]
 
         self.counters = {
             "tokens": family("nanochat_generated_tokens_total", "Tokens generated", F.COUNTER).Metric(labels=labels),

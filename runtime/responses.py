@@ -89,9 +89,17 @@ class ResponseThread:
                 for req in list(self._open):
                     if not req.cancelled and self._cancelled(req.handle):
                         req.cancelled = True
-                if self.exporter is not None:
-                    self.exporter.export(self.stats)
+                self._export()
             self.stats.cpu["send"] += time.thread_time() - cpu
+
+    def _export(self) -> None:
+        if self.exporter is None:
+            return
+        try:
+            self.exporter.export(self.stats)
+        except Exception as e:  # metrics must never stop responses
+            self.stats.export_errors += 1
+            self.stats.last_export_error = f"{type(e).__name__}: {e}"
 
     def _send(self, req, handle, out, error, final) -> None:
         try:

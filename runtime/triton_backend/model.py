@@ -122,7 +122,9 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.scheduler.close()
-        _log("model_finalized", send_errors=self.scheduler.stats.send_errors)
+        stats = self.scheduler.stats
+        _log("model_finalized", send_errors=stats.send_errors, export_errors=stats.export_errors,
+             last_export_error=stats.last_export_error)
 
 
 def _log(event: str, **fields) -> None:
