@@ -1,0 +1,100 @@
+"""
+The Falcon ASGI app: `create_app(settings)` wires settings, middleware, media handlers, error
+serialization and routes. `app` (module attribute, built lazily from the environment) is what uvicorn
+and gunicorn import: `uvicorn bff.app:app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import falcon
+import falcon.asgi
+import falcon.media
+import httpx
+import orjson
+
+from bff import errors, resources
+from bff.generate import Generate
+from bff.middleware import ApiKey, RequestId
+from bff.registry import Registry
+from bff.settings import Settings, from_env
+from bff.stats import Stats
+from bff.triton import TritonPool
+
+log = logging.getLogger("bff")
+
+
+class Service:
+    """What the resources share. The Triton pool is created at lifespan startup, inside the worker's own
+    event loop (its gRPC channel is bound to that loop), and closed at shutdown."""
+
+    def __init__(self, settings: Settings, pool_factory: Callable[[Settings], TritonPool]) -> None:
+        self.settings = settings
+        self.pool_factory = pool_factory
+        self.stats = Stats()
+        self.pool: TritonPool
+        self.registry: Registry
+        self.http: httpx.AsyncClient
+        self._probe: asyncio.Task | None = None
+
+    async def process_startup(self, scope: dict, event: dict) -> None:
+        self.pool = self.pool_factory(self.settings)
+        self.registry = Registry(self.settings, self.pool, self.stats)
+        self.http = httpx.AsyncClient()
+        await self.registry.start()
+        self._probe = asyncio.create_task(self._probe_forever())
+
+    async def process_shutdown(self, scope: dict, event: dict) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self.pool.close()
+        await self.http.aclose()
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.probe_interval_s)
+            try:
+                await self.pool.probe()
+                await self.registry.refresh()
+            except Exception:  # the probe must outlive any one failure
+                log.exception("endpoint probe failed")
+
+
+def default_pool(settings: Settings) -> TritonPool:
+    return TritonPool(settings.triton_urls, settings.triton_metrics_urls)
+
+
+def create_app(settings: Settings, pool_factory: Callable[[Settings], TritonPool] = default_pool) -> falcon.asgi.App:
+    service = Service(settings, pool_factory)
+    middleware = [service, RequestId(service.stats)]
+    if not settings.run_open:
+        middleware.append(ApiKey(settings.api_key))
+    app = falcon.asgi.App(middleware=middleware)
+
+    json = falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
+    app.req_options.media_handlers[falcon.MEDIA_JSON] = json
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = json
+    app.resp_options.xml_error_serialization = False
+    app.set_error_serializer(errors.serialize)
+
+    app.add_route("/health", resources.Health(service))
+    app.add_route("/generate", Generate(service))
+    app.add_route("/models", resources.Models(service))
+    app.add_route("/models/swap", resources.Swap(service))
+    app.add_route("/stats", resources.Stats(service))
+    app.add_route("/metrics", resources.Metrics(service))
+    app.add_route("/openapi.yaml", resources.OpenApi())
+    return app
+
+
+def __getattr__(name: str):
+    # `bff.app:app` for servers, built on first access so importing this module has no side effects.
+    if name == "app":
+        return create_app(from_env())
+    raise AttributeError(name)

@@ -1,0 +1,268 @@
+"""
+The BFF's only door to Triton: a pool of endpoints (one tritonclient.grpc.aio client each) and one
+`stream_infer` call per /generate request.
+
+New streams go to the live endpoint with the fewest active streams. An endpoint is marked down when a
+call to it fails at the transport level and back up when the periodic probe gets an answer, so no stream
+started after a failure is sent to a dead server while streams on live servers are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import numpy as np
+from tritonclient.grpc import InferInput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+log = logging.getLogger("bff.triton")
+
+# Real gRPC status codes instead of in-band error messages, so errors can be mapped by code; the
+# stream then ends with that status (Triton >= 24.08).
+STREAM_HEADERS = {"triton_grpc_error": "true"}
+PROBE_TIMEOUT_S = 1.0
+_END = object()
+
+
+class TritonError(Exception):
+    """A failed Triton call. `kind` says what the BFF does about it:
+    invalid (client's fault, 400), busy (retry later, 503), no_model (503), down (endpoint failed), failed."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+class NoEndpoint(TritonError):
+    def __init__(self) -> None:
+        super().__init__("down", "no Triton endpoint is reachable")
+
+
+def _kind(code: grpc.StatusCode | None, message: str, started: bool) -> str:
+    """What a Triton error means for the client. The nanochat backend sends its refusals with a message
+    and no specific code: "queue full ..." / "model is shutting down" (try again later), and before the
+    first piece only request-parsing errors (the client's fault, e.g. a prompt longer than the context)."""
+    if "queue full" in message or "shutting down" in message or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "busy"
+    if code == grpc.StatusCode.NOT_FOUND or "unknown model" in message or "no available versions" in message:
+        return "no_model"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return "busy"  # a dead server gives the same code; Stream._classify probes to tell them apart
+    if code == grpc.StatusCode.INVALID_ARGUMENT or not started:
+        return "invalid"
+    return "failed"
+
+
+@dataclass
+class Piece:
+    """One Triton response of the nanochat backend."""
+
+    text: str
+    gpu: int
+    finish_reason: str
+
+
+class Endpoint:
+    """One Triton server: its aio client, how many streams it carries, and whether it is up."""
+
+    def __init__(self, url: str, metrics_url: str) -> None:
+        self.url = url
+        self.metrics_url = metrics_url
+        self.client = InferenceServerClient(url)
+        self.active = 0
+        self.up = True
+
+    async def alive(self) -> bool:
+        try:
+            return bool(await self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S))
+        except InferenceServerException:
+            return False
+
+    def mark(self, up: bool) -> None:
+        if up != self.up:
+            log.warning("triton endpoint %s is %s", self.url, "up" if up else "down")
+        self.up = up
+
+
+def _inputs(messages: bytes, temperature: float, top_k: int, max_tokens: int) -> list[InferInput]:
+    values = [
+        ("messages", np.array([messages], dtype=np.object_), "BYTES"),
+        ("temperature", np.array([temperature], dtype=np.float32), "FP32"),
+        ("top_k", np.array([top_k], dtype=np.int32), "INT32"),
+        ("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
+    ]
+    inputs = []
+    for name, array, dtype in values:
+        tensor = InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+class Stream:
+    """One generation: a `stream_infer` call read by a pump task into a queue, so that waiting for the
+    next piece can time out (for pings) without cancelling the gRPC read underneath."""
+
+    def __init__(self, endpoint: Endpoint, model: str, inputs: list[InferInput], request_id: str) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self._started = False  # a piece has arrived
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+        async def one_request() -> AsyncIterator[dict]:
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+
+        endpoint.active += 1
+        self._call = endpoint.client.stream_infer(one_request(), headers=STREAM_HEADERS)
+        self._pump = asyncio.create_task(self._read())
+        self._closed = False
+
+    async def _read(self) -> None:
+        try:
+            async for result, error in self._call:
+                if error is not None:
+                    message = str(error.message())
+                    self._queue.put_nowait(TritonError(_kind(None, message, self._started), message))
+                    return
+                self._started = True
+                self._queue.put_nowait(Piece(
+                    text=result.as_numpy("text")[0].decode("utf-8"),
+                    gpu=int(result.as_numpy("device_id")[0]),
+                    finish_reason=result.as_numpy("finish_reason")[0].decode("utf-8"),
+                ))
+            self._queue.put_nowait(_END)
+        except grpc.aio.AioRpcError as exc:
+            self._queue.put_nowait(await self._classify(exc))
+        except asyncio.CancelledError:
+            self._queue.put_nowait(TritonError("failed", "the Triton stream was cancelled"))
+
+    async def _classify(self, exc: grpc.aio.AioRpcError) -> TritonError:
+        message = exc.details() or str(exc.code())
+        kind = _kind(exc.code(), message, self._started)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and not await self.endpoint.alive():
+            self.endpoint.mark(False)
+            kind = "down"
+        return TritonError(kind, message)
+
+    async def next(self, timeout: float | None = None) -> Piece | None:
+        """The next piece; None when the generation is over. Raises TimeoutError after `timeout` seconds
+        without one (the stream goes on), TritonError when Triton failed."""
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if item is _END:
+            return None
+        if isinstance(item, TritonError):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Cancel the Triton request if it is still running (frees its slot) and release the endpoint.
+        Synchronous, so it is safe in a generator's `finally` during finalization."""
+        if self._closed:
+            return
+        self._closed = True
+        self.endpoint.active -= 1
+        if not self._pump.done():
+            self._call.cancel()
+            self._pump.cancel()
+
+
+class TritonPool:
+    """All Triton endpoints the BFF knows; they serve the same model repository."""
+
+    def __init__(self, urls: tuple[str, ...], metrics_urls: tuple[str, ...]) -> None:
+        self.endpoints = [Endpoint(u, m) for u, m in zip(urls, metrics_urls, strict=True)]
+
+    def live(self) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.up]
+
+    def pick(self) -> Endpoint:
+        live = self.live()
+        if not live:
+            raise NoEndpoint()
+        return min(live, key=lambda e: e.active)
+
+    def open(self, model: str, messages: bytes, temperature: float, top_k: int, max_tokens: int,
+             request_id: str) -> Stream:
+        """Start one generation on the least busy live endpoint."""
+        return Stream(self.pick(), model, _inputs(messages, temperature, top_k, max_tokens), request_id)
+
+    async def probe(self) -> None:
+        """Mark each endpoint up or down by whether it answers."""
+        states = await asyncio.gather(*(e.alive() for e in self.endpoints))
+        for endpoint, up in zip(self.endpoints, states, strict=True):
+            endpoint.mark(up)
+
+    async def _each_live(self, call) -> list:
+        live = self.live()
+        if not live:
+            raise NoEndpoint()
+        results = await asyncio.gather(*(call(e.client) for e in live), return_exceptions=True)
+        for endpoint, result in zip(live, results, strict=True):
+            if isinstance(result, InferenceServerException) and "UNAVAILABLE" in str(result.status()):
+                endpoint.mark(False)
+        for result in results:
+            if isinstance(result, InferenceServerException):
+                raise TritonError("failed", result.message())
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    async def index(self) -> list[dict]:
+        """Triton's repository index (name, state, reason) from the first live endpoint."""
+        for endpoint in self.live():
+            try:
+                index = await endpoint.client.get_model_repository_index(as_json=True,
+                                                                          client_timeout=PROBE_TIMEOUT_S * 5)
+                return index.get("models", [])
+            except InferenceServerException:
+                endpoint.mark(False)
+        raise NoEndpoint()
+
+    async def ready(self, model: str) -> bool:
+        """True when the model is READY on every live endpoint."""
+        try:
+            states = await self._each_live(lambda c: c.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S))
+        except TritonError:
+            return False
+        return all(states)
+
+    async def load(self, model: str) -> None:
+        """Load on every live endpoint; returns when loaded, raises TritonError with Triton's reason."""
+        await self._each_live(lambda c: c.load_model(model))
+
+    async def unload(self, model: str) -> None:
+        """Ask every live endpoint to unload (Triton finishes in-flight requests first, asynchronously)."""
+        await self._each_live(lambda c: c.unload_model(model))
+
+    async def statistics(self) -> dict[str, list]:
+        """Triton's per-model inference statistics, per endpoint."""
+        out = {}
+        for endpoint in self.live():
+            try:
+                stats = await endpoint.client.get_inference_statistics(as_json=True,
+                                                                        client_timeout=PROBE_TIMEOUT_S)
+                out[endpoint.url] = stats.get("model_stats", [])
+            except InferenceServerException as exc:
+                out[endpoint.url] = [{"error": exc.message()}]
+        return out
+
+    async def metrics_text(self, http: httpx.AsyncClient) -> dict[str, str]:
+        """The raw Prometheus text of each live endpoint's /metrics."""
+        out = {}
+        for endpoint in self.live():
+            try:
+                response = await http.get(endpoint.metrics_url, timeout=PROBE_TIMEOUT_S)
+                out[endpoint.url] = response.text
+            except httpx.HTTPError:
+                out[endpoint.url] = ""
+        return out
+
+    async def close(self) -> None:
+        await asyncio.gather(*(e.client.close() for e in self.endpoints), return_exceptions=True)

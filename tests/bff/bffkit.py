@@ -1,0 +1,91 @@
+"""
+Helpers for the BFF tests: a live BFF on a loopback port (real uvicorn in a thread of the test process)
+and SSE reading the way the gateway does it: `data:` lines, JSON, token pieces concatenated, stop at done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import orjson
+import uvicorn
+
+from bff.app import create_app
+from bff.settings import from_env
+
+KEY = "test-internal-key"
+AUTH = {"X-Internal-API-Key": KEY}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_bff(**overrides):
+    """A live BFF on 127.0.0.1:<free port>; yields its base URL."""
+    values = dict(api_key=KEY, port=free_port(), ping_interval_s=0.5, probe_interval_s=0.5)
+    settings = from_env({}, **{**values, **overrides})
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the BFF did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def triton_settings(server, **overrides) -> dict:
+    return dict(triton_urls=(server.grpc_url,), triton_metrics_urls=(server.metrics_url,),
+                model_repository=str(server.model_repository), **overrides)
+
+
+def parse_events(lines) -> list[dict]:
+    """The gateway's parser: every `data:` line is one JSON event; stop after done."""
+    events = []
+    for line in lines:
+        if line.startswith("data:"):
+            event = orjson.loads(line[5:].strip())
+            events.append(event)
+            if event.get("done"):
+                break
+    return events
+
+
+def generate(url: str, body: dict, headers: dict = AUTH, timeout: float = 60) -> tuple[httpx.Response, list]:
+    """POST /generate and read the whole stream."""
+    with httpx.stream("POST", url + "/generate", json=body, headers=headers, timeout=timeout) as r:
+        if r.headers.get("content-type", "").startswith("text/event-stream"):
+            return r, parse_events(r.iter_lines())
+        r.read()
+        return r, []
+
+
+def text_of(events: list[dict]) -> str:
+    return "".join(e["token"] for e in events if "token" in e)
+
+
+def metric(metrics_url: str, name: str, **labels) -> float:
+    """Sum of one metric's samples from Triton's /metrics whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -1,0 +1,49 @@
+"""X-Internal-API-Key: every protected route, every way of getting it wrong, and the run-open switch."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from bffkit import AUTH, KEY, run_bff
+
+from bff.settings import from_env
+
+PROTECTED = [("POST", "/generate", {"messages": [{"role": "user", "content": "hi"}]}),
+             ("GET", "/models", None), ("POST", "/models/swap", {"model_tag": "head"}), ("GET", "/stats", None),
+             ("GET", "/metrics", None), ("GET", "/openapi.yaml", None)]
+WRONG = {"missing": {}, "wrong": {"X-Internal-API-Key": "nope"}, "empty": {"X-Internal-API-Key": ""},
+         "prefix": {"X-Internal-API-Key": KEY[:-1]}, "longer": {"X-Internal-API-Key": KEY + "x"},
+         "other case": {"X-Internal-API-Key": KEY.upper()}, "other header": {"Authorization": f"Bearer {KEY}"}}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(("method", "path", "body"), PROTECTED, ids=[p[1] for p in PROTECTED])
+@pytest.mark.parametrize("case", list(WRONG))
+def test_protected_routes_need_the_key(bff_url, method, path, body, case):
+    r = httpx.request(method, bff_url + path, json=body, headers=WRONG[case])
+    assert r.status_code == 401
+    assert r.json() == {"detail": "missing or invalid X-Internal-API-Key"}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("path", ["/models", "/stats", "/metrics", "/openapi.yaml"])
+def test_the_key_opens_them(bff_url, path):
+    assert httpx.get(bff_url + path, headers=AUTH).status_code == 200
+
+
+@pytest.mark.triton
+def test_health_needs_no_key(bff_url):
+    r = httpx.get(bff_url + "/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "ready": True, "current_model": "head"}
+
+
+def test_refuses_to_start_without_a_key():
+    with pytest.raises(ValueError, match="INTERNAL_API_KEY"):
+        from_env({})
+
+
+def test_runs_open_only_when_told():
+    with run_bff(api_key=None, run_open=True, triton_urls=("127.0.0.1:1",)) as url:
+        assert httpx.get(url + "/models").status_code == 200
+        assert httpx.get(url + "/openapi.yaml").status_code == 200
