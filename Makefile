@@ -41,3 +41,31 @@ docker-up:
 
 docker-down:
 	IMAGE_TAG=$(DOCKER_TAG) $(DOCKER_COMPOSE) down
+
+# --- export (issue 3): make export MODEL=d20 [SOURCE= STEP= CHECKPOINT_DIR= NAME= RUNTIME=auto|tensorrt|onnx
+#     PRECISION=fp32|fp16|bf16 MAX_SLOTS= MAX_SEQ= MAX_QUEUE= PREFILL_CHUNK= MODEL_REPOSITORY= FORCE=1
+#     NANOCHAT_BASE_DIR=]; defaults and meanings: `.venv/bin/python -m export --help`.
+# These run the venv's Python as it is (no reinstall), so an export never touches the environment.
+.PHONY: export bench-export gpu-check
+
+EXPORT_ARGS = $(if $(MODEL),--model "$(MODEL)") $(if $(SOURCE),--source "$(SOURCE)") \
+	$(if $(STEP),--step "$(STEP)") $(if $(CHECKPOINT_DIR),--checkpoint-dir "$(CHECKPOINT_DIR)") \
+	$(if $(NAME),--name "$(NAME)") $(if $(RUNTIME),--runtime "$(RUNTIME)") \
+	$(if $(PRECISION),--precision "$(PRECISION)") $(if $(MAX_SLOTS),--max-slots "$(MAX_SLOTS)") \
+	$(if $(MAX_SEQ),--max-seq "$(MAX_SEQ)") $(if $(MAX_QUEUE),--max-queue "$(MAX_QUEUE)") \
+	$(if $(PREFILL_CHUNK),--prefill-chunk "$(PREFILL_CHUNK)") \
+	$(if $(MODEL_REPOSITORY),--model-repository "$(MODEL_REPOSITORY)") \
+	$(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)") \
+	$(if $(filter 1 true yes,$(FORCE)),--force)
+
+$(BIN)/python:
+	@echo "no virtual environment at $(VENV): run 'make install' first" >&2; exit 2
+
+export: $(BIN)/python
+	$(BIN)/python -m export $(EXPORT_ARGS)
+
+bench-export: $(BIN)/python
+	$(BIN)/python -m export.bench $(EXPORT_ARGS)
+
+gpu-check: $(BIN)/python
+	$(BIN)/python -m export.gpu_check $(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)")

@@ -1,0 +1,165 @@
+"""
+The exported graph under ONNX Runtime (CPU) against the PyTorch model core and nanochat's references.
+
+The graph is driven step by step by `GraphDriver`, which holds its own KV cache and writes the new
+K/V itself (independent of runtime/onnx_runner.py, which has its own test): prefill, then 32 greedy
+decode steps, logits within 1e-3 of the model core's TorchRunner at every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime.checkpoint import find_checkpoint, open_checkpoint
+from runtime.gpt import TorchRunner, build_gpt
+from runtime.onnx_runner import OrtRunner
+from tests.export.conftest import GENERATIONS, oracle_or_skip
+
+TOL = 1e-3
+STEPS = 32
+
+
+class GraphDriver:
+    """The exported graph with a cache this test owns: (max_seq, max_slots, Hkv, D) per layer."""
+
+    def __init__(self, onnx_path, max_seq: int):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.s = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        ins = {i.name: i for i in self.s.get_inputs()}
+        self.L = sum(n.startswith("k_cache_") for n in ins)
+        shape = (max_seq, *ins["k_cache_0"].shape[1:])
+        self.k = [np.zeros(shape, np.float32) for _ in range(self.L)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(self.L)]
+        self.prev = np.zeros(ins["prev_embedding"].shape, np.float32) if "prev_embedding" in ins else None
+
+    def step(self, ids: list[list[int]], positions: list[int], slots: list[int]) -> np.ndarray:
+        ids_a, pos, sl = np.array(ids, np.int64), np.array(positions, np.int64), np.array(slots, np.int64)
+        Lc = max(1, int(pos.max()))
+        feed = {"input_ids": ids_a, "positions": pos, "slots": sl}
+        feed |= {f"k_cache_{i}": self.k[i][:Lc] for i in range(self.L)}
+        feed |= {f"v_cache_{i}": self.v[i][:Lc] for i in range(self.L)}
+        if self.prev is not None:
+            feed["prev_embedding"] = self.prev
+        out = dict(zip([o.name for o in self.s.get_outputs()], self.s.run(None, feed), strict=True))
+        T = ids_a.shape[1]
+        rows, cols = pos[None, :] + np.arange(T)[:, None], np.broadcast_to(sl, (T, len(sl)))
+        for i in range(self.L):
+            self.k[i][rows, cols] = out[f"new_k_{i}"]
+            self.v[i][rows, cols] = out[f"new_v_{i}"]
+        if self.prev is not None:
+            self.prev[sl] = out["new_prev"]
+        return out["logits"]
+
+
+def greedy_both(driver: GraphDriver, torch_runner: TorchRunner, prompt: list[int], slot: int):
+    """Prefill + STEPS greedy decode steps on both; returns (max |diff|, graph tokens, model-core tokens)."""
+    a = driver.step([prompt], [0], [slot])
+    b = torch_runner.forward(np.array([prompt]), np.array([0]), np.array([slot]))
+    diff, ours, theirs = float(np.abs(a - b).max()), [], []
+    for s in range(STEPS):
+        ours.append(int(a[0].argmax()))
+        theirs.append(int(b[0].argmax()))
+        pos = len(prompt) + s
+        a = driver.step([[ours[-1]]], [pos], [slot])
+        b = torch_runner.forward(np.array([[ours[-1]]]), np.array([pos]), np.array([slot]))
+        diff = max(diff, float(np.abs(a - b).max()))
+    return diff, ours, theirs
+
+
+def load_model(nanochat_base, tag=None):
+    loaded, _ = open_checkpoint(find_checkpoint("base", tag, nanochat_base=nanochat_base))
+    return build_gpt(loaded.config, loaded.state_dict)
+
+
+def check_oracle(onnx_path, name: str, references, max_slots: int):
+    model = load_model(oracle_or_skip(name))
+    driver, core = GraphDriver(onnx_path, 512), TorchRunner(model, max_slots, 512)
+    for conv in references(name)["conversations"]:
+        slot = conv["index"] % max_slots  # rows are reused: stale K/V past a row's position stay masked
+        diff, tokens, _ = greedy_both(driver, core, conv["prompt_ids"], slot)
+        assert diff < TOL, f"{name}/{conv['name']}: logits differ from the model core by {diff}"
+        assert tokens == conv["greedy"]["tokens"], f"{name}/{conv['name']}: greedy tokens differ from nanochat"
+
+
+def test_oracle_head_via_make_export(make_export_head, references):
+    proc, repo = make_export_head
+    assert proc.returncode == 0, proc.stderr
+    check_oracle(repo / "d4" / "1" / "model.onnx", "head", references, max_slots=8)
+
+
+def test_oracle_orig(tmp_path, references):
+    from export import export_model
+
+    target = export_model(tmp_path, "orig", model="d4", source="base", nanochat_base=oracle_or_skip("orig"),
+                          runtime="onnx", max_slots=4, verify=False, log=lambda _: None)
+    check_oracle(target / "1" / "model.onnx", "orig", references, max_slots=4)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_random_generation(generation, demo_base, demo_exports):
+    model = load_model(demo_base, generation.lower())
+    cfg = model.config
+    prompt = np.random.default_rng(7).integers(0, cfg.vocab_size, 240).tolist()
+    windows = [w for w in cfg.window_sizes() if w is not None]
+    if generation in ("G3", "G4"):
+        assert min(windows) < len(prompt) + STEPS < cfg.sequence_len  # decode runs past the short window
+    driver = GraphDriver(demo_exports(generation) / "1" / "model.onnx", cfg.sequence_len)
+    diff, ours, theirs = greedy_both(driver, TorchRunner(model, 3, cfg.sequence_len), prompt, slot=2)
+    assert diff < TOL
+    assert ours == theirs
+
+
+def test_ort_runner_batches_slots_and_chunks(demo_base, demo_exports):
+    """OrtRunner: chunked prefill, a one-token prompt, and rows at different positions decoded together."""
+    model = load_model(demo_base, "g4")
+    onnx_path = demo_exports("G4") / "1" / "model.onnx"
+    ours, core = OrtRunner(onnx_path, 3, 512, threads=1), TorchRunner(model, 3, 512)
+    prompt = np.random.default_rng(3).integers(0, model.config.vocab_size, 150)
+    calls = [
+        (prompt[None, :100], [0], [0]),        # first chunk of row 0
+        (prompt[None, 100:], [100], [0]),      # second chunk reads the first from the cache
+        (prompt[None, :1], [0], [2]),          # one-token prompt in row 2 (Lc padded to 1)
+    ]
+    for ids, pos, sl in calls:
+        a, b = ours.forward(ids, np.array(pos), np.array(sl)), core.forward(ids, np.array(pos), np.array(sl))
+        assert np.abs(a - b).max() < TOL
+    positions, tokens = np.array([150, 1]), np.array([[5], [9]])
+    for _ in range(10):
+        a = ours.forward(tokens, positions, np.array([0, 2]))
+        b = core.forward(tokens, positions, np.array([0, 2]))
+        assert np.abs(a - b).max() < TOL
+        tokens, positions = a.argmax(-1)[:, None], positions + 1
+    with pytest.raises(ValueError, match="exceed the cache"):
+        ours.forward(tokens, np.array([512, 0]), np.array([0, 1]))
+
+
+def test_fp16_and_bf16_graphs(tmp_path, demo_base, demo_exports):
+    """fp16: caches in half, top-1 agrees with fp32 on nearly every step; bf16: a valid typed graph."""
+    import onnx
+
+    from export import export_model, graph
+    from export.precision import lower_precision
+
+    target = export_model(tmp_path, "g4_fp16", model="g4", source="base", nanochat_base=demo_base,
+                          runtime="onnx", precision="fp16", max_slots=3, verify=False, log=lambda _: None)
+    fp16 = OrtRunner(target / "1" / "model.onnx", 3, 512, threads=1)
+    assert fp16.k[0].dtype == np.float16
+    fp32 = OrtRunner(demo_exports("G4") / "1" / "model.onnx", 3, 512, threads=1)
+    prompt = np.random.default_rng(5).integers(0, 500, (1, 40))
+    a, b = fp32.forward(prompt, np.array([0]), np.array([1])), fp16.forward(prompt, np.array([0]), np.array([1]))
+    agree = []
+    for s in range(STEPS):
+        agree.append(a.argmax() == b.argmax())
+        token, pos = np.array([[a.argmax()]]), np.array([40 + s])
+        a, b = fp32.forward(token, pos, np.array([1])), fp16.forward(token, pos, np.array([1]))
+    assert np.mean(agree) >= 0.9, f"fp16 top-1 agreement {np.mean(agree):.2f}"
+
+    proto = onnx.load(str(demo_exports("G4") / "1" / "model.onnx"))
+    lower_precision(proto, "bf16")
+    path = graph.save(proto, tmp_path / "bf16")
+    graph.check(path)
+    cache_type = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}["k_cache_0"]
+    assert cache_type == onnx.TensorProto.BFLOAT16

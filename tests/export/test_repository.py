@@ -1,0 +1,239 @@
+"""
+`make export` from a shell, the repository it writes, and every way an export can be refused or
+interrupted without leaving a partial model or touching the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from export import ExportError, export_model, repository
+from export.__main__ import main
+from tests.export.conftest import ROOT, oracle_or_skip
+
+
+def parse_config(path: Path):
+    from google.protobuf import text_format
+
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        pytest.skip("tritonclient[grpc] is not installed: cannot parse config.pbtxt with Triton's schema")
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def snapshot(model_dir: Path) -> dict:
+    return {str(p.relative_to(model_dir)): p.read_bytes() for p in sorted(model_dir.rglob("*")) if p.is_file()}
+
+
+def test_make_export_writes_a_triton_model(make_export_head):
+    proc, repo = make_export_head
+    assert proc.returncode == 0, proc.stderr
+    for line in ("loading", "tracing", "checking the ONNX graph", "ONNX Runtime check", "exported d4"):
+        assert line in proc.stdout
+    model = repo / "d4"
+    assert sorted(p.name for p in repo.iterdir()) == ["d4"]  # no staging folder left behind
+    cfg = parse_config(model / "config.pbtxt")
+    assert (cfg.name, cfg.backend, cfg.max_batch_size) == ("d4", "nanochat", 0)
+    assert cfg.model_transaction_policy.decoupled
+    assert [i.name for i in cfg.input] == [n for n, *_ in repository.INPUTS]
+    assert [o.name for o in cfg.output] == [n for n, *_ in repository.OUTPUTS]
+    assert all(i.optional for i in cfg.input)
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, cfg.instance_group[0].KIND_CPU)]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params == dict(runtime="onnx", onnx_file="model.onnx", plan_file="", tokenizer_file="tokenizer.pkl",
+                          metadata_file="metadata.json", max_slots="8", max_seq="512", max_queue="64",
+                          prefill_chunk="256")
+    version = model / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["metadata.json", "model.onnx", "model.onnx.data",
+                                                         "tokenizer.pkl"]
+    meta = json.loads((version / "metadata.json").read_text())
+    head = oracle_or_skip("head")
+    assert meta["checkpoint_path"] == str(head / "base_checkpoints" / "d4" / "model_000900.pt")
+    assert (meta["name"], meta["model_tag"], meta["source"], meta["step"]) == ("d4", "d4", "base", 900)
+    assert (meta["generation"], meta["precision"], meta["runtime"], meta["tensorrt"]) == ("G4", "fp32", "onnx", None)
+    assert (meta["max_slots"], meta["max_seq"]) == (8, 512)
+    assert meta["config"]["n_head"] == 4 and meta["config"]["window_pattern"] == "SSSL"
+    assert set(meta["versions"]) == {"torch", "onnx", "onnxruntime", "tensorrt", "python"}
+    files, content_hash = repository.describe_files(version)
+    assert meta["files"] == files and meta["content_hash"] == content_hash
+    assert (version / "tokenizer.pkl").read_bytes() == (head / "tokenizer" / "tokenizer.pkl").read_bytes()
+
+
+def test_help_documents_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--max-slots MAX_SLOTS KV-cache rows", "(default: 8)", "(default: 64)", "(default: 256)",
+                 "sequence_len", "falling back"):
+        assert text in out
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, err, out
+
+
+def test_unknown_tag_lists_tags(capsys, tmp_path):
+    head = str(oracle_or_skip("head"))
+    rc, err, _ = run_cli(capsys, "--model", "d99", "--source", "base", "--nanochat-base-dir", head,
+                         "--model-repository", str(tmp_path))
+    assert rc == 2 and "unknown model tag 'd99'" in err and "tags found: d4" in err
+
+
+def test_missing_step(capsys, tmp_path):
+    head = str(oracle_or_skip("head"))
+    rc, err, _ = run_cli(capsys, "--source", "base", "--step", "123", "--nanochat-base-dir", head,
+                         "--model-repository", str(tmp_path))
+    assert rc == 2 and "step 123 not found" in err and "[900]" in err
+
+
+def test_default_source_falls_back_with_a_note(capsys, tmp_path, demo_base):
+    # demo_base holds only base checkpoints: the default (sft) falls back; stop before tracing
+    (tmp_path / "blocker").write_text("")
+    rc, _, out = run_cli(capsys, "--model", "g0", "--nanochat-base-dir", str(demo_base),
+                         "--model-repository", str(tmp_path / "blocker" / "repo"))
+    assert rc == 2
+    assert "no sft checkpoint" in out and "using SOURCE=base" in out
+
+
+def test_unwritable_target(capsys, tmp_path, demo_base):
+    (tmp_path / "file").write_text("not a folder")
+    rc, err, _ = run_cli(capsys, "--model", "g0", "--source", "base", "--nanochat-base-dir", str(demo_base),
+                      "--model-repository", str(tmp_path / "file" / "repo"))
+    assert rc == 2 and "cannot create model repository" in err
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        rc, err, _ = run_cli(capsys, "--model", "g0", "--source", "base", "--nanochat-base-dir", str(demo_base),
+                          "--model-repository", str(ro))
+        assert rc == 2 and "not writable" in err
+
+
+def test_tensorrt_without_gpu_exits_2(tmp_path, demo_base):
+    from export.tensorrt_build import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("this machine can build TensorRT engines")
+    cmd = f"make export MODEL=g0 SOURCE=base RUNTIME=tensorrt NANOCHAT_BASE_DIR={demo_base} MODEL_REPOSITORY={tmp_path}"
+    proc = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "RUNTIME=tensorrt needs an NVIDIA GPU with TensorRT" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_options_exit_2(capsys, tmp_path, demo_base):
+    base = ["--model", "g0", "--source", "base", "--nanochat-base-dir", str(demo_base), "--model-repository",
+            str(tmp_path)]
+    assert run_cli(capsys, *base, "--max-slots", "0")[0] == 2
+    rc, err, _ = run_cli(capsys, *base, "--max-seq", "99999")
+    assert rc == 2 and "MAX_SEQ must be" in err
+    from export.pipeline import instance_kind
+
+    if instance_kind("onnx") == "KIND_CPU":
+        rc, err, _ = run_cli(capsys, *base, "--runtime", "onnx", "--precision", "bf16")
+        assert rc == 2 and "bf16 needs a GPU runtime" in err
+
+
+def test_reexport_replaces_and_other_model_needs_force(tmp_path, demo_base, demo_exports):
+    opts = dict(source="base", nanochat_base=demo_base, runtime="onnx", max_slots=3, verify=False,
+                log=lambda _: None)
+    first = demo_exports("G1")
+    repo = first.parent
+    before = json.loads((first / "1" / "metadata.json").read_text())
+    with pytest.raises(ExportError, match="holds another model"):
+        export_model(repo, "g1", model="g0", **opts)
+    assert json.loads((first / "1" / "metadata.json").read_text()) == before
+    again = export_model(repo, "g1", model="g1", **opts)  # same checkpoint: replaced without --force
+    meta = json.loads((again / "1" / "metadata.json").read_text())
+    assert meta["content_hash"] == before["content_hash"] and meta["checkpoint_path"] == before["checkpoint_path"]
+    forced = export_model(repo, "g1", model="g0", force=True, **opts)
+    assert json.loads((forced / "1" / "metadata.json").read_text())["generation"] == "G0"
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]
+    export_model(repo, "g1", model="g1", force=True, **opts)  # put it back for other tests
+
+
+def test_injected_failure_leaves_old_model(tmp_path, demo_base, monkeypatch):
+    from export import graph
+
+    opts = dict(model="g0", source="base", nanochat_base=demo_base, runtime="onnx", max_slots=3,
+                verify=False, log=lambda _: None)
+    repo = tmp_path / "repo"
+    (repo / "g0" / "1").mkdir(parents=True)
+    # an "old model" that is ours: same checkpoint, so a re-export would replace it
+    target = repo / "g0"
+    ckpt = demo_base / "base_checkpoints" / "g0" / "model_000000.pt"
+    (target / "1" / "metadata.json").write_text(json.dumps({"checkpoint_path": str(ckpt)}))
+    (target / "config.pbtxt").write_text("old\n")
+    before = snapshot(target)
+
+    def broken(model, out_dir, *args, **kwargs):
+        (out_dir / "model.onnx").write_bytes(b"half written")
+        raise RuntimeError("disk full (injected)")
+
+    monkeypatch.setattr(graph, "export_onnx", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        export_model(repo, **opts)
+    assert snapshot(target) == before
+    assert sorted(p.name for p in repo.iterdir()) == ["g0"]
+
+
+def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
+    """SIGTERM mid-way (as `kill` or a CI timeout sends it): old model intact, staging removed;
+    SIGKILL leaves a staging folder that the next export removes."""
+    exported = demo_exports("G2")
+    repo = exported.parent
+    before = snapshot(exported)
+    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "export", "--model", "g2", "--source", "base",
+           "--nanochat-base-dir", str(demo_base), "--model-repository", str(repo), "--max-slots", "3"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("tracing"):
+                break
+        time.sleep(0.5)
+        staged = list(repo.glob(".g2.export-*"))
+        assert staged, "the export builds in a staging folder next to the target"
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+        assert snapshot(exported) == before
+        if sig == signal.SIGTERM:
+            assert rc == 130 and "interrupted" in proc.stderr.read()
+            assert not list(repo.glob(".g2.export-*"))
+        else:
+            assert list(repo.glob(".g2.export-*"))
+            repository.clean_stale(repo, "g2")  # what the next export does first
+            assert not list(repo.glob(".g2.export-*"))
+
+
+def test_engine_mismatch_is_refused_with_a_clear_message():
+    from runtime.trt_runner import EngineMismatch, check_engine
+
+    meta = {"tensorrt": {"version": "10.8.0", "compute_capability": "9.0", "device": "NVIDIA H100"}}
+    check_engine(meta, "10.8.0", "9.0", Path("model.plan"))
+    with pytest.raises(EngineMismatch, match=r"compute capability 9.0 \(NVIDIA H100; this GPU is 8.0\)"):
+        check_engine(meta, "10.8.0", "8.0", Path("model.plan"))
+    with pytest.raises(EngineMismatch, match=r"TensorRT 10.8.0 \(this machine has 10.9.0\)"):
+        check_engine(meta, "10.9.0", "9.0", Path("model.plan"))
+    with pytest.raises(EngineMismatch, match="no tensorrt version"):
+        check_engine({"tensorrt": None}, "10.9.0", "9.0", Path("model.plan"))
+
+
+def test_gpu_check_fails_fast_without_gpu():
+    from export.tensorrt_build import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("this machine has a GPU: make gpu-check would run for real")
+    t = time.perf_counter()
+    proc = subprocess.run("make gpu-check", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "needs a GPU" in proc.stderr
+    assert time.perf_counter() - t < 30
