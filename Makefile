@@ -69,3 +69,27 @@ bench-export: $(BIN)/python
 
 gpu-check: $(BIN)/python
 	$(BIN)/python -m export.gpu_check $(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)")
+
+# --- the BFF (issue 5): make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003]; make demo; make bench.
+# INTERNAL_API_KEY comes from the environment (serve prints a one-run key when it is unset).
+.PHONY: serve demo bench
+
+DEMO_DIR ?= build/demo
+DEMO_REPO := $(DEMO_DIR)/model_repository
+SERVE_ARGS = $(if $(MODEL),--model "$(MODEL)") --model-repository "$(or $(MODEL_REPOSITORY),model_repository)" \
+	$(if $(TRITON_URL),--triton-url "$(TRITON_URL)") $(if $(PORT),--port "$(PORT)")
+
+serve: $(BIN)/python
+	$(BIN)/python -m bff.serve $(SERVE_ARGS)
+
+# The demo model from nothing: a G4 checkpoint tagged "demo", exported into $(DEMO_REPO).
+$(DEMO_REPO)/demo/config.pbtxt: | install
+	$(BIN)/python -m runtime.demo --out $(DEMO_DIR)/nanochat
+	$(BIN)/python -m export --nanochat-base-dir $(DEMO_DIR)/nanochat --model demo --name demo \
+		--model-repository $(DEMO_REPO) --force
+
+demo: install $(DEMO_REPO)/demo/config.pbtxt
+	$(BIN)/python -m bff.serve --model demo --model-repository $(DEMO_REPO) $(if $(PORT),--port "$(PORT)")
+
+bench: install $(DEMO_REPO)/demo/config.pbtxt
+	$(BIN)/python -m bff.bench --model demo --model-repository $(DEMO_REPO) --plot $(DEMO_DIR)/bench_bff.png

@@ -20,7 +20,7 @@ def _percentiles(samples: deque) -> dict[str, float | None]:
     if not samples:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
     p50, p95, p99 = np.percentile(np.fromiter(samples, float), [50, 95, 99]) * 1000
-    return {"p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "p99_ms": round(p99, 3)}
+    return {"p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3), "p99_ms": round(float(p99), 3)}
 
 
 class Stats:

@@ -26,7 +26,7 @@ log = logging.getLogger("bff.triton")
 # Real gRPC status codes instead of in-band error messages, so errors can be mapped by code; the
 # stream then ends with that status (Triton >= 24.08).
 STREAM_HEADERS = {"triton_grpc_error": "true"}
-PROBE_TIMEOUT_S = 1.0
+PROBE_TIMEOUT_S = 3.0
 _END = object()
 
 
@@ -77,6 +77,7 @@ class Endpoint:
         self.metrics_url = metrics_url
         self.client = InferenceServerClient(url)
         self.active = 0
+        self.opened = 0  # streams ever started here
         self.up = True
 
     async def alive(self) -> bool:
@@ -91,7 +92,7 @@ class Endpoint:
         self.up = up
 
 
-def _inputs(messages: bytes, temperature: float, top_k: int, max_tokens: int) -> list[InferInput]:
+def build_inputs(messages: bytes, temperature: float, top_k: int, max_tokens: int) -> list[InferInput]:
     values = [
         ("messages", np.array([messages], dtype=np.object_), "BYTES"),
         ("temperature", np.array([temperature], dtype=np.float32), "FP32"),
@@ -120,6 +121,7 @@ class Stream:
             yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
         endpoint.active += 1
+        endpoint.opened += 1
         self._call = endpoint.client.stream_infer(one_request(), headers=STREAM_HEADERS)
         self._pump = asyncio.create_task(self._read())
         self._closed = False
@@ -146,7 +148,8 @@ class Stream:
     async def _classify(self, exc: grpc.aio.AioRpcError) -> TritonError:
         message = exc.details() or str(exc.code())
         kind = _kind(exc.code(), message, self._started)
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and not await self.endpoint.alive():
+        # Any transport-level failure may mean the server died: check before the next stream picks it.
+        if not await self.endpoint.alive():
             self.endpoint.mark(False)
             kind = "down"
         return TritonError(kind, message)
@@ -183,15 +186,14 @@ class TritonPool:
         return [e for e in self.endpoints if e.up]
 
     def pick(self) -> Endpoint:
-        live = self.live()
-        if not live:
-            raise NoEndpoint()
-        return min(live, key=lambda e: e.active)
+        # With every endpoint marked down, still try them: a probe can be wrong (a slow answer on a busy
+        # host), and a dead server fails fast.
+        return min(self.live() or self.endpoints, key=lambda e: e.active)
 
     def open(self, model: str, messages: bytes, temperature: float, top_k: int, max_tokens: int,
              request_id: str) -> Stream:
         """Start one generation on the least busy live endpoint."""
-        return Stream(self.pick(), model, _inputs(messages, temperature, top_k, max_tokens), request_id)
+        return Stream(self.pick(), model, build_inputs(messages, temperature, top_k, max_tokens), request_id)
 
     async def probe(self) -> None:
         """Mark each endpoint up or down by whether it answers."""

@@ -1,0 +1,76 @@
+"""
+Several Triton endpoints behind one BFF (issue 6): streams spread by least active streams; when one
+server dies mid-run, streams on the live one are untouched, no stream started afterwards goes to the
+dead one, and it is used again once it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from bffkit import AUTH, parse_events, run_bff
+
+from runtime.local_triton import LocalTriton
+
+pytestmark = pytest.mark.triton
+BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 200}
+
+
+async def _stream(client: httpx.AsyncClient, url: str) -> list[dict]:
+    async with client.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200
+        return parse_events([line async for line in r.aiter_lines()])
+
+
+def _endpoints(url: str) -> list[dict]:
+    return httpx.get(url + "/stats", headers=AUTH).json()["endpoints"]
+
+
+def test_dead_endpoint_gets_no_new_streams(oracle_repository):
+    with LocalTriton(oracle_repository, load=["demo"]) as a, LocalTriton(oracle_repository, load=["demo"]) as b:
+        urls = dict(triton_urls=(a.grpc_url, b.grpc_url), triton_metrics_urls=(a.metrics_url, b.metrics_url))
+        with run_bff(model="demo", model_repository=str(oracle_repository), **urls) as url:
+
+            async def scenario():
+                async with httpx.AsyncClient() as client:
+                    first = [asyncio.create_task(_stream(client, url)) for _ in range(4)]
+                    await asyncio.sleep(0.3)
+                    spread = [e["active_streams"] for e in _endpoints(url)]
+                    os.killpg(b.process.pid, signal.SIGKILL)  # b dies mid-run
+                    done = await asyncio.gather(*first)
+                    opened_on_b = _endpoints(url)[1]["streams_total"]
+                    after = await asyncio.gather(*(_stream(client, url) for _ in range(6)))
+                    return spread, done, opened_on_b, after
+
+            spread, done, opened_on_b, after = asyncio.run(scenario())
+            assert spread == [2, 2]
+            # streams on a ran to the end; those on b ended with an error event, then done
+            complete = [e for e in done if "error" not in e[-2]]
+            failed = [e for e in done if "error" in e[-2]]
+            assert len(complete) == 2 and len(failed) == 2
+            assert all(e[-1] == {"done": True} for e in done)
+            assert complete[0] == complete[1]
+            # every later stream went to a and completed
+            assert all(e == complete[0] for e in after)
+            state = _endpoints(url)
+            assert state[1]["up"] is False and state[1]["streams_total"] == opened_on_b == 2
+            b.stop()
+
+            # b comes back on the same port: marked up by the probe, and used again
+            with LocalTriton(oracle_repository, load=["demo"], grpc_port=b.grpc_port):
+                deadline = time.monotonic() + 10
+                while not _endpoints(url)[1]["up"]:
+                    assert time.monotonic() < deadline, "the endpoint was not marked up again"
+                    time.sleep(0.2)
+
+                async def again():
+                    async with httpx.AsyncClient() as client:
+                        return await asyncio.gather(*(_stream(client, url) for _ in range(2)))
+
+                assert all(e == complete[0] for e in asyncio.run(again()))
+                assert _endpoints(url)[1]["streams_total"] == 3
