@@ -19,7 +19,7 @@ ORACLES = {"head": ORACLE / "head", "orig": ORACLE / "orig"}
 GENERATIONS = ("G0", "G1", "G2", "G3", "G4")
 # small models; sequence_len 512 puts G3's short window at 256 and G4's at 128, so a 240-token
 # prompt plus 32 decode steps runs past the window. G2 uses GQA (4 query heads on 2 kv heads).
-DEMO = dict(depth=3, n_embd=64, n_head=2, sequence_len=512)
+DEMO = dict(depth=2, n_embd=64, n_head=2, sequence_len=512)
 DEMO_OVERRIDES = {"G2": dict(n_head=4, n_kv_head=2)}
 
 

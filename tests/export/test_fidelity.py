@@ -136,18 +136,27 @@ def test_ort_runner_batches_slots_and_chunks(demo_base, demo_exports):
         ours.forward(tokens, np.array([512, 0]), np.array([0, 1]))
 
 
-def test_fp16_and_bf16_graphs(tmp_path, demo_base, demo_exports):
-    """fp16: caches in half, top-1 agrees with fp32 on nearly every step; bf16: a valid typed graph."""
+def test_fp16_and_bf16_graphs(tmp_path, demo_exports):
+    """fp16: caches in half, top-1 agrees with fp32 on nearly every step; bf16: a valid typed graph.
+    (The traced fp32 graph is lowered here directly; export_model does the same for PRECISION=.)"""
     import onnx
 
-    from export import export_model, graph
+    from export import graph
     from export.precision import lower_precision
 
-    target = export_model(tmp_path, "g4_fp16", model="g4", source="base", nanochat_base=demo_base,
-                          runtime="onnx", precision="fp16", max_slots=3, verify=False, log=lambda _: None)
-    fp16 = OrtRunner(target / "1" / "model.onnx", 3, 512, threads=1)
+    fp32_path = demo_exports("G4") / "1" / "model.onnx"
+    lowered = {}
+    for precision in ("fp16", "bf16"):
+        proto = onnx.load(str(fp32_path))
+        lower_precision(proto, precision)
+        lowered[precision] = graph.save(proto, tmp_path / precision)
+        graph.check(lowered[precision])
+        cache_type = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}["k_cache_0"]
+        assert cache_type == {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
+
+    fp16 = OrtRunner(lowered["fp16"], 3, 512, threads=1)
     assert fp16.k[0].dtype == np.float16
-    fp32 = OrtRunner(demo_exports("G4") / "1" / "model.onnx", 3, 512, threads=1)
+    fp32 = OrtRunner(fp32_path, 3, 512, threads=1)
     prompt = np.random.default_rng(5).integers(0, 500, (1, 40))
     a, b = fp32.forward(prompt, np.array([0]), np.array([1])), fp16.forward(prompt, np.array([0]), np.array([1]))
     agree = []
@@ -156,10 +165,3 @@ def test_fp16_and_bf16_graphs(tmp_path, demo_base, demo_exports):
         token, pos = np.array([[a.argmax()]]), np.array([40 + s])
         a, b = fp32.forward(token, pos, np.array([1])), fp16.forward(token, pos, np.array([1]))
     assert np.mean(agree) >= 0.9, f"fp16 top-1 agreement {np.mean(agree):.2f}"
-
-    proto = onnx.load(str(demo_exports("G4") / "1" / "model.onnx"))
-    lower_precision(proto, "bf16")
-    path = graph.save(proto, tmp_path / "bf16")
-    graph.check(path)
-    cache_type = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}["k_cache_0"]
-    assert cache_type == onnx.TensorProto.BFLOAT16

@@ -143,22 +143,22 @@ def test_bad_options_exit_2(capsys, tmp_path, demo_base):
         assert rc == 2 and "bf16 needs a GPU runtime" in err
 
 
-def test_reexport_replaces_and_other_model_needs_force(tmp_path, demo_base, demo_exports):
+def test_other_model_needs_force(tmp_path, demo_base, demo_exports):
     opts = dict(source="base", nanochat_base=demo_base, runtime="onnx", max_slots=3, verify=False,
                 log=lambda _: None)
-    first = demo_exports("G1")
-    repo = first.parent
-    before = json.loads((first / "1" / "metadata.json").read_text())
+    existing = demo_exports("G1")
+    before = snapshot(existing)
     with pytest.raises(ExportError, match="holds another model"):
-        export_model(repo, "g1", model="g0", **opts)
-    assert json.loads((first / "1" / "metadata.json").read_text()) == before
-    again = export_model(repo, "g1", model="g1", **opts)  # same checkpoint: replaced without --force
-    meta = json.loads((again / "1" / "metadata.json").read_text())
-    assert meta["content_hash"] == before["content_hash"] and meta["checkpoint_path"] == before["checkpoint_path"]
-    forced = export_model(repo, "g1", model="g0", force=True, **opts)
+        export_model(existing.parent, "g1", model="g0", **opts)
+    assert snapshot(existing) == before
+    foreign = tmp_path / "repo" / "g0"  # a folder this exporter did not write
+    (foreign / "1").mkdir(parents=True)
+    (foreign / "config.pbtxt").write_text("someone else's\n")
+    with pytest.raises(ExportError, match="not a model this exporter wrote"):
+        export_model(tmp_path / "repo", model="g0", **opts)
+    forced = export_model(tmp_path / "repo", model="g0", force=True, **opts)
     assert json.loads((forced / "1" / "metadata.json").read_text())["generation"] == "G0"
-    assert not [p for p in repo.iterdir() if p.name.startswith(".")]
-    export_model(repo, "g1", model="g1", force=True, **opts)  # put it back for other tests
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["g0"]
 
 
 def test_injected_failure_leaves_old_model(tmp_path, demo_base, monkeypatch):
@@ -188,7 +188,7 @@ def test_injected_failure_leaves_old_model(tmp_path, demo_base, monkeypatch):
 
 def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
     """SIGTERM mid-way (as `kill` or a CI timeout sends it): old model intact, staging removed;
-    SIGKILL leaves a staging folder that the next export removes."""
+    SIGKILL leaves a staging folder, which the next export removes as it replaces the model."""
     exported = demo_exports("G2")
     repo = exported.parent
     before = snapshot(exported)
@@ -210,8 +210,12 @@ def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
             assert not list(repo.glob(".g2.export-*"))
         else:
             assert list(repo.glob(".g2.export-*"))
-            repository.clean_stale(repo, "g2")  # what the next export does first
-            assert not list(repo.glob(".g2.export-*"))
+    # the next export removes the dead export's staging folder and replaces the model cleanly
+    again = export_model(repo, "g2", model="g2", source="base", nanochat_base=demo_base, runtime="onnx",
+                         max_slots=3, verify=False, log=lambda _: None)
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]
+    meta = json.loads((again / "1" / "metadata.json").read_text())
+    assert meta["content_hash"] == json.loads(before["1/metadata.json"])["content_hash"]
 
 
 def test_engine_mismatch_is_refused_with_a_clear_message():
