@@ -3,7 +3,7 @@ Session fixtures that start one real Triton server for every test that needs it 
 
     oracle_repository  a model repository in a session temp dir with the two nanochat oracle
                        checkpoints exported as "head" (G4) and "orig" (G0), a small demo checkpoint
-                       as "demo", and "demo_1slot" (the demo with max_slots 1, max_queue 1)
+                       as "demo", and "demo_1slot" (a larger demo model with max_slots 1, max_queue 1)
     triton_server      a runtime.local_triton.LocalTriton over it with all four models loaded;
                        use .grpc_url / .http_url / .metrics_url
     oracle_references  {"head": references.json, "orig": ...} of ../shared/oracle
@@ -100,7 +100,10 @@ def oracle_repository(tmp_path_factory, oracle_references) -> Path:
     make_checkpoint(demo_base, "G4", depth=2, n_embd=64, sequence_len=DEMO_MAX_SEQ)
     export_checkpoint(repo, "demo", demo_base, "sft", max_slots=4, max_seq=DEMO_MAX_SEQ, max_queue=8,
                       prefill_chunk=64)
-    export_checkpoint(repo, "demo_1slot", demo_base, "sft", max_slots=1, max_seq=DEMO_MAX_SEQ, max_queue=1,
+    # head-sized, so a request holds its one slot long enough (seconds) for queueing and cancelling tests
+    slow_base = tmp_path_factory.mktemp("slow_checkpoint")
+    make_checkpoint(slow_base, "G4", depth=4, n_embd=256, n_head=4, sequence_len=1024)
+    export_checkpoint(repo, "demo_1slot", slow_base, "sft", max_slots=1, max_seq=1024, max_queue=1,
                       prefill_chunk=64)
     return repo
 

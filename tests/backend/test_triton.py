@@ -1,0 +1,190 @@
+"""The nanochat backend in a real Triton server (tests/conftest.py starts one per session), over gRPC."""
+
+import asyncio
+import re
+import urllib.request
+
+import psutil
+import pytest
+import tritonclient.grpc.aio as grpcclient
+
+from runtime.stream_client import make_inputs, stream
+
+pytestmark = pytest.mark.triton
+
+
+def run(coro_fn, server, timeout: float = 120.0):
+    async def main():
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            return await asyncio.wait_for(coro_fn(client), timeout)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def metric(server, name: str, model: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    m = re.search(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+def greedy(**kw):
+    return make_inputs(temperature=0.0, **kw)
+
+
+@pytest.mark.parametrize("model", ["head", "orig"])
+def test_greedy_streams_match_nanochat(triton_server, oracle_references, model):
+    convs = oracle_references[model]["conversations"]
+
+    async def go(client):
+        return await asyncio.gather(*(stream(client, model, greedy(messages=c["messages"], max_tokens=32))
+                                      for c in convs))
+
+    for conv, r in zip(convs, run(go, triton_server), strict=True):
+        ref = conv["greedy"]
+        assert r.error is None and r.finals == 1 and r.device_ids == {0}, conv["name"]
+        assert r.token_ids == ref["tokens_generate_batch_style"] == ref["tokens"], conv["name"]
+        assert r.text == ref["text"], conv["name"]
+        assert (r.finish_reason, r.prompt_tokens, r.completion_tokens) == ("length", conv["prompt_len"], 32)
+
+
+def test_seeded_sampling_matches_nanochat(triton_server, oracle_references):
+    conv = oracle_references["head"]["conversations"][0]
+    want = conv["sampled_t1_k50_seed42"]
+
+    async def go(client):
+        p = want["params"]
+        return await stream(client, "head", make_inputs(messages=conv["messages"], temperature=p["temperature"],
+                                                        top_k=p["top_k"], max_tokens=p["max_tokens"], seed=p["seed"]))
+
+    assert run(go, triton_server).token_ids == want["tokens_generate_batch_style"]
+
+
+def test_16_concurrent_streams_get_what_they_get_alone(triton_server, oracle_references):
+    convs = oracle_references["head"]["conversations"]
+    cases = []
+    for i in range(16):
+        conv = convs[i % len(convs)]
+        params = dict(max_tokens=12 + i % 5)
+        params.update(temperature=0.0) if i % 2 else params.update(temperature=0.9, top_k=[0, 20, 50][i % 3], seed=i)
+        cases.append(make_inputs(messages=conv["messages"], **params))
+
+    async def go(client):
+        alone = [await stream(client, "head", inputs) for inputs in cases]
+        together = await asyncio.gather(*(stream(client, "head", inputs) for inputs in cases))
+        return alone, together
+
+    alone, together = run(go, triton_server, timeout=240)
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+        assert a.error is None and b.error is None and a.finals == b.finals == 1, i
+        assert (a.token_ids, a.text) == (b.token_ids, b.text), i
+
+
+def long_prompt():
+    # 444 tokens before a stop token from demo_1slot's random weights: a second or more of its one slot
+    return make_inputs(prompt_ids=[5, 6, 7, 8], temperature=1.0, top_k=50, seed=1, max_tokens=900)
+
+
+def test_cancelled_stream_frees_its_slot(triton_server):
+    async def go(client):
+        first = await stream(client, "demo_1slot", long_prompt(), cancel_when=lambda r: r.responses >= 3)
+        await asyncio.sleep(0.2)  # the backend stops it within a decode step (a few ms here)
+        # one slot and one queue place: both fit only if the cancelled request let its slot go
+        after = await asyncio.gather(*(stream(client, "demo_1slot", greedy(prompt_ids=[1, 2, 3], max_tokens=20))
+                                       for _ in range(2)))
+        return first, after
+
+    first, after = run(go, triton_server)
+    assert first.responses == 3 and first.error is None
+    assert all(r.error is None and r.finals == 1 for r in after), [r.error for r in after]
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(triton_server):
+    user = [{"role": "user", "content": "hi"}]
+    bad = {
+        "not valid JSON": make_inputs(raw_messages="[{not json"),
+        "unknown role": make_inputs(messages=[{"role": "robot", "content": "hi"}]),
+        "does not fit the context": make_inputs(prompt_ids=[5] * 300),
+        "temperature must be in": make_inputs(messages=user, temperature=3.0),
+        "top_k must be in": make_inputs(messages=user, top_k=201),
+        "max_tokens must be in": make_inputs(messages=user, max_tokens=0),
+        "seed must be >= 0": make_inputs(messages=user, seed=-1),
+        "exactly one of messages and prompt_ids": make_inputs(messages=user, prompt_ids=[1, 2]),
+        "outside the vocabulary": make_inputs(prompt_ids=[1, 10**6]),
+        "last message must be from the user": make_inputs(messages=[{"role": "assistant", "content": "hi"}]),
+    }
+
+    async def go(client):
+        errors = await asyncio.gather(*(stream(client, "demo", inputs) for inputs in bad.values()))
+        return errors, await stream(client, "demo", greedy(messages=user, max_tokens=5))
+
+    errors, ok = run(go, triton_server)
+    for (expected, _), r in zip(bad.items(), errors, strict=True):
+        assert r.error is not None and expected in r.error and r.finals == 1, (expected, r.error)
+    assert ok.error is None and ok.finals == 1 and ok.completion_tokens >= 1
+
+
+def test_full_queue_is_refused_at_once(triton_server):
+    async def go(client):
+        done = asyncio.Event()
+        running = [asyncio.create_task(stream(client, "demo_1slot", long_prompt(), cancel_when=lambda r: done.is_set()))
+                   for _ in range(2)]
+        await asyncio.sleep(0.1)  # one in the slot, one in the queue
+        refused = await stream(client, "demo_1slot", greedy(prompt_ids=[1, 2], max_tokens=2))
+        done.set()
+        return refused, await asyncio.gather(*running)
+
+    refused, running = run(go, triton_server)
+    assert refused.error is not None and "queue full" in refused.error and refused.finals == 1, [
+        (r.finish_reason, r.completion_tokens, r.error) for r in running]
+    assert all(r.error is None for r in running)
+
+
+def stub_process(server, model: str) -> psutil.Process:
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    return next(p for p in children if any(f"/{model}/1/model.py" in a for a in p.cmdline()))
+
+
+def test_soak_500_requests_leaves_no_growth(triton_server):
+    prompts = [[1 + i % 50, 2, 3] for i in range(500)]
+
+    async def burst(client, ids_list, concurrency=12):  # demo: 4 slots + 8 queue places
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(ids):
+            async with sem:
+                return await stream(client, "demo", greedy(prompt_ids=ids, max_tokens=3))
+
+        return await asyncio.gather(*(one(ids) for ids in ids_list))
+
+    run(lambda c: burst(c, prompts[:32]), triton_server)  # warm up: threads and buffers that stay
+    stub = stub_process(triton_server, "demo")
+    before = (stub.num_threads(), stub.num_fds())
+    results = run(lambda c: burst(c, prompts), triton_server, timeout=300)
+    assert all(r.error is None and r.finals == 1 for r in results), {r.error for r in results}
+    after = (stub.num_threads(), stub.num_fds())
+    assert after[0] <= before[0] and after[1] <= before[1] + 2, (before, after)
+    asyncio.run(asyncio.sleep(0.2))  # one metrics export
+    assert metric(triton_server, "nanochat_active_slots", "demo") == 0
+    assert metric(triton_server, "nanochat_queue_depth", "demo") == 0
+    assert metric(triton_server, "nanochat_generated_tokens_total", "demo") >= 1500
+    text = urllib.request.urlopen(triton_server.metrics_url, timeout=5).read().decode()
+    assert 'nanochat_time_to_first_token_seconds_bucket{' in text
+    assert 'nanochat_inter_token_latency_seconds_count{' in text
+
+
+def test_unload_while_streaming_never_hangs(triton_server):
+    async def go(client):
+        streams = [asyncio.create_task(stream(client, "demo", long_prompt())) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        await client.unload_model("demo")
+        results = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        await client.load_model("demo")  # back for any later test
+        return results, await client.is_model_ready("demo")
+
+    results, ready = run(go, triton_server)
+    for r in results:
+        assert r.finals == 1 and (r.error is not None or r.finish_reason in ("stop", "length"))
+    assert ready
