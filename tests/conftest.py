@@ -25,61 +25,11 @@ DEMO_MAX_SEQ = 256
 
 
 def export_checkpoint(repository: Path, name: str, nanochat_base: Path, source: str, **settings) -> Path:
-    """Export one checkpoint into repository/name with the project's exporter (issue 3)."""
-    try:
-        from export import export_model
-    except ImportError:  # stopgap until issue 3's repository writer lands
-        return _stopgap_export(repository, name, nanochat_base, source, **settings)
-    return export_model(repository, name, nanochat_base=nanochat_base, source=source, **settings)
+    """Export one checkpoint into repository/name with the project's exporter (export.export_model)."""
+    from export import export_model
 
-
-_CONFIG = """name: "{name}"
-backend: "nanochat"
-max_batch_size: 0
-model_transaction_policy {{ decoupled: true }}
-input [
-  {{ name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
-  {{ name: "prompt_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true }},
-  {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
-  {{ name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }}
-]
-output [
-  {{ name: "text" data_type: TYPE_STRING dims: [ 1 ] }},
-  {{ name: "token_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
-  {{ name: "device_id" data_type: TYPE_INT32 dims: [ 1 ] }},
-  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }},
-  {{ name: "prompt_tokens" data_type: TYPE_INT32 dims: [ 1 ] }},
-  {{ name: "completion_tokens" data_type: TYPE_INT32 dims: [ 1 ] }}
-]
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-parameters [
-{params}
-]
-"""
-
-
-def _stopgap_export(repository: Path, name: str, nanochat_base: Path, source: str, max_slots: int,
-                    max_seq: int, max_queue: int, prefill_chunk: int) -> Path:
-    import shutil
-
-    from export.graph import export_onnx
-    from runtime.checkpoint import find_checkpoint, open_checkpoint
-    from runtime.gpt import build_gpt
-
-    ref = find_checkpoint(source, nanochat_base=nanochat_base)
-    loaded, _ = open_checkpoint(ref)
-    version = repository / name / "1"
-    export_onnx(build_gpt(loaded.config, loaded.state_dict), version, max_slots, max_seq, log=lambda *_: None)
-    shutil.copy2(ref.tokenizer_path, version / "tokenizer.pkl")
-    (version / "metadata.json").write_text(json.dumps({"checkpoint": str(ref.directory), "step": ref.step}))
-    params = dict(runtime="onnx", onnx_file="model.onnx", tokenizer_file="tokenizer.pkl",
-                  metadata_file="metadata.json", max_slots=max_slots, max_seq=max_seq, max_queue=max_queue,
-                  prefill_chunk=prefill_chunk)
-    lines = ",\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
-    (repository / name / "config.pbtxt").write_text(_CONFIG.format(name=name, params=lines))
-    return repository / name
+    return export_model(repository, name, nanochat_base=nanochat_base, source=source, verify=False,
+                        log=lambda _: None, **settings)
 
 
 @pytest.fixture(scope="session")
