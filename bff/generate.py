@@ -109,7 +109,7 @@ class Generate:
     async def _events(self, req: falcon.Request, stream: Stream, pending: object, started: float):
         stats = self.stats
         stats.stream_started()
-        reason, pieces, first_at, last = "disconnect", 0, None, None
+        reason, finish, pieces, first_at, last = "disconnect", "", 0, None, None
         try:
             try:
                 while True:
@@ -123,6 +123,7 @@ class Generate:
                     if piece is None:
                         break
                     assert isinstance(piece, Piece)
+                    finish = piece.finish_reason or finish
                     if piece.text:
                         now = time.perf_counter()
                         if last is None:
@@ -144,4 +145,5 @@ class Generate:
             self._release(stream)
             stats.stream_ended(reason)
             log_request(req, 200, model=stream.model, endpoint=stream.endpoint.url, pieces=pieces,
-                        end=reason, ttft_ms=None if first_at is None else round((first_at - started) * 1000, 2))
+                        end=reason, finish_reason=finish,
+                        ttft_ms=None if first_at is None else round((first_at - started) * 1000, 2))

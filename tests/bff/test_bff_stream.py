@@ -41,7 +41,7 @@ def test_stream_headers_and_framing(bff_url):
 
 def test_prompt_longer_than_the_context_is_a_400(bff_url):
     # Passes the BFF's limits but not the model's 512-token context: Triton's answer becomes the 400.
-    r, _ = generate(bff_url, {"messages": [{"role": "user", "content": "word " * 4000}]})
+    r, _ = generate(bff_url, {"messages": [{"role": "user", "content": "word " * 1500}]})
     assert r.status_code == 400
     assert "context" in r.json()["detail"]
 

@@ -51,7 +51,8 @@ def test_swap_while_streams_run(swap_triton):
             async with httpx.AsyncClient() as client:
                 streams = [asyncio.create_task(_stream(client, url)) for _ in range(8)]
                 await asyncio.sleep(0.3)  # streams are running (4 slots) or queued in Triton
-                swap = await client.post(url + "/models/swap", json={"model_tag": "demo_b"}, headers=AUTH)
+                swap = await client.post(url + "/models/swap", json={"model_tag": "demo_b"}, headers=AUTH,
+                                         timeout=60)
                 after = await _stream(client, url)
                 return swap, await asyncio.gather(*streams), after
 
@@ -103,7 +104,7 @@ def test_drain_first_refuses_new_streams_until_the_new_model_is_loaded(swap_trit
             async with httpx.AsyncClient() as client:
                 running = asyncio.create_task(_stream(client, url))
                 await asyncio.sleep(0.3)
-                swap = await client.post(url + "/models/swap", json={"model_tag": new}, headers=AUTH)
+                swap = await client.post(url + "/models/swap", json={"model_tag": new}, headers=AUTH, timeout=60)
                 refused = await client.post(url + "/generate", json=LONG, headers=AUTH)
                 return swap, refused, await running
 
