@@ -93,3 +93,15 @@ demo: install $(DEMO_REPO)/demo/config.pbtxt
 
 bench: install $(DEMO_REPO)/demo/config.pbtxt
 	$(BIN)/python -m bff.bench --model demo --model-repository $(DEMO_REPO) --plot $(DEMO_DIR)/bench_bff.png
+
+# --- the Triton backend (issue 4): make triton MODEL=<name> [MODEL_REPOSITORY= GRPC_PORT=8001 HTTP_PORT=8000
+# METRICS_PORT=8002]; make bench-backend [BENCH_BACKEND_ARGS="--max-tokens 64"].
+.PHONY: triton bench-backend
+
+triton: install
+	$(BIN)/python -m runtime.local_triton --model-repository "$(or $(MODEL_REPOSITORY),model_repository)" \
+		$(foreach m,$(MODEL),--load "$(m)") $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) \
+		$(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
+
+bench-backend: install
+	$(BIN)/python -m runtime.bench_backend $(BENCH_BACKEND_ARGS)

@@ -1,0 +1,151 @@
+"""
+`make bench-backend`: the nanochat backend in a real Triton server, driven over gRPC streaming.
+
+One checkpoint (default: the shared head oracle) is exported twice into a temporary repository:
+with continuous batching (max_slots 16) and one request at a time (max_slots 1, the rest queued).
+Each is loaded alone (so the other's threads do not compete for the cores), and the same greedy
+workload runs at concurrency 1, 4 and 16. Printed side by side: aggregate output tokens/s,
+TTFT and ITL p50/p95 as the client sees them (tokens that arrive in one response count 0 ms), and
+the backend's CPU time per token outside the model (schedule + send parts of the
+nanochat_cpu_seconds_total metric: batching, sampling, detokenizing, building and sending responses).
+
+    python -m runtime.bench_backend [--nanochat-base ../shared/oracle/head] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import tritonclient.grpc.aio as grpcclient
+
+from runtime.local_triton import LocalTriton
+from runtime.stream_client import make_inputs, stream
+
+CONCURRENCY = (1, 4, 16)
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain what a Python decorator does.",
+    "2+3*4 =",
+    "Write a short note about the GNU General Public License.",
+    "hi",
+    "How do I open a file in Vim and search for a word?",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def backend_counters(metrics_url: str, model: str) -> dict[str, float]:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    out = {}
+    for name, key in (("nanochat_generated_tokens_total", "tokens"), ("nanochat_cpu_seconds_total", None)):
+        for m in re.finditer(rf'^{name}{{([^}}]*)}} (\S+)$', text, re.M):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            if labels.get("model") == model:
+                out[key or labels["part"]] = out.get(key or labels["part"], 0.0) + float(m.group(2))
+    return out
+
+
+async def run_level(client, model: str, concurrency: int, n_requests: int, max_tokens: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int):
+        async with sem:
+            inputs = make_inputs(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                 temperature=0.0, max_tokens=max_tokens)
+            return await stream(client, model, inputs)
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(n_requests)))
+    wall = time.perf_counter() - t0
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    tokens = sum(len(r.token_ids) for r in results)
+    ttft = [r.times[0] - r.sent_at for r in results if r.times]
+    itl = [b - a for r in results for a, b in zip(r.times, r.times[1:], strict=False)]
+    return dict(tokens=tokens, wall=wall, tok_s=tokens / wall, ttft_p50=percentile(ttft, 0.5),
+                ttft_p95=percentile(ttft, 0.95), itl_p50=percentile(itl, 0.5), itl_p95=percentile(itl, 0.95))
+
+
+async def bench_model(server: LocalTriton, model: str, max_tokens: int) -> dict[int, dict]:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        await client.load_model(model)
+        await run_level(client, model, 2, 2, 8)  # warm up: first-run allocations, thread pools
+        rows = {}
+        for c in CONCURRENCY:
+            await asyncio.sleep(0.2)  # let the backend export its counters
+            before = backend_counters(server.metrics_url, model)
+            row = await run_level(client, model, c, max(6, 2 * c), max_tokens)
+            await asyncio.sleep(0.2)
+            after = backend_counters(server.metrics_url, model)
+            delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            row["overhead_us"] = 1e6 * (delta["schedule"] + delta["send"]) / max(1.0, delta["tokens"])
+            row["schedule_us"] = 1e6 * delta["schedule"] / max(1.0, delta["tokens"])
+            row["send_us"] = 1e6 * delta["send"] / max(1.0, delta["tokens"])
+            rows[c] = row
+        await client.unload_model(model)
+        return rows
+    finally:
+        await client.close()
+
+
+def table(batched: dict[int, dict], serial: dict[int, dict]) -> str:
+    ms = lambda s: f"{1000 * s:6.1f}"
+    head = (f"{'conc':>4} | {'tok/s':>7} {'TTFT p50':>8} {'p95':>7} {'ITL p50':>7} {'p95':>6} {'cpu/tok':>8} "
+            f"| {'tok/s':>7} {'TTFT p50':>8} {'p95':>7} {'ITL p50':>7} {'p95':>6} {'cpu/tok':>8}")
+    lines = [f"{'':>4} | {'continuous batching (16 slots)':^51} | {'one at a time (MAX_SLOTS=1)':^51}", head,
+             "-" * len(head)]
+    for c in CONCURRENCY:
+        cells = []
+        for row in (batched[c], serial[c]):
+            cells.append(f"{row['tok_s']:7.1f} {ms(row['ttft_p50']):>8} {ms(row['ttft_p95']):>7} "
+                         f"{ms(row['itl_p50']):>7} {ms(row['itl_p95']):>6} {row['overhead_us']:6.0f}us")
+        lines.append(f"{c:>4} | " + " | ".join(cells))
+    lines.append("times in ms; cpu/tok = backend CPU per streamed token outside the model (schedule + send)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    default_base = Path(__file__).resolve().parents[2] / "shared" / "oracle" / "head"
+    p = argparse.ArgumentParser(description="Benchmark the nanochat Triton backend over gRPC.")
+    p.add_argument("--nanochat-base", default=str(default_base), help="NANOCHAT_BASE_DIR of the checkpoint")
+    p.add_argument("--source", default="base")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args()
+
+    from export import export_model
+
+    with tempfile.TemporaryDirectory(prefix="nanochat-bench-") as tmp:
+        repo = Path(tmp)
+        for name, slots in (("batched", 16), ("serial", 1)):
+            export_model(repo, name, nanochat_base=a.nanochat_base, source=a.source, max_slots=slots,
+                         max_queue=64, verify=False, log=lambda _: None)
+        with LocalTriton(repo) as server:
+            results = {name: asyncio.run(bench_model(server, name, a.max_tokens)) for name in ("batched", "serial")}
+    print(table(results["batched"], results["serial"]))
+    speedup = results["batched"][16]["tok_s"] / results["serial"][16]["tok_s"]
+    print(f"throughput at 16 concurrent streams: {speedup:.2f}x one-at-a-time (target >= 3x)")
+    worst = max(statistics.fmean([r["overhead_us"] for r in rows.values()]) for rows in results.values())
+    print(json.dumps({"event": "bench_backend", "speedup_16": round(speedup, 2), "worst_mean_overhead_us": round(worst),
+                      "results": results}, default=float))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
