@@ -27,6 +27,17 @@ log = logging.getLogger("bff.triton")
 # stream then ends with that status (Triton >= 24.08).
 STREAM_HEADERS = {"triton_grpc_error": "true"}
 PROBE_TIMEOUT_S = 3.0
+INT32_MAX = 2**31 - 1
+# Passing channel_args replaces tritonclient's defaults, so its message sizes are repeated here. A local
+# subchannel pool and short reconnect backoff: each endpoint's channel reconnects on its own and within
+# seconds once a server that was down answers again (gRPC's default backoff grows to two minutes).
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", INT32_MAX),
+    ("grpc.max_receive_message_length", INT32_MAX),
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 _END = object()
 
 
@@ -75,7 +86,7 @@ class Endpoint:
     def __init__(self, url: str, metrics_url: str) -> None:
         self.url = url
         self.metrics_url = metrics_url
-        self.client = InferenceServerClient(url)
+        self.client = InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self.active = 0
         self.opened = 0  # streams ever started here
         self.up = True
