@@ -5,7 +5,8 @@ BFF fixtures: the live BFF in front of the session's real Triton server (tests/c
 from __future__ import annotations
 
 import pytest
-from bffkit import run_bff, triton_settings
+
+from tests.bff.bffkit import run_bff, triton_settings
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from bffkit import AUTH, KEY, run_bff
 
 from bff.settings import from_env
+from tests.bff.bffkit import AUTH, KEY, run_bff
 
 PROTECTED = [("POST", "/generate", {"messages": [{"role": "user", "content": "hi"}]}),
              ("GET", "/models", None), ("POST", "/models/swap", {"model_tag": "head"}), ("GET", "/stats", None),

@@ -13,9 +13,9 @@ import time
 
 import httpx
 import pytest
-from bffkit import AUTH, parse_events, run_bff, text_of
 
 from runtime.local_triton import LocalTriton
+from tests.bff.bffkit import AUTH, parse_events, run_bff, text_of
 
 pytestmark = pytest.mark.triton
 # head runs ~400 greedy tokens in about 1.5 s here: long enough to kill a server mid-stream.

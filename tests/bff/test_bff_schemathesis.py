@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from bffkit import KEY, run_bff, triton_settings
 
 from bff.validation import OPENAPI_PATH
 from runtime.local_triton import LocalTriton
+from tests.bff.bffkit import KEY, run_bff, triton_settings
 
 pytestmark = pytest.mark.triton
 CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contracts" / "inference-api.yaml"

@@ -10,7 +10,8 @@ import time
 
 import httpx
 import pytest
-from bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings
+
+from tests.bff.bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings
 
 pytestmark = pytest.mark.triton
 

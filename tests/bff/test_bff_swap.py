@@ -11,9 +11,9 @@ import time
 
 import httpx
 import pytest
-from bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings
 
 from runtime.local_triton import LocalTriton, derive_model
+from tests.bff.bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings
 
 pytestmark = pytest.mark.triton
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 120}

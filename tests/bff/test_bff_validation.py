@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from bffkit import AUTH, generate
+
+from tests.bff.bffkit import AUTH, generate
 
 USER = {"role": "user", "content": "hi"}
 
