@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 from tritonclient.grpc.aio import InferenceServerClient
 
-from bff.triton import STREAM_HEADERS, build_inputs
+from bff.triton import build_inputs
 
 KEY = "bench"
 PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to code."}]
@@ -64,7 +64,7 @@ async def direct_request(client: InferenceServerClient, model: str, max_tokens: 
 
     stamps, tokens = [], 0
     start = time.perf_counter()
-    async for result, error in client.stream_infer(one(), headers=STREAM_HEADERS):
+    async for result, error in client.stream_infer(one()):
         if error is not None:
             raise RuntimeError(error.message())
         tokens += len(result.as_numpy("token_ids"))

@@ -23,9 +23,9 @@ from tritonclient.utils import InferenceServerException
 
 log = logging.getLogger("bff.triton")
 
-# Real gRPC status codes instead of in-band error messages, so errors can be mapped by code; the
-# stream then ends with that status (Triton >= 24.08).
-STREAM_HEADERS = {"triton_grpc_error": "true"}
+# Errors come in-band (a response with an error message), not as the stream's gRPC status: Triton's
+# `triton_grpc_error` mode crashes the server (SIGSEGV) when a client cancels a stream in that mode
+# (seen with 2.51, the local server); the backend's messages say enough to classify them.
 PROBE_TIMEOUT_S = 3.0
 INT32_MAX = 2**31 - 1
 # Passing channel_args replaces tritonclient's defaults, so its message sizes are repeated here. A local
@@ -90,16 +90,18 @@ class Endpoint:
         self.active = 0
         self.opened = 0  # streams ever started here
         self.up = True
+        self.why = ""  # what the last failed liveness probe said
 
     async def alive(self) -> bool:
         try:
             return bool(await self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S))
-        except InferenceServerException:
+        except InferenceServerException as exc:
+            self.why = f"liveness probe: {exc.message()}"
             return False
 
-    def mark(self, up: bool) -> None:
+    def mark(self, up: bool, why: str = "") -> None:
         if up != self.up:
-            log.warning("triton endpoint %s is %s", self.url, "up" if up else "down")
+            log.warning("triton endpoint %s is %s%s", self.url, "up" if up else "down", f" ({why})" if why else "")
         self.up = up
 
 
@@ -133,7 +135,7 @@ class Stream:
 
         endpoint.active += 1
         endpoint.opened += 1
-        self._call = endpoint.client.stream_infer(one_request(), headers=STREAM_HEADERS)
+        self._call = endpoint.client.stream_infer(one_request())
         self._pump = asyncio.create_task(self._read())
         self._closed = False
 
@@ -161,7 +163,7 @@ class Stream:
         kind = _kind(exc.code(), message, self._started)
         # Any transport-level failure may mean the server died: check before the next stream picks it.
         if not await self.endpoint.alive():
-            self.endpoint.mark(False)
+            self.endpoint.mark(False, f"stream failed with {message}; {self.endpoint.why}")
             kind = "down"
         return TritonError(kind, message)
 
@@ -210,7 +212,7 @@ class TritonPool:
         """Mark each endpoint up or down by whether it answers."""
         states = await asyncio.gather(*(e.alive() for e in self.endpoints))
         for endpoint, up in zip(self.endpoints, states, strict=True):
-            endpoint.mark(up)
+            endpoint.mark(up, endpoint.why)
 
     async def _each_live(self, call) -> list:
         live = self.live()
@@ -219,7 +221,7 @@ class TritonPool:
         results = await asyncio.gather(*(call(e.client) for e in live), return_exceptions=True)
         for endpoint, result in zip(live, results, strict=True):
             if isinstance(result, InferenceServerException) and "UNAVAILABLE" in str(result.status()):
-                endpoint.mark(False)
+                endpoint.mark(False, result.message())
         for result in results:
             if isinstance(result, InferenceServerException):
                 raise TritonError("failed", result.message())
@@ -234,8 +236,8 @@ class TritonPool:
                 index = await endpoint.client.get_model_repository_index(as_json=True,
                                                                           client_timeout=PROBE_TIMEOUT_S * 5)
                 return index.get("models", [])
-            except InferenceServerException:
-                endpoint.mark(False)
+            except InferenceServerException as exc:
+                endpoint.mark(False, f"repository index: {exc.message()}")
         raise NoEndpoint()
 
     async def ready(self, model: str) -> bool:

@@ -80,7 +80,7 @@ def test_limits_are_inclusive(bff_url, body):
 @pytest.mark.triton
 def test_32000_characters_pass_the_bff(bff_url):
     # Within the BFF's bound, so Triton sees it; the 512-token oracle then refuses it for its context.
-    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * 8000} for i in range(3)]
-    r, _ = generate(bff_url, {"messages": [*turns, {"role": "user", "content": "x" * 8000}], "max_tokens": 1})
+    roles = ["system", "user", "assistant", "user"]
+    r, _ = generate(bff_url, {"messages": [{"role": role, "content": "x" * 8000} for role in roles], "max_tokens": 1})
     assert r.status_code == 400
     assert "context" in r.json()["detail"]
