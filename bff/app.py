@@ -17,7 +17,7 @@ import falcon.media
 import httpx
 import orjson
 
-from bff import errors, resources
+from bff import errors, logs, resources
 from bff.generate import Generate
 from bff.middleware import ApiKey, RequestId
 from bff.registry import Registry
@@ -96,7 +96,7 @@ def create_app(settings: Settings, pool_factory: Callable[[Settings], TritonPool
 def __getattr__(name: str):
     # `bff.app:app` for servers, built on first access so importing this module has no side effects.
     if name == "app":
-        if not logging.getLogger().handlers:  # one JSON line per request on stderr, unless a server configured it
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if not logging.getLogger().handlers:  # JSON lines on stderr, unless a server configured logging
+            logs.setup()
         return create_app(from_env())
     raise AttributeError(name)

@@ -16,6 +16,8 @@ from typing import ClassVar
 
 from uvicorn_worker import UvicornWorker
 
+from bff.logs import FORMATTERS, HANDLER
+
 GRACEFUL_S = float(os.environ.get("BFF_GRACEFUL_TIMEOUT_S", "30"))
 
 
@@ -33,7 +35,7 @@ accesslog = None  # the BFF logs one JSON line per request itself
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": FORMATTERS,
+    "handlers": {"stderr": HANDLER},
     "loggers": {"bff": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
 }

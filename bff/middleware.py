@@ -11,7 +11,6 @@ import time
 import uuid
 
 import falcon
-import orjson
 
 from bff.stats import Stats
 
@@ -28,7 +27,7 @@ def log_request(req: falcon.Request, status: int | str, **fields) -> None:
         "duration_ms": round((time.perf_counter() - req.context.started) * 1000, 2),
         **fields,
     }
-    access.info(orjson.dumps(line).decode())
+    access.info(line)
 
 
 class RequestId:

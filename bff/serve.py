@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import secrets
 
 import uvicorn
 
+from bff import logs
 from bff.app import create_app
 from bff.settings import from_env
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default=os.environ.get("BFF_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("BFF_PORT", "8003")))
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logs.setup()
 
     key = os.environ.get("INTERNAL_API_KEY")
     if not key and os.environ.get("BFF_RUN_OPEN", "0").lower() not in ("1", "true", "yes"):
