@@ -23,6 +23,7 @@ On a machine with NVIDIA's Triton container, copy runtime/triton_backend/ to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -190,13 +191,16 @@ class LocalTriton:
     def stop(self) -> None:
         """Stop the server and wait for it (SIGTERM, then SIGKILL), and remove the backend directory."""
         p, self.process = self.process, None
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)  # its own session: the server and its stub processes
-                p.wait(timeout=10)
+        if p is not None:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=15)
+            # Its own session: this also ends backend stubs that outlived the server (a server that
+            # crashed, or one that exited before a busy stub did), which would otherwise spin on.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
             _log_event("triton_stopped", pid=p.pid, returncode=p.returncode)
         if self._log is not None:
             self._log.close()

@@ -1,0 +1,31 @@
+"""The local Triton launcher leaves nothing running, also when the server dies under it."""
+
+import os
+
+import psutil
+import pytest
+
+from runtime.local_triton import LocalTriton
+
+pytestmark = pytest.mark.triton
+
+
+def in_session(sid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def test_a_crashed_server_leaves_no_backend_stubs(oracle_repository):
+    server = LocalTriton(oracle_repository, load=["demo"]).start()
+    sid = server.process.pid  # the server leads its own session; its backend stubs are in it
+    assert len(in_session(sid)) >= 2, "expected the server and the model's backend stub"
+    server.process.kill()  # as a crash would: the stub outlives its server
+    server.process.wait()
+    server.stop()
+    assert in_session(sid) == []
