@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--triton-url", help="Triton gRPC host:port (default: start a local Triton)")
     p.add_argument("--triton-metrics-url", default="")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--requests-per-client", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--port", type=int, default=8013)
     p.add_argument("--plot", default="bench_bff.png")

@@ -61,27 +61,44 @@ def make_runner(runtime: str, version_dir: Path, params: dict, max_slots: int, m
     raise ValueError(f"unknown runtime {runtime!r}; expected onnx or tensorrt")
 
 
+# Each output from the Output of one response; model_repository/README.md documents them.
+OUTPUTS = {
+    "text": lambda o: np.array([o.text.encode()], dtype=np.object_),
+    "token_ids": lambda o: np.array(o.token_ids, dtype=np.int64),
+    "device_id": lambda o: np.array([o.device_id], dtype=np.int32),
+    "finish_reason": lambda o: np.array([o.finish_reason.encode()], dtype=np.object_),
+    "prompt_tokens": lambda o: np.array([o.prompt_tokens], dtype=np.int32),
+    "completion_tokens": lambda o: np.array([o.completion_tokens], dtype=np.int32),
+}
+
+
+class Handle:
+    """A request's response sender and the outputs its client asked for (all of them when it named none):
+    each tensor costs shared memory and IPC per response, and the BFF wants three of six."""
+
+    __slots__ = ("outputs", "sender")
+
+    def __init__(self, request) -> None:
+        self.sender = request.get_response_sender()
+        wanted = set(request.requested_output_names())
+        self.outputs = [n for n in OUTPUTS if n in wanted] or list(OUTPUTS)
+
+
 class TritonSink:
     """Sends scheduler outputs as decoupled responses through each request's response sender."""
 
     FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-    def send(self, handle, out: Output | None, error: str | None, final: bool) -> None:
+    def send(self, handle: Handle, out: Output | None, error: str | None, final: bool) -> None:
         if error is not None:
             response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error))
         else:
-            response = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("text", np.array([out.text.encode()], dtype=np.object_)),
-                pb_utils.Tensor("token_ids", np.array(out.token_ids, dtype=np.int64)),
-                pb_utils.Tensor("device_id", np.array([out.device_id], dtype=np.int32)),
-                pb_utils.Tensor("finish_reason", np.array([out.finish_reason.encode()], dtype=np.object_)),
-                pb_utils.Tensor("prompt_tokens", np.array([out.prompt_tokens], dtype=np.int32)),
-                pb_utils.Tensor("completion_tokens", np.array([out.completion_tokens], dtype=np.int32)),
-            ])
-        handle.send(response, flags=self.FINAL if final else 0)
+            response = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, OUTPUTS[name](out)) for name in handle.outputs])
+        handle.sender.send(response, flags=self.FINAL if final else 0)
 
-    def is_cancelled(self, handle) -> bool:
-        return handle.is_cancelled()
+    def is_cancelled(self, handle: Handle) -> bool:
+        return handle.sender.is_cancelled()
 
 
 class TritonPythonModel:
@@ -106,7 +123,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            sender = request.get_response_sender()
+            handle = Handle(request)
 
             def get(name: str, request=request):
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -115,9 +132,9 @@ class TritonPythonModel:
             try:
                 prompt, params = parse_request(get, self.tokenizer, self.max_seq)
             except RequestError as e:
-                self.scheduler.fail(sender, str(e))
+                self.scheduler.fail(handle, str(e))
                 continue
-            self.scheduler.submit(sender, prompt, params)
+            self.scheduler.submit(handle, prompt, params)
         return None
 
     def finalize(self) -> None:
