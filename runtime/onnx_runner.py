@@ -42,6 +42,9 @@ class OrtRunner:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
         opts.log_severity_level = 3
+        # No busy-waiting between runs: the scheduler, sampling and Triton's send threads need those cores
+        # (on a 2-core host, spinning intra-op threads take the CPU the per-token work runs on).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers or default_providers())
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.n_layer = sum(1 for n in inputs if n.startswith("k_cache_"))
