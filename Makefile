@@ -42,7 +42,7 @@ docker-up:
 docker-down:
 	IMAGE_TAG=$(DOCKER_TAG) $(DOCKER_COMPOSE) down
 
-# --- export (issue 3): make export MODEL=d20 [SOURCE= STEP= CHECKPOINT_DIR= NAME= RUNTIME=auto|tensorrt|onnx
+# --- export: make export MODEL=d20 [SOURCE= STEP= CHECKPOINT_DIR= NAME= RUNTIME=auto|tensorrt|onnx
 #     PRECISION=fp32|fp16|bf16 MAX_SLOTS= MAX_SEQ= MAX_QUEUE= PREFILL_CHUNK= MODEL_REPOSITORY= FORCE=1
 #     NANOCHAT_BASE_DIR=]; defaults and meanings: `.venv/bin/python -m export --help`.
 # These run the venv's Python as it is (no reinstall), so an export never touches the environment.
@@ -70,7 +70,7 @@ bench-export: $(BIN)/python
 gpu-check: $(BIN)/python
 	$(BIN)/python -m export.gpu_check $(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)")
 
-# --- the BFF (issue 5): make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003]; make demo; make bench.
+# --- the BFF: make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003]; make demo; make bench.
 # INTERNAL_API_KEY comes from the environment (serve prints a one-run key when it is unset).
 .PHONY: serve demo bench
 
@@ -94,7 +94,7 @@ demo: install $(DEMO_REPO)/demo/config.pbtxt
 bench: install $(DEMO_REPO)/demo/config.pbtxt
 	$(BIN)/python -m bff.bench --model demo --model-repository $(DEMO_REPO) --plot $(DEMO_DIR)/bench_bff.png
 
-# --- the Triton backend (issue 4): make triton MODEL=<name> [MODEL_REPOSITORY= GRPC_PORT=8001 HTTP_PORT=8000
+# --- the Triton backend: make triton MODEL=<name> [MODEL_REPOSITORY= GRPC_PORT=8001 HTTP_PORT=8000
 # METRICS_PORT=8002]; make bench-backend [BENCH_BACKEND_ARGS="--max-tokens 64"].
 .PHONY: triton bench-backend
 
