@@ -20,6 +20,7 @@ over protobuf's 2 GB limit export too. The graph's metadata_props record the ser
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,9 @@ import torch
 from torch import nn
 
 from runtime.gpt import GPT
+
+# The exporter warns once per torchvision operator it cannot register; nanochat uses none of them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 OPSET = 18
 ONNX_FILE = "model.onnx"
