@@ -63,11 +63,16 @@ def make_inputs(messages: list[dict] | None = None, prompt_ids: list[int] | None
 
 
 async def stream(client: grpcclient.InferenceServerClient, model: str, inputs: list, request_id: str = "",
-                 cancel_when: Callable[[StreamResult], bool] | None = None) -> StreamResult:
+                 cancel_when: Callable[[StreamResult], bool] | None = None,
+                 outputs: list[str] | None = None) -> StreamResult:
+    """`outputs`: the outputs to ask for (default all); fields of outputs not asked for stay unset."""
     result = StreamResult(sent_at=time.perf_counter())
+    request = {"model_name": model, "inputs": inputs, "request_id": request_id}
+    if outputs:
+        request["outputs"] = [grpcclient.InferRequestedOutput(name) for name in outputs]
 
     async def one_request():
-        yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+        yield request
 
     responses = client.stream_infer(one_request())
     async for response, error in responses:
@@ -87,10 +92,14 @@ async def stream(client: grpcclient.InferenceServerClient, model: str, inputs: l
         text = response.as_numpy("text")
         if text is not None:
             result.texts.append(text[0].decode())
-        result.finish_reason = response.as_numpy("finish_reason")[0].decode()
-        result.device_ids.add(int(response.as_numpy("device_id")[0]))
-        result.prompt_tokens = int(response.as_numpy("prompt_tokens")[0])
-        result.completion_tokens = int(response.as_numpy("completion_tokens")[0])
+        if (finish := response.as_numpy("finish_reason")) is not None:
+            result.finish_reason = finish[0].decode()
+        if (device := response.as_numpy("device_id")) is not None:
+            result.device_ids.add(int(device[0]))
+        if (prompt := response.as_numpy("prompt_tokens")) is not None:
+            result.prompt_tokens = int(prompt[0])
+        if (completion := response.as_numpy("completion_tokens")) is not None:
+            result.completion_tokens = int(completion[0])
         if cancel_when is not None and cancel_when(result):
             responses.cancel()
             break
