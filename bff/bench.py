@@ -7,8 +7,8 @@ Definitions (vLLM's): TTFT = first non-empty piece minus the moment just before 
 ITL = gaps between consecutive non-empty pieces, pooled over all requests; tokens/s = generated tokens of
 all requests / wall time of the level. Requests are greedy with one prompt, so every request produces
 the same tokens; the token count per request comes from Triton's `token_ids` on the direct path.
-The BFF runs in its own process (uvicorn), as in production; Triton is started locally unless
---triton-url is given.
+The BFF runs in its own process (uvicorn), as in production, and its CPU time per token is reported too
+(a steadier figure than timings on a shared machine); Triton is started locally unless --triton-url is given.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import orjson
+import psutil
 from tritonclient.grpc.aio import InferenceServerClient
 
 from bff.triton import build_inputs
@@ -101,7 +102,12 @@ async def level(concurrency: int, per_client: int, request) -> Run:
     return run
 
 
-async def measure(bff_url: str, grpc_url: str, model: str, levels: list[int], per_client: int,
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def measure(bff_url: str, bff_pid: int, grpc_url: str, model: str, levels: list[int], per_client: int,
                   max_tokens: int) -> tuple[int, list[dict]]:
     rows = []
     triton = InferenceServerClient(grpc_url)
@@ -111,26 +117,31 @@ async def measure(bff_url: str, grpc_url: str, model: str, levels: list[int], pe
         await bff_request(http, bff_url, max_tokens, Run())
         for c in levels:
             direct = await level(c, per_client, lambda run: direct_request(triton, model, max_tokens, run))
+            cpu = cpu_seconds(bff_pid)
             through = await level(c, per_client, lambda run: bff_request(http, bff_url, max_tokens, run))
-            rows.append({"concurrency": c, "direct": direct.row(tokens), "bff": through.row(tokens)})
+            # The BFF's own CPU per token: steadier than timings on a shared machine.
+            bff_cpu_us = 1e6 * (cpu_seconds(bff_pid) - cpu) / (through.requests * tokens)
+            rows.append({"concurrency": c, "direct": direct.row(tokens),
+                         "bff": {**through.row(tokens), "cpu_us": bff_cpu_us}})
     await triton.close()
     return tokens, rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| streams | path | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | tokens/s |\n"
-            "|---:|---|---:|---:|---:|---:|---:|")
+    head = ("| streams | path | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | tokens/s | BFF CPU µs/token |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         for path in ("direct", "bff"):
             m = r[path]
+            cpu = f"{m['cpu_us']:.0f}" if "cpu_us" in m else ""
             lines.append(f"| {r['concurrency']} | {'Triton gRPC' if path == 'direct' else 'BFF SSE'} | "
                          f"{m['ttft_p50']:.2f} | {m['ttft_p95']:.2f} | {m['itl_p50']:.2f} | {m['itl_p95']:.2f} | "
-                         f"{m['tok_s']:.0f} |")
+                         f"{m['tok_s']:.0f} | {cpu} |")
         d, b = r["direct"], r["bff"]
         lines.append(f"| {r['concurrency']} | BFF cost | {b['ttft_p50'] - d['ttft_p50']:+.2f} | "
                      f"{b['ttft_p95'] - d['ttft_p95']:+.2f} | {b['itl_p50'] - d['itl_p50']:+.2f} | "
-                     f"{b['itl_p95'] - d['itl_p95']:+.2f} | {100 * (b['tok_s'] / d['tok_s'] - 1):+.1f}% |")
+                     f"{b['itl_p95'] - d['itl_p95']:+.2f} | {100 * (b['tok_s'] / d['tok_s'] - 1):+.1f}% | |")
     return "\n".join(lines)
 
 
@@ -177,7 +188,7 @@ def bff_process(grpc_url: str, metrics_url: str, model: str, repository: str, po
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("the BFF did not become ready")
             time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -203,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
 
             triton = stack.enter_context(LocalTriton(a.model_repository, load=[a.model]))
             grpc_url, metrics_url = triton.grpc_url, triton.metrics_url
-        url = stack.enter_context(bff_process(grpc_url, metrics_url, a.model, a.model_repository, a.port))
-        tokens, rows = asyncio.run(measure(url, grpc_url, a.model, a.concurrency, a.requests_per_client,
+        url, pid = stack.enter_context(bff_process(grpc_url, metrics_url, a.model, a.model_repository, a.port))
+        tokens, rows = asyncio.run(measure(url, pid, grpc_url, a.model, a.concurrency, a.requests_per_client,
                                            a.max_tokens))
     print(f"model {a.model}, greedy, {tokens} tokens per request, {a.requests_per_client} requests per client")
     print(table(rows))
