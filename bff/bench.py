@@ -155,13 +155,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, (key, title) in zip(axes, [("ttft", "TTFT (ms)"), ("itl", "inter-token latency (ms)"),
                                        ("tok_s", "aggregate tokens/s")], strict=True):
-        for path, color in (("direct", "tab:blue"), ("bff", "tab:orange")):
-            label = "Triton gRPC" if path == "direct" else "BFF SSE"
+        for route, color in (("direct", "tab:blue"), ("bff", "tab:orange")):
+            label = "Triton gRPC" if route == "direct" else "BFF SSE"
             if key == "tok_s":
-                ax.plot(xs, [r[path]["tok_s"] for r in rows], "o-", color=color, label=label)
+                ax.plot(xs, [r[route]["tok_s"] for r in rows], "o-", color=color, label=label)
             else:
-                ax.plot(xs, [r[path][f"{key}_p50"] for r in rows], "o-", color=color, label=f"{label} p50")
-                ax.plot(xs, [r[path][f"{key}_p95"] for r in rows], "o--", color=color, label=f"{label} p95")
+                ax.plot(xs, [r[route][f"{key}_p50"] for r in rows], "o-", color=color, label=f"{label} p50")
+                ax.plot(xs, [r[route][f"{key}_p95"] for r in rows], "o--", color=color, label=f"{label} p95")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("concurrent streams")
