@@ -6,6 +6,7 @@ One JSON object per log line, for every logger of the BFF: a request's line carr
 from __future__ import annotations
 
 import logging
+import logging.config
 
 import orjson
 
@@ -22,15 +23,12 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
-# gunicorn's logconfig_dict and setup() share this handler definition.
+# gunicorn's logconfig_dict (bff/gunicorn_conf.py) and setup() share these definitions.
+FORMATTERS = {"json": {"()": JsonFormatter}}
 HANDLER = {"class": "logging.StreamHandler", "formatter": "json"}
-FORMATTERS = {"json": {"()": "bff.logs.JsonFormatter"}}
 
 
-def setup(level: int = logging.INFO) -> None:
+def setup(level: str = "INFO") -> None:
     """JSON lines on stderr for the root logger (uvicorn's own access log stays off: the BFF writes its own)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    logging.config.dictConfig({"version": 1, "disable_existing_loggers": False, "formatters": FORMATTERS,
+                               "handlers": {"stderr": HANDLER}, "root": {"handlers": ["stderr"], "level": level}})
