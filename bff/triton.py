@@ -40,7 +40,7 @@ CHANNEL_ARGS = [
 ]
 _END = object()
 # Only what the SSE events need: Triton then sends three small tensors per piece instead of all six.
-OUTPUTS = ("text", "device_id", "finish_reason")
+REQUESTED_OUTPUTS = [InferRequestedOutput(name) for name in ("text", "device_id", "finish_reason")]
 
 
 class TritonError(Exception):
@@ -105,7 +105,9 @@ class Endpoint:
 
     async def alive(self) -> bool:
         try:
-            return bool(await self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S))
+            live = bool(await self.client.is_server_live(client_timeout=PROBE_TIMEOUT_S))
+            self.why = "" if live else "liveness probe: not live"
+            return live
         except InferenceServerException as exc:
             self.why = f"liveness probe: {exc.message()}"
             return False
@@ -142,8 +144,7 @@ class Stream:
         self._queue: asyncio.Queue = asyncio.Queue()
 
         async def one_request() -> AsyncIterator[dict]:
-            yield {"model_name": model, "inputs": inputs, "outputs": [InferRequestedOutput(n) for n in OUTPUTS],
-                   "request_id": request_id}
+            yield {"model_name": model, "inputs": inputs, "outputs": REQUESTED_OUTPUTS, "request_id": request_id}
 
         endpoint.active += 1
         endpoint.opened += 1
