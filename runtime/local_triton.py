@@ -189,7 +189,7 @@ class LocalTriton:
             return ""
 
     def stop(self) -> None:
-        """Stop the server and wait for it (SIGTERM, then SIGKILL), and remove the backend directory."""
+        """Stop the server (SIGINT, then SIGKILL to its whole session, stubs included); remove the backend dir."""
         p, self.process = self.process, None
         if p is not None:
             if p.poll() is None:

@@ -22,10 +22,10 @@ def in_session(sid: int) -> list[psutil.Process]:
 
 
 def test_a_crashed_server_leaves_no_backend_stubs(oracle_repository):
-    server = LocalTriton(oracle_repository, load=["demo"]).start()
-    sid = server.process.pid  # the server leads its own session; its backend stubs are in it
-    assert len(in_session(sid)) >= 2, "expected the server and the model's backend stub"
-    server.process.kill()  # as a crash would: the stub outlives its server
-    server.process.wait()
-    server.stop()
-    assert in_session(sid) == []
+    with LocalTriton(oracle_repository, load=["demo"]) as server:  # stops it also when an assert fails
+        sid = server.process.pid  # the server leads its own session; its backend stubs are in it
+        assert len(in_session(sid)) >= 2, "expected the server and the model's backend stub"
+        server.process.kill()  # as a crash would: the stub outlives its server
+        server.process.wait()
+        server.stop()
+        assert in_session(sid) == []
