@@ -198,8 +198,7 @@ class LocalTriton:
                     p.wait(timeout=15)
             # Its own session: this also ends backend stubs that outlived the server (a server that
             # crashed, or one that exited before a busy stub did), which would otherwise spin on.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+            _kill_session(p.pid)
             p.wait(timeout=10)
             _log_event("triton_stopped", pid=p.pid, returncode=p.returncode)
         if self._log is not None:
@@ -214,6 +213,35 @@ class LocalTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`, from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if int(session) == sid and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_session(sid: int, timeout: float = 10.0) -> None:
+    """SIGKILL every process of the session and wait until none is left: a killed process takes a
+    moment to exit, and a caller that checks right after must not find it running."""
+    deadline = time.monotonic() + timeout
+    while members := session_members(sid):
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes {members} of tritonserver session {sid} survived SIGKILL")
+        time.sleep(0.05)
 
 
 def _die_with_parent() -> None:

@@ -22,10 +22,16 @@ pytestmark = pytest.mark.triton
 BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 400}
 
 
-async def _stream(client: httpx.AsyncClient, url: str) -> list[dict]:
+async def _stream(client: httpx.AsyncClient, url: str, streaming: set | None = None) -> list[dict]:
+    """One generation's events; adds itself to `streaming` once its first token arrived."""
+    lines = []
     async with client.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=120) as r:
         assert r.status_code == 200
-        return parse_events([line async for line in r.aiter_lines()])
+        async for line in r.aiter_lines():
+            lines.append(line)
+            if streaming is not None and line.startswith('data: {"token"'):
+                streaming.add(id(lines))
+    return parse_events(lines)
 
 
 def _endpoints(url: str) -> list[dict]:
@@ -39,11 +45,14 @@ def test_dead_endpoint_gets_no_new_streams(oracle_repository):
 
             async def scenario():
                 async with httpx.AsyncClient() as client:
-                    first = [asyncio.create_task(_stream(client, url)) for _ in range(4)]
+                    streaming: set = set()
+                    first = [asyncio.create_task(_stream(client, url, streaming)) for _ in range(4)]
                     deadline = time.monotonic() + 10
-                    while (spread := [e["active_streams"] for e in _endpoints(url)]) != [2, 2]:
-                        assert time.monotonic() < deadline, f"streams spread as {spread}"
-                        await asyncio.sleep(0.05)
+                    # Kill b only once all four streams have sent a token: before that, the BFF rightly
+                    # retries a stream on a (nothing has reached its client yet).
+                    while (spread := [e["active_streams"] for e in _endpoints(url)]) != [2, 2] or len(streaming) < 4:
+                        assert time.monotonic() < deadline, f"streams spread as {spread}, {len(streaming)} streaming"
+                        await asyncio.sleep(0.02)
                     os.killpg(b.process.pid, signal.SIGKILL)  # b dies mid-run
                     done = await asyncio.gather(*first)
                     opened_on_b = _endpoints(url)[1]["streams_total"]
