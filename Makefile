@@ -43,7 +43,8 @@ docker-down:
 	IMAGE_TAG=$(DOCKER_TAG) $(DOCKER_COMPOSE) down
 
 # --- export: make export MODEL=d20 [SOURCE= STEP= CHECKPOINT_DIR= NAME= RUNTIME=auto|tensorrt|onnx
-#     PRECISION=fp32|fp16|bf16 MAX_SLOTS= MAX_SEQ= MAX_QUEUE= PREFILL_CHUNK= MODEL_REPOSITORY= FORCE=1
+#     PRECISION=fp32|fp16|bf16 MAX_SLOTS= MAX_SEQ= MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL=
+#     MODEL_REPOSITORY= FORCE=1
 #     NANOCHAT_BASE_DIR=]; defaults and meanings: `.venv/bin/python -m export --help`.
 # These run the venv's Python as it is (no reinstall), so an export never touches the environment.
 .PHONY: export bench-export gpu-check
@@ -53,7 +54,7 @@ EXPORT_ARGS = $(if $(MODEL),--model "$(MODEL)") $(if $(SOURCE),--source "$(SOURC
 	$(if $(NAME),--name "$(NAME)") $(if $(RUNTIME),--runtime "$(RUNTIME)") \
 	$(if $(PRECISION),--precision "$(PRECISION)") $(if $(MAX_SLOTS),--max-slots "$(MAX_SLOTS)") \
 	$(if $(MAX_SEQ),--max-seq "$(MAX_SEQ)") $(if $(MAX_QUEUE),--max-queue "$(MAX_QUEUE)") \
-	$(if $(PREFILL_CHUNK),--prefill-chunk "$(PREFILL_CHUNK)") \
+	$(if $(PREFILL_CHUNK),--prefill-chunk "$(PREFILL_CHUNK)") $(if $(STREAM_INTERVAL),--stream-interval "$(STREAM_INTERVAL)") \
 	$(if $(MODEL_REPOSITORY),--model-repository "$(MODEL_REPOSITORY)") \
 	$(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)") \
 	$(if $(filter 1 true yes,$(FORCE)),--force)

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests that may wait for a slot")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULTS["prefill_chunk"],
                    help="prompt tokens prefilled per step")
+    p.add_argument("--stream-interval", type=int, default=DEFAULTS["stream_interval"],
+                   help="tokens per response after the first (1: every token on its own; more: less CPU per token)")
     p.add_argument("--model-repository", default="model_repository", help="Triton model repository to write into")
     p.add_argument("--nanochat-base-dir", help="nanochat base dir; default $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
     p.add_argument("--force", action="store_true", help="replace an existing, different model of that name")
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             a.model_repository, a.name or None, model=a.model or None, source=a.source, step=a.step,
             checkpoint_dir=a.checkpoint_dir or None, runtime=a.runtime, precision=a.precision,
             max_slots=a.max_slots, max_seq=a.max_seq, force=a.force, nanochat_base=a.nanochat_base_dir or None,
-            max_queue=a.max_queue, prefill_chunk=a.prefill_chunk, verify=a.verify,
+            max_queue=a.max_queue, prefill_chunk=a.prefill_chunk, stream_interval=a.stream_interval,
+            verify=a.verify,
         )
     except ExportError as e:
         print(f"export: error: {e}", file=sys.stderr)

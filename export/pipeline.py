@@ -26,7 +26,7 @@ from export.precision import PRECISIONS, lower_precision
 from runtime.checkpoint import SOURCES, CheckpointError, find_checkpoint, open_checkpoint
 
 DEFAULT_SOURCE = "sft"
-DEFAULTS = dict(max_slots=8, max_queue=64, prefill_chunk=256)
+DEFAULTS = dict(max_slots=8, max_queue=64, prefill_chunk=256, stream_interval=1)
 RUNTIMES = ("auto", "tensorrt", "onnx")
 
 
@@ -143,6 +143,7 @@ def export_model(
     nanochat_base: str | Path | None = None,
     max_queue: int = DEFAULTS["max_queue"],
     prefill_chunk: int = DEFAULTS["prefill_chunk"],
+    stream_interval: int = DEFAULTS["stream_interval"],
     verify: bool = True,
     log: Callable[[str], None] = say,
 ) -> Path:
@@ -153,7 +154,8 @@ def export_model(
         raise ExportError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if source is not None and source not in SOURCES:
         raise ExportError(f"SOURCE must be one of {', '.join(SOURCES)}, not {source!r}")
-    for label, value in (("MAX_SLOTS", max_slots), ("MAX_QUEUE", max_queue), ("PREFILL_CHUNK", prefill_chunk)):
+    for label, value in (("MAX_SLOTS", max_slots), ("MAX_QUEUE", max_queue), ("PREFILL_CHUNK", prefill_chunk),
+                         ("STREAM_INTERVAL", stream_interval)):
         if value < 1:
             raise ExportError(f"{label} must be >= 1, not {value}")
     runtime = choose_runtime(runtime, log)
@@ -219,7 +221,8 @@ def export_model(
             params = dict(runtime=runtime, onnx_file=graph.ONNX_FILE,
                           plan_file=repository.PLAN_FILE if runtime == "tensorrt" else "",
                           tokenizer_file=repository.TOKENIZER_FILE, metadata_file=repository.METADATA_FILE,
-                          max_slots=max_slots, max_seq=max_seq, max_queue=max_queue, prefill_chunk=prefill_chunk)
+                          max_slots=max_slots, max_seq=max_seq, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                          stream_interval=stream_interval)
             meta = dict(
                 name=name, model_tag=ref.model_tag, source=ref.source or "dir", step=ref.step,
                 checkpoint_path=str(ref.model_path.absolute()), generation=cfg.generation, config=cfg.to_dict(),

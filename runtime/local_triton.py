@@ -77,7 +77,8 @@ def stub_sys_path() -> str:
 
 def derive_model(repository: str | Path, source: str, name: str, **parameters: int | str) -> Path:
     """Add model `name` to a repository: `source`'s artifacts (linked, not copied) with some config
-    parameters changed, e.g. derive_model(repo, "head", "head_1slot", max_slots=1)."""
+    parameters changed, e.g. derive_model(repo, "head", "head_grouped", stream_interval=4). Only parameters
+    the backend reads at load time can change: max_slots and max_seq are fixed in the exported graph."""
     repository = Path(repository)
     src, dst = repository / source, repository / name
     if dst.exists():

@@ -13,6 +13,11 @@ One step thread owns the runner and its KV cache of max_slots rows. Each step:
 Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
 bounded queue; one that does not fit is refused at once with an error.
 
+A request's first token is sent at once; after that its tokens go out stream_interval at a time (the
+last response carries whatever is left), as vLLM's --stream-interval does. Each response is a blocking
+IPC round trip into the server and a gRPC message that every hop relays, so on a CPU-bound host
+fewer, larger responses leave more of the cores to the model; 1 sends every token on its own.
+
 The step thread never blocks on clients: it puts outputs on a ResponseThread (runtime/responses.py),
 which sends them and reports cancellations back through Request.cancelled, checked once per step.
 Every request ends with exactly one final output: finish_reason stop|length|cancelled, or an error.
@@ -23,7 +28,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,13 +50,19 @@ class Request:
     emitted: int = 0  # tokens streamed so far (stop tokens are not streamed)
     last_token_at: float = 0.0
     cancelled: bool = False  # set by the ResponseThread, read by the step thread
+    unsent_text: str = ""  # streamed tokens held back until stream_interval of them are ready
+    unsent_ids: list[int] = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, sink: Sink, max_queue: int = 64,
-                 prefill_chunk: int = 256, device_id: int = 0, stats: Stats | None = None, exporter=None):
+                 prefill_chunk: int = 256, stream_interval: int = 1, device_id: int = 0, stats: Stats | None = None,
+                 exporter=None):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, got {stream_interval}")
         self.runner, self.tok = runner, tokenizer
         self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, max_queue, prefill_chunk
+        self.stream_interval = stream_interval
         self.device_id = device_id
         self.stats = stats or Stats()
         self.responses = ResponseThread(sink, self.stats, exporter=exporter)
@@ -176,25 +187,26 @@ class Scheduler:
             self._finish(req, finish_reason="stop", text=req.detok.flush())
             return
         req.emitted += 1
-        text = req.detok.push(token)
+        req.unsent_text += req.detok.push(token)
+        req.unsent_ids.append(token)
         if seq.finished:
-            self._finish(req, finish_reason=seq.finish_reason, text=text + req.detok.flush(), ids=[token])
-        else:
-            self.responses.put(req, req.handle, self._output(req, text, [token], ""), None)
+            self._finish(req, finish_reason=seq.finish_reason, text=req.detok.flush())
+        elif req.emitted == 1 or len(req.unsent_ids) >= self.stream_interval:
+            self.responses.put(req, req.handle, self._output(req, req.unsent_text, req.unsent_ids, ""), None)
+            req.unsent_text, req.unsent_ids = "", []
 
     def _output(self, req: Request, text: str, ids: list[int], finish_reason: str) -> Output:
         return Output(text, ids, finish_reason, len(req.seq.prompt), req.emitted, self.device_id)
 
-    def _finish(self, req: Request, finish_reason: str = "", text: str = "", ids: tuple = (),
-                error: str | None = None) -> None:
-        """The request's one final output; its slot is free for the next step."""
+    def _finish(self, req: Request, finish_reason: str = "", text: str = "", error: str | None = None) -> None:
+        """The request's one final output, with any tokens not yet sent; its slot is free for the next step."""
         if req.slot >= 0:
             self._active.remove(req)
             self._free.append(req.slot)
             req.slot = -1
         else:
             self._waiting.remove(req)
-        out = None if error else self._output(req, text, list(ids), finish_reason)
+        out = None if error else self._output(req, req.unsent_text + text, req.unsent_ids, finish_reason)
         self.responses.put(req, req.handle, out, error, final=True)
         with self._cv:
             self._outstanding -= 1

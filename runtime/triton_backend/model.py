@@ -115,7 +115,8 @@ class TritonPythonModel:
         runner = make_runner(params.get("runtime", "onnx"), version_dir, params, max_slots, max_seq, kind, device_id)
         labels = {"model": args["model_name"], "version": args["model_version"], "device": str(device_id)}
         self.scheduler = Scheduler(runner, self.tokenizer, TritonSink(), max_queue=int(params.get("max_queue", 64)),
-                                   prefill_chunk=int(params.get("prefill_chunk", 256)), device_id=device_id,
+                                   prefill_chunk=int(params.get("prefill_chunk", 256)),
+                                   stream_interval=int(params.get("stream_interval", 1)), device_id=device_id,
                                    exporter=TritonMetrics(pb_utils, labels))
         self.max_seq = max_seq
         _log("model_ready", model=args["model_name"], runtime=params.get("runtime", "onnx"), kind=kind,

@@ -1,5 +1,6 @@
 """The scheduler without Triton: a fake Sink and the PyTorch runner on a tiny demo checkpoint."""
 
+import itertools
 import threading
 import time
 
@@ -164,3 +165,31 @@ def test_slow_client_gets_merged_pieces_with_the_same_text(demo):
     tokens, _, _, _ = sink.result("slow")
     assert tokens == alone(model, tok, prompt, params)
     assert len(sink.responses["slow"]) < len(tokens)
+
+
+def test_stream_interval_sends_the_first_token_then_groups_and_loses_nothing(demo):
+    model, tok = demo
+    sink = FakeSink()
+    sched = Scheduler(TorchRunner(model, 4, MAX_SEQ), tok, sink, stream_interval=4)
+    cases = [(f"r{n}", prompts(tok)[n % 6], SamplingParams(0.0, None, n)) for n in (1, 2, 5, 22)]
+    for handle, prompt, params in cases:
+        sched.submit(handle, prompt, params)
+    sink.wait(len(cases))
+    sched.close()
+    for handle, prompt, params in cases:
+        tokens, text, last, error = sink.result(handle)
+        assert error is None and last.completion_tokens == len(tokens)
+        assert tokens == alone(model, tok, prompt, params), handle
+        detok = Detokenizer(tok)
+        assert text == "".join(detok.push(t) for t in tokens) + detok.flush()
+        # the first token goes out alone, then groups of 4, and the final response carries the rest; the
+        # response thread may merge consecutive responses further, which only removes boundaries
+        ends = list(itertools.accumulate(len(out.token_ids) for out, _, _ in sink.responses[handle]))
+        assert ends[-1] == len(tokens) and all(e % 4 == 1 for e in ends[:-1]), ends
+        assert len(ends) <= 1 + -(-(len(tokens) - 1) // 4), ends
+
+
+def test_stream_interval_must_be_positive(demo):
+    model, tok = demo
+    with pytest.raises(ValueError, match="stream_interval"):
+        Scheduler(TorchRunner(model, 1, MAX_SEQ), tok, FakeSink(), stream_interval=0)

@@ -8,6 +8,7 @@ import psutil
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
+from runtime.local_triton import derive_model
 from runtime.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
@@ -48,6 +49,25 @@ def test_greedy_streams_match_nanochat(triton_server, oracle_references, model):
         assert r.token_ids == ref["tokens_generate_batch_style"] == ref["tokens"], conv["name"]
         assert r.text == ref["text"], conv["name"]
         assert (r.finish_reason, r.prompt_tokens, r.completion_tokens) == ("length", conv["prompt_len"], 32)
+
+
+def test_stream_interval_groups_tokens_and_changes_nothing_else(triton_server, oracle_references, oracle_repository):
+    derive_model(oracle_repository, "head", "head_grouped", stream_interval=4)
+    conv = oracle_references["head"]["conversations"][0]
+
+    async def go(client):
+        await client.load_model("head_grouped")
+        try:
+            return await stream(client, "head_grouped", greedy(messages=conv["messages"], max_tokens=32))
+        finally:
+            await client.unload_model("head_grouped")
+
+    r = run(go, triton_server)
+    assert r.error is None and r.finals == 1 and r.token_ids == conv["greedy"]["tokens"]
+    assert r.text == conv["greedy"]["text"] and r.finish_reason == "length"
+    # 32 tokens: the first alone, 7 groups of 4, and the final response with tokens 30-32 (9 responses; the
+    # backend merges responses further only when its sends fall behind)
+    assert 2 <= r.responses <= 9, r.responses
 
 
 def test_seeded_sampling_matches_nanochat(triton_server, oracle_references):

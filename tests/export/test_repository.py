@@ -50,7 +50,7 @@ def test_make_export_writes_a_triton_model(make_export_head):
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == dict(runtime="onnx", onnx_file="model.onnx", plan_file="", tokenizer_file="tokenizer.pkl",
                           metadata_file="metadata.json", max_slots="8", max_seq="512", max_queue="64",
-                          prefill_chunk="256")
+                          prefill_chunk="256", stream_interval="1")
     version = model / "1"
     assert sorted(p.name for p in version.iterdir()) == ["metadata.json", "model.onnx", "model.onnx.data",
                                                          "tokenizer.pkl"]
