@@ -76,13 +76,19 @@ class Sequence:
         """Tokens in context so far (prompt + generated)."""
         return len(self.prompt) + len(self.generated)
 
-    def next_token(self, logits: torch.Tensor) -> tuple[int, bool]:
-        """Choose the next token from this row's logits (1, V); returns (token, forced)."""
+    def next_token(self, logits: np.ndarray, argmax: int | None = None) -> tuple[int, bool]:
+        """Choose the next token from this row's logits (V,); returns (token, forced). A caller that
+        took the argmax of a whole batch at once passes this row's: greedy rows need nothing else."""
         # nanochat samples every step, even when a forced token replaces the sample, so the
         # generator advances the same way; at temperature 0 no RNG is involved and we can skip it.
         sampled = None
-        if self.rng is not None or not self.forced:
-            sampled = int(sample_next_token(logits, self.rng, self.params.temperature, self.params.top_k))
+        if self.rng is not None:
+            p = self.params
+            sampled = int(sample_next_token(torch.from_numpy(logits[None]), self.rng, p.temperature, p.top_k))
+        elif not self.forced:
+            # numpy's argmax, like torch's, returns the first maximal index; per row through torch it
+            # costs ~15x more here (op dispatch), which is most of a small model's per-token work
+            sampled = int(logits.argmax()) if argmax is None else argmax
         forced = bool(self.forced)
         token = self.forced.popleft() if forced else sampled
         self._advance(token)
@@ -118,7 +124,7 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params
     one = np.array([slot], dtype=np.int64)
     logits = runner.forward(np.array([prompt_ids], dtype=np.int64), np.array([0], dtype=np.int64), one)
     while True:
-        token, forced = seq.next_token(torch.from_numpy(logits))
+        token, forced = seq.next_token(logits[0])
         yield token, forced
         if seq.finished:
             return

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from runtime.generation import Runner, SamplingParams, Sequence
 from runtime.metrics import Stats
@@ -152,8 +151,8 @@ class Scheduler:
         if decoding:
             ids = np.array([[r.seq.generated[-1]] for r in decoding], dtype=np.int64)
             logits = self._forward(ids, [r.seq.length - 1 for r in decoding], decoding)
-            for req, row in zip(decoding, logits, strict=True):
-                self._emit(req, row)
+            for req, row, argmax in zip(decoding, logits, logits.argmax(-1).tolist(), strict=True):
+                self._emit(req, row, argmax)
         if prefilling:
             T = min(self.prefill_chunk, *(len(r.seq.prompt) - r.prefilled for r in prefilling))
             rows = prefilling[: max(1, self.prefill_chunk // T)]
@@ -172,10 +171,10 @@ class Scheduler:
         self.stats.cpu["model_call"] += time.thread_time() - t0
         return logits
 
-    def _emit(self, req: Request, logits: np.ndarray) -> None:
+    def _emit(self, req: Request, logits: np.ndarray, argmax: int | None = None) -> None:
         """Sample one token for a row and hand its piece of text to the ResponseThread."""
         seq = req.seq
-        token, _ = seq.next_token(torch.from_numpy(logits[None]))
+        token, _ = seq.next_token(logits, argmax)
         now = time.monotonic()
         if req.emitted == 0:
             self.stats.ttft.append(now - req.arrived)
