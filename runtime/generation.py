@@ -2,7 +2,8 @@
 nanochat's generation semantics for one request, independent of the model runtime.
 
 `Sequence` is nanochat Engine's per-row state (RowState) together with its sampling and stopping
-rules: a seeded generator consumed once per token, forced tokens after a calculator call, stop at
+rules: a seeded generator drawn once per token (by runtime.sampling.sample_rows, which samples
+many rows at once), forced tokens after a calculator call, stop at
 <|assistant_end|> or <|bos|>, max_tokens counting forced tokens, and the context limit. The Triton
 backend's scheduler drives many Sequences in one batch; `generate` drives one Sequence through any
 `Runner` and is the reference loop the backend is tested against.
@@ -16,10 +17,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from runtime.calculator import use_calculator
-from runtime.sampling import make_generator, sample_next_token
+from runtime.sampling import Sampler, make_generator, sample_rows
 from runtime.tokenizer import Tokenizer
 
 
@@ -76,19 +76,15 @@ class Sequence:
         """Tokens in context so far (prompt + generated)."""
         return len(self.prompt) + len(self.generated)
 
-    def next_token(self, logits: np.ndarray, argmax: int | None = None) -> tuple[int, bool]:
-        """Choose the next token from this row's logits (V,); returns (token, forced). A caller that
-        took the argmax of a whole batch at once passes this row's: greedy rows need nothing else."""
-        # nanochat samples every step, even when a forced token replaces the sample, so the
-        # generator advances the same way; at temperature 0 no RNG is involved and we can skip it.
-        sampled = None
-        if self.rng is not None:
-            p = self.params
-            sampled = int(sample_next_token(torch.from_numpy(logits[None]), self.rng, p.temperature, p.top_k))
-        elif not self.forced:
-            # numpy's argmax, like torch's, returns the first maximal index; per row through torch it
-            # costs ~15x more here (op dispatch), which is most of a small model's per-token work
-            sampled = int(logits.argmax()) if argmax is None else argmax
+    @property
+    def sampler(self) -> Sampler:
+        """What sampling.sample_rows needs for this row."""
+        return self.rng, self.params.temperature, self.params.top_k
+
+    def next_token(self, sampled: int) -> tuple[int, bool]:
+        """Take this step's token; `sampled` is the row's draw from sampling.sample_rows. Returns
+        (token, forced): nanochat draws every step, even when a forced token (a calculator result)
+        replaces the draw, so the generator advances the same way."""
         forced = bool(self.forced)
         token = self.forced.popleft() if forced else sampled
         self._advance(token)
@@ -124,7 +120,7 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params
     one = np.array([slot], dtype=np.int64)
     logits = runner.forward(np.array([prompt_ids], dtype=np.int64), np.array([0], dtype=np.int64), one)
     while True:
-        token, forced = seq.next_token(logits[0])
+        token, forced = seq.next_token(sample_rows(logits, [seq.sampler])[0])
         yield token, forced
         if seq.finished:
             return

@@ -1,5 +1,6 @@
 """
-nanochat's sample_next_token, row by row.
+nanochat's sample_next_token, and sample_rows: the same for a batch whose rows each have their own
+generator and settings (the Triton backend's batches).
 
 The RNG is consumed exactly as nanochat's Engine consumes it: one torch.Generator per request,
 seeded once, and one draw per generated token (forced tool tokens included) through topk, softmax
@@ -9,6 +10,7 @@ shares the batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,10 +31,39 @@ def sample_next_token(
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        vals, idx = torch.topk(logits, k, dim=-1)
-        probs = F.softmax(vals / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)
-        return idx.gather(1, choice)
+        vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        return _draw(vals, rng, temperature, idx)
+    return _draw(logits, rng, temperature)
+
+
+def _draw(logits: torch.Tensor, rng: torch.Generator | None, temperature: float,
+          idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The generator's one draw from softmax(logits / temperature); idx maps top-k columns to token ids."""
     probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+    choice = torch.multinomial(probs, num_samples=1, generator=rng)
+    return choice if idx is None else idx.gather(1, choice)
+
+
+Sampler = tuple[torch.Generator | None, float, int | None]  # a row's generator, temperature, top_k
+
+
+@torch.inference_mode()
+def sample_rows(logits: np.ndarray, samplers: list[Sampler]) -> list[int]:
+    """One token per row of logits (B, V), each row with its own generator and settings: what
+    sample_next_token gives row by row, with the costly parts shared across rows. Greedy rows take
+    one numpy argmax (numpy, like torch, returns the first maximal index); sampled rows with the same
+    top_k share one topk call, which over a 65k vocabulary costs more than the rest of a row's work."""
+    if any(temperature < 0 for _, temperature, _ in samplers):
+        raise ValueError("temperature must be >= 0")
+    tokens = logits.argmax(-1).tolist()
+    by_k: dict[int, list[int]] = {}
+    for i, (_, temperature, top_k) in enumerate(samplers):
+        if temperature > 0:
+            by_k.setdefault(min(top_k, logits.shape[-1]) if top_k else 0, []).append(i)
+    table = torch.from_numpy(logits)
+    for k, rows in by_k.items():
+        vals, idx = torch.topk(table[rows], k, dim=-1) if k else (table[rows], None)
+        for j, i in enumerate(rows):
+            rng, temperature, _ = samplers[i]
+            tokens[i] = int(_draw(vals[j:j + 1], rng, temperature, None if idx is None else idx[j:j + 1]))
+    return tokens

@@ -8,8 +8,9 @@ One step thread owns the runner and its KV cache of max_slots rows. Each step:
   4. prefills one chunk: rows still reading their prompt advance by the same T tokens in one call
      (T = the shortest remaining prompt part, capped so T x rows <= prefill_chunk), so a long prompt
      costs the others at most one chunk of latency per step instead of its whole length;
-  5. samples each row's token with its own runtime.generation.Sequence (nanochat's seeded generator,
-     stop tokens, calculator, limits), so a request's tokens never depend on the rest of the batch.
+  5. samples all rows at once (runtime.sampling.sample_rows, each row with its own seeded generator)
+     and applies each row's runtime.generation.Sequence rules (forced calculator tokens, stop tokens,
+     limits), so a request's tokens never depend on the rest of the batch.
 Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
 bounded queue; one that does not fit is refused at once with an error.
 
@@ -35,6 +36,7 @@ import numpy as np
 from runtime.generation import Runner, SamplingParams, Sequence
 from runtime.metrics import Stats
 from runtime.responses import Output, ResponseThread, Sink
+from runtime.sampling import sample_rows
 from runtime.tokenizer import Detokenizer, Tokenizer
 
 
@@ -151,18 +153,20 @@ class Scheduler:
         if decoding:
             ids = np.array([[r.seq.generated[-1]] for r in decoding], dtype=np.int64)
             logits = self._forward(ids, [r.seq.length - 1 for r in decoding], decoding)
-            for req, row, argmax in zip(decoding, logits, logits.argmax(-1).tolist(), strict=True):
-                self._emit(req, row, argmax)
+            for req, token in zip(decoding, sample_rows(logits, [r.seq.sampler for r in decoding]), strict=True):
+                self._emit(req, token)
         if prefilling:
             T = min(self.prefill_chunk, *(len(r.seq.prompt) - r.prefilled for r in prefilling))
             rows = prefilling[: max(1, self.prefill_chunk // T)]
             ids = np.array([r.seq.prompt[r.prefilled: r.prefilled + T] for r in rows], dtype=np.int64)
             logits = self._forward(ids, [r.prefilled for r in rows], rows)
-            for req, row in zip(rows, logits, strict=True):
+            for req in rows:
                 req.prefilled += T
-                if req.prefilled == len(req.seq.prompt):
-                    self.stats.prompt_tokens += req.prefilled
-                    self._emit(req, row)
+            done = [i for i, r in enumerate(rows) if r.prefilled == len(r.seq.prompt)]
+            tokens = sample_rows(logits[done], [rows[i].seq.sampler for i in done]) if done else []
+            for i, token in zip(done, tokens, strict=True):
+                self.stats.prompt_tokens += rows[i].prefilled
+                self._emit(rows[i], token)
 
     def _forward(self, ids: np.ndarray, positions: list[int], rows: list[Request]) -> np.ndarray:
         t0 = time.thread_time()
@@ -171,10 +175,10 @@ class Scheduler:
         self.stats.cpu["model_call"] += time.thread_time() - t0
         return logits
 
-    def _emit(self, req: Request, logits: np.ndarray, argmax: int | None = None) -> None:
-        """Sample one token for a row and hand its piece of text to the ResponseThread."""
+    def _emit(self, req: Request, sampled: int) -> None:
+        """Take a row's token and hand its piece of text to the ResponseThread."""
         seq = req.seq
-        token, _ = seq.next_token(logits, argmax)
+        token, _ = seq.next_token(sampled)
         now = time.monotonic()
         if req.emitted == 0:
             self.stats.ttft.append(now - req.arrived)
