@@ -23,20 +23,20 @@ from bff.validation import check_generate, read_json
 _WAITING = object()
 
 
-class Events:
-    """Pre-serialized SSE events written as one chunk: Falcon's SSE loop only needs `serialize()`, prebuilt
-    bytes skip its per-event JSON handler lookup, and a burst of pieces costs one ASGI send, not one each."""
+class Event:
+    """A pre-serialized SSE event: Falcon's SSE loop only needs `serialize()`, and prebuilt bytes skip
+    its per-event JSON handler lookup."""
 
     __slots__ = ("data",)
 
-    def __init__(self, *payloads: dict) -> None:
-        self.data = b"".join(b"data: " + orjson.dumps(p) + b"\n\n" for p in payloads)
+    def __init__(self, payload: dict) -> None:
+        self.data = b"data: " + orjson.dumps(payload) + b"\n\n"
 
     def serialize(self, handler: object = None) -> bytes:
         return self.data
 
 
-DONE = Events({"done": True})
+DONE = Event({"done": True})
 
 
 def _http_error(exc: TritonError) -> falcon.HTTPError:
@@ -119,29 +119,25 @@ class Generate:
                         except TimeoutError:
                             yield None  # `: ping`; also lets Falcon notice a client that left
                             continue
-                    first, pending = pending, _WAITING
-                    if first is None:
+                    piece, pending = pending, _WAITING
+                    if piece is None:
                         break
-                    assert isinstance(first, Piece)
-                    events = []
-                    for piece in (first, *stream.received()):  # and what arrived meanwhile: one write
-                        finish = piece.finish_reason or finish
-                        if piece.text:
-                            now = time.perf_counter()
-                            if last is None:
-                                first_at = now
-                                stats.first_token(now - started)
-                            stats.piece(None if last is None else now - last)
-                            last = now
-                            pieces += 1
-                            events.append({"token": piece.text, "gpu": piece.gpu})
-                    if events:
-                        yield Events(*events)
+                    assert isinstance(piece, Piece)
+                    finish = piece.finish_reason or finish
+                    if piece.text:
+                        now = time.perf_counter()
+                        if last is None:
+                            first_at = now
+                            stats.first_token(now - started)
+                        stats.piece(None if last is None else now - last)
+                        last = now
+                        pieces += 1
+                        yield Event({"token": piece.text, "gpu": piece.gpu})
                 reason = "done"
             except TritonError as exc:
                 reason = "error"
                 stats.error(exc.kind)
-                yield Events({"error": exc.kind, "detail": exc.detail})
+                yield Event({"error": exc.kind, "detail": exc.detail})
             yield DONE
         finally:
             # Runs on normal end, on error, and when the generator is closed after a disconnect or

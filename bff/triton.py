@@ -141,7 +141,6 @@ class Stream:
         self.endpoint = endpoint
         self.model = model
         self._started = False  # a piece has arrived
-        self._held = None  # the end or an error that received() took from the queue, for next()
         self._queue: asyncio.Queue = asyncio.Queue()
 
         async def one_request() -> AsyncIterator[dict]:
@@ -180,31 +179,16 @@ class Stream:
     async def next(self, timeout: float | None = None) -> Piece | None:
         """The next piece; None when the generation is over. Raises TimeoutError after `timeout` seconds
         without one (the stream goes on), TritonError when Triton failed."""
-        if self._held is not None:
-            item, self._held = self._held, None
-        else:
-            try:
-                item = self._queue.get_nowait()  # pieces often arrive faster than they are relayed
-            except asyncio.QueueEmpty:
-                async with asyncio.timeout(timeout):  # no task per wait, unlike asyncio.wait_for
-                    item = await self._queue.get()
+        try:
+            item = self._queue.get_nowait()  # pieces often arrive faster than they are relayed
+        except asyncio.QueueEmpty:
+            async with asyncio.timeout(timeout):  # no task per wait, unlike asyncio.wait_for
+                item = await self._queue.get()
         if item is _END:
             return None
         if isinstance(item, TritonError):
             raise item
         return item
-
-    def received(self) -> list[Piece]:
-        """The pieces that have already arrived, without waiting; the end or an error after them is
-        kept for next() to report."""
-        pieces = []
-        while self._held is None and not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, Piece):
-                pieces.append(item)
-            else:
-                self._held = item
-        return pieces
 
     def close(self) -> None:
         """Cancel the Triton request if it is still running (frees its slot) and release the endpoint.
