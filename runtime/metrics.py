@@ -3,8 +3,12 @@ Engine statistics, and their export as Triton custom metrics (on Triton's /metri
 
 The step thread only bumps plain Python numbers and appends latencies to deques (no IPC on the hot
 path); the response thread calls TritonMetrics.export every poll interval, which turns the deltas
-into pb_utils counter increments, gauge sets and histogram observations. Triton 2.51's Python
-backend supports all three kinds (MetricFamily.HISTOGRAM with explicit buckets).
+into pb_utils counter increments, gauge sets and histogram observations. Every one of those calls is
+a blocking IPC round trip into the server, so nothing is exported per token: time to first token
+(one sample per request) is a native histogram (MetricFamily.HISTOGRAM, Triton 2.51+), while the
+inter-token latency, one sample per token, is counted into buckets here and exported as the three
+counter families a Prometheus histogram consists of (_bucket{le=...} cumulative, _sum, _count), so
+histogram_quantile() reads it as usual and an export costs at most one call per bucket.
 
 CPU time is split by where it is spent, per thread (time.thread_time): `model_call` is the step
 thread inside Runner.forward, `schedule` the rest of the step thread (batching, sampling,
@@ -14,7 +18,9 @@ schedule + send per token is the per-token cost outside the model.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -62,8 +68,12 @@ class TritonMetrics:
         self.cpu = {part: cpu.Metric(labels={**labels, "part": part}) for part in ("schedule", "model_call", "send")}
         self.ttft = family("nanochat_time_to_first_token_seconds", "Time from arrival to the first token",
                            F.HISTOGRAM).Metric(labels=labels, buckets=TTFT_BUCKETS)
-        self.itl = family("nanochat_inter_token_latency_seconds", "Time between a request's tokens",
-                          F.HISTOGRAM).Metric(labels=labels, buckets=ITL_BUCKETS)
+        itl = "nanochat_inter_token_latency_seconds"
+        about = "Time between a request's tokens (a histogram's series, exported as counters)"
+        buckets = family(itl + "_bucket", about, F.COUNTER)
+        self.itl = [buckets.Metric(labels={**labels, "le": le}) for le in [*map(str, ITL_BUCKETS), "+Inf"]]
+        self.itl_sum = family(itl + "_sum", about, F.COUNTER).Metric(labels=labels)
+        self.itl_count = family(itl + "_count", about, F.COUNTER).Metric(labels=labels)
         self._last: dict[str, float] = collections.defaultdict(float)
 
     def _add(self, metric, key: str, value: float) -> None:
@@ -84,6 +94,24 @@ class TritonMetrics:
             if value != self._last.get("gauge_" + key):
                 metric.set(value)
                 self._last["gauge_" + key] = value
-        for values, metric in ((stats.ttft, self.ttft), (stats.itl, self.itl)):
-            while values:
-                metric.observe(values.popleft())
+        while stats.ttft:
+            self.ttft.observe(stats.ttft.popleft())
+        if stats.itl:
+            cumulative, total, n = bucket_counts(stats.itl, ITL_BUCKETS)
+            for metric, count in zip(self.itl, cumulative, strict=True):
+                if count:
+                    metric.increment(count)
+            self.itl_sum.increment(total)
+            self.itl_count.increment(n)
+
+
+def bucket_counts(values: collections.deque[float], bounds: list[float]) -> tuple[list[int], float, int]:
+    """Drain values into cumulative bucket counts (le=bound for each bound, then +Inf), their sum and count."""
+    counts = [0] * (len(bounds) + 1)
+    total, n = 0.0, 0
+    while values:
+        v = values.popleft()
+        counts[bisect.bisect_left(bounds, v)] += 1  # the first bound >= v: Prometheus' le is inclusive
+        total += v
+        n += 1
+    return list(itertools.accumulate(counts)), total, n

@@ -192,7 +192,10 @@ def test_soak_500_requests_leaves_no_growth(triton_server):
     assert metric(triton_server, "nanochat_generated_tokens_total", "demo") >= 1500
     text = urllib.request.urlopen(triton_server.metrics_url, timeout=5).read().decode()
     assert 'nanochat_time_to_first_token_seconds_bucket{' in text
-    assert 'nanochat_inter_token_latency_seconds_count{' in text
+    itl_count = metric(triton_server, "nanochat_inter_token_latency_seconds_count", "demo")
+    inf = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(
+        "nanochat_inter_token_latency_seconds_bucket{") and 'model="demo"' in line and 'le="+Inf"' in line]
+    assert itl_count > 0 and inf == [itl_count]  # +Inf counts every gap
 
 
 def test_unload_while_streaming_never_hangs(triton_server):
