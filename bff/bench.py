@@ -6,7 +6,8 @@ tritonclient.grpc.aio stream per request), at concurrency 1, 4 and 16; prints a 
 Definitions (vLLM's): TTFT = first non-empty piece minus the moment just before the request is sent;
 ITL = gaps between consecutive non-empty pieces, pooled over all requests; tokens/s = generated tokens of
 all requests / wall time of the level. Requests are greedy with one prompt, so every request produces
-the same tokens; the token count per request comes from Triton's `token_ids` on the direct path.
+the same tokens; the token count per request comes from Triton's `token_ids` in a warm-up request. Direct
+streams ask for the outputs the BFF asks for, so the backend does the same work on both paths.
 The BFF runs in its own process (uvicorn), as in production, and its CPU time per token is reported too
 (a steadier figure than timings on a shared machine); Triton is started locally unless --triton-url is given.
 """
@@ -26,9 +27,10 @@ import httpx
 import numpy as np
 import orjson
 import psutil
+from tritonclient.grpc import InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
-from bff.triton import build_inputs
+from bff.triton import REQUESTED_OUTPUTS, build_inputs
 
 KEY = "bench"
 PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to code."}]
@@ -57,18 +59,22 @@ class Run:
                 "itl_p95": pct(self.itl, 95), "tok_s": self.requests * tokens_per_request / self.wall}
 
 
-async def direct_request(client: InferenceServerClient, model: str, max_tokens: int, run: Run) -> int:
+async def direct_request(client: InferenceServerClient, model: str, max_tokens: int, run: Run,
+                         count_tokens: bool = False) -> int:
+    """One stream asking for the outputs the BFF asks for (and token_ids when counting tokens)."""
     inputs = build_inputs(orjson.dumps(PROMPT), 0.0, 0, max_tokens)
+    outputs = [*REQUESTED_OUTPUTS, InferRequestedOutput("token_ids")] if count_tokens else REQUESTED_OUTPUTS
 
     async def one():
-        yield {"model_name": model, "inputs": inputs}
+        yield {"model_name": model, "inputs": inputs, "outputs": outputs}
 
     stamps, tokens = [], 0
     start = time.perf_counter()
     async for result, error in client.stream_infer(one()):
         if error is not None:
             raise RuntimeError(error.message())
-        tokens += len(result.as_numpy("token_ids"))
+        if count_tokens:
+            tokens += len(result.as_numpy("token_ids"))
         if result.as_numpy("text")[0]:
             stamps.append(time.perf_counter())
     run.record(start, stamps)
@@ -113,23 +119,27 @@ async def measure(bff_url: str, bff_pid: int, grpc_url: str, model: str, levels:
     triton = InferenceServerClient(grpc_url)
     limits = httpx.Limits(max_connections=max(levels) * 2)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        tokens = await direct_request(triton, model, max_tokens, Run())  # warm-up, and the token count
+        tokens = await direct_request(triton, model, max_tokens, Run(), count_tokens=True)  # warm-up, and the count
         await bff_request(http, bff_url, max_tokens, Run())
         for c in levels:
+            client = time.process_time()
             direct = await level(c, per_client, lambda run: direct_request(triton, model, max_tokens, run))
-            cpu = cpu_seconds(bff_pid)
+            direct_client_us = 1e6 * (time.process_time() - client) / (direct.requests * tokens)
+            cpu, client = cpu_seconds(bff_pid), time.process_time()
             through = await level(c, per_client, lambda run: bff_request(http, bff_url, max_tokens, run))
-            # The BFF's own CPU per token: steadier than timings on a shared machine.
+            # CPU per token of the BFF and of this benchmark's own clients: steadier than timings on a
+            # shared machine, and the clients (a gateway's work, elsewhere in production) share the cores too.
             bff_cpu_us = 1e6 * (cpu_seconds(bff_pid) - cpu) / (through.requests * tokens)
-            rows.append({"concurrency": c, "direct": direct.row(tokens),
-                         "bff": {**through.row(tokens), "cpu_us": bff_cpu_us}})
+            bff_client_us = 1e6 * (time.process_time() - client) / (through.requests * tokens)
+            rows.append({"concurrency": c, "direct": {**direct.row(tokens), "client_us": direct_client_us},
+                         "bff": {**through.row(tokens), "cpu_us": bff_cpu_us, "client_us": bff_client_us}})
     await triton.close()
     return tokens, rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| streams | path | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | tokens/s | BFF CPU µs/token |\n"
-            "|---:|---|---:|---:|---:|---:|---:|---:|")
+    head = ("| streams | path | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | tokens/s | BFF CPU µs/token "
+            "| client CPU µs/token |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         for path in ("direct", "bff"):
@@ -137,11 +147,12 @@ def table(rows: list[dict]) -> str:
             cpu = f"{m['cpu_us']:.0f}" if "cpu_us" in m else ""
             lines.append(f"| {r['concurrency']} | {'Triton gRPC' if path == 'direct' else 'BFF SSE'} | "
                          f"{m['ttft_p50']:.2f} | {m['ttft_p95']:.2f} | {m['itl_p50']:.2f} | {m['itl_p95']:.2f} | "
-                         f"{m['tok_s']:.0f} | {cpu} |")
+                         f"{m['tok_s']:.0f} | {cpu} | {m['client_us']:.0f} |")
         d, b = r["direct"], r["bff"]
         lines.append(f"| {r['concurrency']} | BFF cost | {b['ttft_p50'] - d['ttft_p50']:+.2f} | "
                      f"{b['ttft_p95'] - d['ttft_p95']:+.2f} | {b['itl_p50'] - d['itl_p50']:+.2f} | "
-                     f"{b['itl_p95'] - d['itl_p95']:+.2f} | {100 * (b['tok_s'] / d['tok_s'] - 1):+.1f}% | |")
+                     f"{b['itl_p95'] - d['itl_p95']:+.2f} | {100 * (b['tok_s'] / d['tok_s'] - 1):+.1f}% | | "
+                     f"{b['client_us'] - d['client_us']:+.0f} |")
     return "\n".join(lines)
 
 
