@@ -50,6 +50,8 @@ class ResponseThread:
         self.sink, self.stats, self.poll_interval = sink, stats, poll_interval
         self.exporter = exporter  # object with export(stats), e.g. runtime.metrics.TritonMetrics
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
         self._open: set = set()  # requests accepted and not yet final: swept for cancellation
         self._thread = threading.Thread(target=self._run, name="nanochat-responses", daemon=True)
         self._thread.start()
@@ -59,10 +61,17 @@ class ResponseThread:
 
     def put(self, req, handle: object, out: Output | None, error: str | None, final: bool = False) -> None:
         """Queue a response. `req` is None for requests refused before they were accepted."""
-        self._q.put((req, handle, out, error, final or error is not None))
+        item = (req, handle, out, error, final or error is not None)
+        with self._lock:
+            if not self._closed:
+                self._q.put(item)
+                return
+        self._send(*item)  # after close() nobody drains the queue: answer on the caller's thread
 
     def close(self, timeout: float = 10.0) -> None:
-        self._q.put(_CLOSE)
+        with self._lock:
+            self._closed = True
+            self._q.put(_CLOSE)  # the last item: everything queued before it is still sent
         self._thread.join(timeout)
 
     def _run(self) -> None:
