@@ -97,21 +97,20 @@ class TritonMetrics:
         while stats.ttft:
             self.ttft.observe(stats.ttft.popleft())
         if stats.itl:
-            cumulative, total, n = bucket_counts(stats.itl, ITL_BUCKETS)
+            cumulative, total = bucket_counts(stats.itl, ITL_BUCKETS)
             for metric, count in zip(self.itl, cumulative, strict=True):
                 if count:
                     metric.increment(count)
             self.itl_sum.increment(total)
-            self.itl_count.increment(n)
+            self.itl_count.increment(cumulative[-1])  # the +Inf bucket counts every sample
 
 
-def bucket_counts(values: collections.deque[float], bounds: list[float]) -> tuple[list[int], float, int]:
-    """Drain values into cumulative bucket counts (le=bound for each bound, then +Inf), their sum and count."""
+def bucket_counts(values: collections.deque[float], bounds: list[float]) -> tuple[list[int], float]:
+    """Drain values into cumulative bucket counts (le=bound for each bound, then +Inf) and their sum."""
     counts = [0] * (len(bounds) + 1)
-    total, n = 0.0, 0
+    total = 0.0
     while values:
         v = values.popleft()
         counts[bisect.bisect_left(bounds, v)] += 1  # the first bound >= v: Prometheus' le is inclusive
         total += v
-        n += 1
-    return list(itertools.accumulate(counts)), total, n
+    return list(itertools.accumulate(counts)), total

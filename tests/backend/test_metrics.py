@@ -36,25 +36,24 @@ class FakePbUtils:
 
 def test_bucket_counts_are_cumulative_with_inclusive_bounds():
     values = collections.deque([0.001, 0.0011, 0.003, 0.2, 7.0])
-    cumulative, total, n = bucket_counts(values, [0.001, 0.0025, 0.005, 1.0])
-    assert cumulative == [1, 2, 3, 4, 5] and n == 5 and total == pytest.approx(7.2051)
+    cumulative, total = bucket_counts(values, [0.001, 0.0025, 0.005, 1.0])
+    assert cumulative == [1, 2, 3, 4, 5] and total == pytest.approx(7.2051)
     assert not values  # drained
 
 
 def test_itl_costs_one_call_per_bucket_not_one_per_token():
     CALLS.clear()
-    calls = CALLS
     metrics, stats = TritonMetrics(FakePbUtils, {"model": "m"}), Stats()
     stats.itl.extend([0.002] * 500 + [0.03] * 100)
     stats.ttft.extend([0.04, 0.06])
     metrics.export(stats)
-    itl = {(f, le): v for f, le, op, v in calls if f.startswith("nanochat_inter_token_latency_seconds")}
+    itl = {(f, le): v for f, le, op, v in CALLS if f.startswith("nanochat_inter_token_latency_seconds")}
     buckets = {le: v for (f, le), v in itl.items() if f.endswith("_bucket")}
     assert len(itl) <= len(ITL_BUCKETS) + 3
     assert buckets["0.0025"] == 500 and buckets["0.05"] == 600 and buckets["+Inf"] == 600 and "0.001" not in buckets
     assert itl[("nanochat_inter_token_latency_seconds_count", None)] == 600
     assert itl[("nanochat_inter_token_latency_seconds_sum", None)] == pytest.approx(4.0)
-    assert [v for f, _, op, v in calls if op == "observe"] == [0.04, 0.06]  # TTFT: a native histogram
-    calls.clear()
+    assert [v for f, _, op, v in CALLS if op == "observe"] == [0.04, 0.06]  # TTFT: a native histogram
+    CALLS.clear()
     metrics.export(stats)  # nothing new: no ITL calls at all
-    assert not [c for c in calls if c[0].startswith("nanochat_inter_token")]
+    assert not [c for c in CALLS if c[0].startswith("nanochat_inter_token")]
