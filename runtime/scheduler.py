@@ -163,7 +163,7 @@ class Scheduler:
             for req in rows:
                 req.prefilled += T
             done = [i for i, r in enumerate(rows) if r.prefilled == len(r.seq.prompt)]
-            tokens = sample_rows(logits[done], [rows[i].seq.sampler for i in done]) if done else []
+            tokens = sample_rows(logits[done], [rows[i].seq.sampler for i in done])
             for i, token in zip(done, tokens, strict=True):
                 self.stats.prompt_tokens += rows[i].prefilled
                 self._emit(rows[i], token)
