@@ -121,18 +121,19 @@ async def measure(bff_url: str, bff_pid: int, grpc_url: str, model: str, levels:
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         tokens = await direct_request(triton, model, max_tokens, Run(), count_tokens=True)  # warm-up, and the count
         await bff_request(http, bff_url, max_tokens, Run())
+        # CPU per token of the BFF and of this benchmark's own clients: steadier than timings on a shared
+        # machine, and the clients (a gateway's work, elsewhere in production) share the cores too.
+        us_per_token = lambda seconds, run: 1e6 * seconds / (run.requests * tokens)
         for c in levels:
             client = time.process_time()
             direct = await level(c, per_client, lambda run: direct_request(triton, model, max_tokens, run))
-            direct_client_us = 1e6 * (time.process_time() - client) / (direct.requests * tokens)
+            direct_client_us = us_per_token(time.process_time() - client, direct)
             cpu, client = cpu_seconds(bff_pid), time.process_time()
             through = await level(c, per_client, lambda run: bff_request(http, bff_url, max_tokens, run))
-            # CPU per token of the BFF and of this benchmark's own clients: steadier than timings on a
-            # shared machine, and the clients (a gateway's work, elsewhere in production) share the cores too.
-            bff_cpu_us = 1e6 * (cpu_seconds(bff_pid) - cpu) / (through.requests * tokens)
-            bff_client_us = 1e6 * (time.process_time() - client) / (through.requests * tokens)
+            bff = {"cpu_us": us_per_token(cpu_seconds(bff_pid) - cpu, through),
+                   "client_us": us_per_token(time.process_time() - client, through)}
             rows.append({"concurrency": c, "direct": {**direct.row(tokens), "client_us": direct_client_us},
-                         "bff": {**through.row(tokens), "cpu_us": bff_cpu_us, "client_us": bff_client_us}})
+                         "bff": {**through.row(tokens), **bff}})
     await triton.close()
     return tokens, rows
 
