@@ -24,6 +24,7 @@ import itertools
 
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 class Stats:
@@ -31,6 +32,7 @@ class Stats:
         self.tokens = 0  # generated (sampled or forced, stop tokens included)
         self.prompt_tokens = 0  # prefilled
         self.rejected = 0  # refused because the queue was full
+        self.finished = dict.fromkeys(FINISH_REASONS, 0)  # requests ended, by finish reason
         self.send_errors = 0
         self.last_send_error = ""
         self.export_errors = 0
@@ -60,6 +62,9 @@ class TritonMetrics:
             "rejected": family("nanochat_rejected_requests_total", "Requests refused because the queue was full",
                                F.COUNTER).Metric(labels=labels),
         }
+        finished = family("nanochat_finished_requests_total", "Requests ended, by finish reason", F.COUNTER)
+        self.finished = {reason: finished.Metric(labels={**labels, "finish_reason": reason})
+                         for reason in FINISH_REASONS}
         self.gauges = {
             "active": family("nanochat_active_slots", "KV-cache rows in use", F.GAUGE).Metric(labels=labels),
             "waiting": family("nanochat_queue_depth", "Requests waiting for a slot", F.GAUGE).Metric(labels=labels),
@@ -85,6 +90,8 @@ class TritonMetrics:
     def export(self, stats: Stats) -> None:
         for key, metric in self.counters.items():
             self._add(metric, key, getattr(stats, key))
+        for reason, metric in self.finished.items():
+            self._add(metric, "finished_" + reason, stats.finished[reason])
         cpu = dict(stats.cpu)
         cpu["schedule"] = cpu.pop("step") - cpu["model_call"]
         for part, metric in self.cpu.items():

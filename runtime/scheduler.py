@@ -35,6 +35,7 @@ import numpy as np
 
 from runtime.generation import Runner, SamplingParams, Sequence
 from runtime.metrics import Stats
+from runtime.refusals import INVALID, QUEUE_FULL, SHUTTING_DOWN
 from runtime.responses import Output, ResponseThread, Sink
 from runtime.sampling import sample_rows
 from runtime.tokenizer import Detokenizer, Tokenizer
@@ -84,14 +85,14 @@ class Scheduler:
         try:
             seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq)
         except ValueError as e:
-            self.fail(handle, str(e))
+            self.reject(handle, e)
             return
         req = Request(handle, seq, Detokenizer(self.tok), time.monotonic())
         with self._cv:
             if self._stopping:
-                refusal = "model is shutting down"
+                refusal = SHUTTING_DOWN
             elif self._outstanding >= self.max_slots + self.max_queue:
-                refusal = (f"queue full: {self.max_slots} slots busy and {self.max_queue} requests waiting; "
+                refusal = (f"{QUEUE_FULL}{self.max_slots} slots busy and {self.max_queue} requests waiting; "
                            "retry later")
             else:
                 refusal = None
@@ -103,7 +104,14 @@ class Scheduler:
             self.stats.rejected += 1
             self.fail(handle, refusal)
 
+    def reject(self, handle: object, error: ValueError) -> None:
+        """End a request the client got wrong (bad input, a prompt longer than the context)."""
+        self.fail(handle, INVALID + str(error))
+
     def fail(self, handle: object, message: str) -> None:
+        """End a request that never reached a slot (bad input, refused) with an error."""
+        with self._cv:  # the step thread counts its own endings too
+            self.stats.finished["error"] += 1
         self.responses.put(None, handle, None, message)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -212,5 +220,6 @@ class Scheduler:
         out = None if error else self._output(req, req.unsent_text + text, req.unsent_ids, finish_reason)
         self.responses.put(req, req.handle, out, error, final=True)
         with self._cv:
+            self.stats.finished["error" if error else finish_reason] += 1
             self._outstanding -= 1
         self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)

@@ -133,7 +133,7 @@ class TritonPythonModel:
             try:
                 prompt, params = parse_request(get, self.tokenizer, self.max_seq)
             except RequestError as e:
-                self.scheduler.fail(handle, str(e))
+                self.scheduler.reject(handle, e)
                 continue
             self.scheduler.submit(handle, prompt, params)
         return None

@@ -6,12 +6,12 @@ import pytest
 
 from runtime.metrics import ITL_BUCKETS, Stats, TritonMetrics, bucket_counts
 
-CALLS: list[tuple] = []  # (family, le label, operation, value), one per metric call
+CALLS: list[tuple] = []  # (family, label other than model, operation, value), one per metric call
 
 
 class FakeMetric:
     def __init__(self, family: str, labels: dict):
-        self.key = (family, labels.get("le"))
+        self.key = (family, next((v for k, v in labels.items() if k != "model"), None))
 
     def increment(self, v):
         CALLS.append((*self.key, "inc", v))
@@ -57,3 +57,14 @@ def test_itl_costs_one_call_per_bucket_not_one_per_token():
     CALLS.clear()
     metrics.export(stats)  # nothing new: no ITL calls at all
     assert not [c for c in CALLS if c[0].startswith("nanochat_inter_token")]
+
+
+def test_finished_requests_are_counted_by_reason_as_deltas():
+    CALLS.clear()
+    metrics, stats = TritonMetrics(FakePbUtils, {"model": "m"}), Stats()
+    stats.finished.update(stop=3, cancelled=1)
+    metrics.export(stats)
+    stats.finished["cancelled"] += 2
+    metrics.export(stats)
+    finished = [(reason, v) for f, reason, op, v in CALLS if f == "nanochat_finished_requests_total"]
+    assert finished == [("stop", 3), ("cancelled", 1), ("cancelled", 2)]

@@ -112,8 +112,10 @@ def test_cancel_frees_the_slot(demo):
     sched.submit("next", prompt, SamplingParams(0.0, None, 5))  # fits: the slot is free again
     sink.wait(1)
     sched.close()
-    assert sink.result("next")[2].finish_reason in ("stop", "length")
+    next_reason = sink.result("next")[2].finish_reason
+    assert next_reason in ("stop", "length")
     assert sched.stats.active == 0
+    assert sched.stats.finished == {"stop": 0, "length": 0, "cancelled": 1, "error": 0, next_reason: 1}
 
 
 def test_errors_are_final_responses(demo):
@@ -126,6 +128,7 @@ def test_errors_are_final_responses(demo):
     sched.close()
     assert "does not fit" in sink.result("toolong")[3]
     assert sink.result("bad")[3] == "messages is not valid JSON"
+    assert sched.stats.finished["error"] == 2
 
 
 def test_context_limit_ends_with_length(demo):

@@ -4,12 +4,13 @@ import asyncio
 import re
 import urllib.request
 
-import psutil
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
 from runtime.local_triton import derive_model
+from runtime.refusals import INVALID
 from runtime.stream_client import make_inputs, stream
+from tests.tritonkit import stub_process
 
 pytestmark = pytest.mark.triton
 
@@ -143,6 +144,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(triton_server):
     errors, ok = run(go, triton_server)
     for (expected, _), r in zip(bad.items(), errors, strict=True):
         assert r.error is not None and expected in r.error and r.finals == 1, (expected, r.error)
+        assert INVALID in r.error  # the client's fault, told apart from the server's own failures
     assert ok.error is None and ok.finals == 1 and ok.completion_tokens >= 1
 
 
@@ -160,11 +162,6 @@ def test_full_queue_is_refused_at_once(triton_server):
     assert refused.error is not None and "queue full" in refused.error and refused.finals == 1, [
         (r.finish_reason, r.completion_tokens, r.error) for r in running]
     assert all(r.error is None for r in running)
-
-
-def stub_process(server, model: str) -> psutil.Process:
-    children = psutil.Process(server.process.pid).children(recursive=True)
-    return next(p for p in children if any(f"/{model}/1/model.py" in a for a in p.cmdline()))
 
 
 def test_soak_500_requests_leaves_no_growth(triton_server):
