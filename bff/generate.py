@@ -39,7 +39,7 @@ class Event:
 DONE = Event({"done": True})
 
 
-def _http_error(exc: TritonError) -> falcon.HTTPError:
+def http_error(exc: TritonError) -> falcon.HTTPError:
     if exc.kind == "invalid":
         return BadRequest(exc.detail)
     if exc.kind in ("busy", "no_model", "down"):
@@ -89,7 +89,7 @@ class Generate:
                 stream = self.pool.open(model, request_id=request_id, **params)
             except TritonError as exc:
                 self.stats.error(exc.kind)
-                raise _http_error(exc) from None
+                raise http_error(exc) from None
             self.registry.streams[model] += 1
             try:
                 return stream, await stream.next(self.settings.first_response_wait_s)
@@ -99,7 +99,7 @@ class Generate:
                 self._release(stream)
                 self.stats.error(exc.kind)
                 if exc.kind != "down":
-                    raise _http_error(exc) from None
+                    raise http_error(exc) from None
         raise Unavailable("no Triton endpoint is reachable")
 
     def _release(self, stream: Stream) -> None:

@@ -21,6 +21,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from runtime.refusals import INVALID, QUEUE_FULL, SHUTTING_DOWN
+
 log = logging.getLogger("bff.triton")
 
 # Errors come in-band (a response with an error message), not as the stream's gRPC status: Triton's
@@ -58,17 +60,18 @@ class NoEndpoint(TritonError):
         super().__init__("down", "no Triton endpoint is reachable")
 
 
-def _kind(code: grpc.StatusCode | None, message: str, started: bool) -> str:
+def error_kind(code: grpc.StatusCode | None, message: str) -> str:
     """What a Triton error means for the client. The nanochat backend sends its refusals with a message
-    and no specific code: "queue full ..." / "model is shutting down" (try again later), and before the
-    first piece only request-parsing errors (the client's fault, e.g. a prompt longer than the context)."""
-    if "queue full" in message or "shutting down" in message or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    and no code (runtime.refusals): full queue or shutting down (try again later), or the client's own
+    fault (e.g. a prompt longer than the context). Anything else, such as a backend stub that died, is
+    a failure of the server side."""
+    if QUEUE_FULL in message or SHUTTING_DOWN in message or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return "busy"
     if code == grpc.StatusCode.NOT_FOUND or "unknown model" in message or "no available versions" in message:
         return "no_model"
     if code == grpc.StatusCode.UNAVAILABLE:
         return "busy"  # a dead server gives the same code; Stream._classify probes to tell them apart
-    if code == grpc.StatusCode.INVALID_ARGUMENT or not started:
+    if code == grpc.StatusCode.INVALID_ARGUMENT or INVALID in message:
         return "invalid"
     return "failed"
 
@@ -140,7 +143,6 @@ class Stream:
     def __init__(self, endpoint: Endpoint, model: str, inputs: list[InferInput], request_id: str) -> None:
         self.endpoint = endpoint
         self.model = model
-        self._started = False  # a piece has arrived
         self._queue: asyncio.Queue = asyncio.Queue()
 
         async def one_request() -> AsyncIterator[dict]:
@@ -157,9 +159,8 @@ class Stream:
             async for result, error in self._call:
                 if error is not None:
                     message = str(error.message())
-                    self._queue.put_nowait(TritonError(_kind(None, message, self._started), message))
+                    self._queue.put_nowait(TritonError(error_kind(None, message), message))
                     return
-                self._started = True
                 self._queue.put_nowait(Piece.parse(result.get_response()))
             self._queue.put_nowait(_END)
         except grpc.aio.AioRpcError as exc:
@@ -169,7 +170,7 @@ class Stream:
 
     async def _classify(self, exc: grpc.aio.AioRpcError) -> TritonError:
         message = exc.details() or str(exc.code())
-        kind = _kind(exc.code(), message, self._started)
+        kind = error_kind(exc.code(), message)
         # Any transport-level failure may mean the server died: check before the next stream picks it.
         if not await self.endpoint.alive():
             self.endpoint.mark(False, f"stream failed with {message}; {self.endpoint.why}")
