@@ -69,6 +69,8 @@ class Settings:
             raise ValueError("BFF_TRITON_METRICS_URLS must list one URL per Triton endpoint")
         if not self.triton_metrics_urls:
             object.__setattr__(self, "triton_metrics_urls", tuple(_metrics_url(u) for u in self.triton_urls))
+        if self.ping_interval_s <= 0 or self.first_response_wait_s < 0:
+            raise ValueError("BFF_PING_INTERVAL_S must be > 0 and BFF_FIRST_RESPONSE_WAIT_S >= 0")
         if not self.api_key and not self.run_open:
             raise ValueError("INTERNAL_API_KEY is not set; set it, or BFF_RUN_OPEN=1 for local development")
 

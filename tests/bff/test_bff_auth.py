@@ -38,6 +38,12 @@ def test_health_needs_no_key(bff_url):
     assert r.json() == {"status": "ok", "ready": True, "current_model": "head"}
 
 
+@pytest.mark.parametrize("values", [{"ping_interval_s": 0}, {"first_response_wait_s": -1}])
+def test_timings_must_make_sense(values):
+    with pytest.raises(ValueError, match="BFF_PING_INTERVAL_S"):
+        from_env({}, api_key="k", **values)
+
+
 def test_refuses_to_start_without_a_key():
     with pytest.raises(ValueError, match="INTERNAL_API_KEY"):
         from_env({})

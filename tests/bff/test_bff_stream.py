@@ -42,6 +42,22 @@ def test_stream_headers_and_framing(bff_url):
     assert parse_events(lines)[-1] == {"done": True}
 
 
+def test_a_request_waiting_for_its_first_token_gets_pings(triton_server):
+    # No wait before committing the 200 and a ping every millisecond: the first token, a Triton round
+    # trip through the backend's step thread away (milliseconds), comes after at least one ping.
+    settings = triton_settings(triton_server, model="head", first_response_wait_s=0, ping_interval_s=0.001)
+    with run_bff(**settings) as url:
+        body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 16}
+        with httpx.stream("POST", url + "/generate", json=body, headers=AUTH) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+    assert first_data > 0 and all(line == ": ping" for line in lines[:first_data])
+    events = parse_events(lines)
+    assert events[-1] == {"done": True} and all("token" in e for e in events[:-1])
+    assert len(events) > 1
+
+
 def test_prompt_longer_than_the_context_is_a_400(bff_url):
     # Passes the BFF's limits but not the model's 512-token context: Triton's answer becomes the 400.
     r, _ = generate(bff_url, {"messages": [{"role": "user", "content": "word " * 1500}]})
