@@ -104,8 +104,9 @@ def test_16_concurrent_streams_get_what_they_get_alone(triton_server, oracle_ref
 
 
 def long_prompt():
-    # 444 tokens before a stop token from demo_1slot's random weights: a second or more of its one slot
-    return make_inputs(prompt_ids=[5, 6, 7, 8], temperature=1.0, top_k=50, seed=1, max_tokens=900)
+    # 801 tokens before a stop token from demo_1slot's random weights (the longest run of seeds 1-60):
+    # close to two seconds of its one slot, so tests that need it busy have a wide margin
+    return make_inputs(prompt_ids=[5, 6, 7, 8], temperature=1.0, top_k=50, seed=10, max_tokens=1000)
 
 
 def test_cancelled_stream_frees_its_slot(triton_server):
