@@ -137,7 +137,7 @@ class Scheduler:
                 stopping = self._stopping
             if stopping:
                 for req in [*self._active, *self._waiting]:
-                    self._finish(req, error="model is being unloaded; request stopped")
+                    self._finish(req, error=f"{SHUTTING_DOWN}; request stopped")
                 return
             try:
                 self._step()
