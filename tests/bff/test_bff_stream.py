@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 
+from runtime.metrics import FINISH_REASONS
 from tests.bff.bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings
 from tests.tritonkit import stub_process
 
@@ -68,7 +69,7 @@ def test_prompt_longer_than_the_context_is_a_400(bff_url):
 def finished(server, model: str) -> dict[str, float]:
     """The backend's ended requests by finish reason, from Triton's /metrics."""
     return {reason: metric(server.metrics_url, "nanochat_finished_requests_total", model=model, finish_reason=reason)
-            for reason in ("stop", "length", "cancelled", "error")}
+            for reason in FINISH_REASONS}
 
 
 def wait_until(condition, failure: str, timeout: float = 10.0) -> None:
@@ -88,7 +89,7 @@ def assert_cancelled_and_freed(server, model: str, before: dict[str, float]) -> 
                and metric(server.metrics_url, "nanochat_active_slots", model=model) == 0,
                "the backend request did not end or its slot was not freed")
     after = finished(server, model)
-    assert {r: after[r] - before[r] for r in after} == {"stop": 0, "length": 0, "cancelled": 1, "error": 0}
+    assert {r: after[r] - before[r] for r in after} == {**dict.fromkeys(FINISH_REASONS, 0), "cancelled": 1}
 
 
 def test_disconnect_mid_stream_cancels_the_triton_request(triton_server):
@@ -111,4 +112,3 @@ def test_disconnect_mid_stream_cancels_the_triton_request(triton_server):
             stub.resume()
         assert_cancelled_and_freed(triton_server, "head", before)
         assert httpx.get(url + "/stats", headers=AUTH).json()["bff"]["streams"]["active"] == 0
-
