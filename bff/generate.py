@@ -65,11 +65,12 @@ class Generate:
         body = await read_json(req, self.settings.max_body_bytes)
         check_generate(body)
         s = self.settings
+        # int(): JSON Schema's "integer" admits 1.0
         params = dict(
             messages=orjson.dumps(body["messages"]),
             temperature=s.temperature if body.get("temperature") is None else float(body["temperature"]),
-            top_k=s.top_k if body.get("top_k") is None else body["top_k"],
-            max_tokens=s.max_tokens if body.get("max_tokens") is None else body["max_tokens"],
+            top_k=s.top_k if body.get("top_k") is None else int(body["top_k"]),
+            max_tokens=s.max_tokens if body.get("max_tokens") is None else int(body["max_tokens"]),
         )
         if self.stats.active >= s.max_streams:
             self.stats.error("stream_limit")

@@ -1,6 +1,6 @@
 """
-The BFF's only door to Triton: a pool of endpoints (one tritonclient.grpc.aio client each) and one
-`stream_infer` call per /generate request.
+The BFF's only door to Triton: a pool of endpoints (a tritonclient.grpc.aio client each for the model
+control calls) and one `ModelStreamInfer` stream per /generate request.
 
 New streams go to the live endpoint with the fewest active streams. An endpoint is marked down when a
 call to it fails at the transport level and back up when the periodic probe gets an answer, so no stream
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import struct
 from dataclasses import dataclass
 
 import grpc
 import httpx
-import numpy as np
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import service_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
@@ -42,7 +41,12 @@ CHANNEL_ARGS = [
 ]
 _END = object()
 # Only what the SSE events need: Triton then sends three small tensors per piece instead of all six.
-REQUESTED_OUTPUTS = [InferRequestedOutput(name) for name in ("text", "device_id", "finish_reason")]
+OUTPUTS = ("text", "device_id", "finish_reason")
+# Triton's stream RPC is bidirectional, but a generation sends exactly one request, so it is called as a
+# server-streaming call: the headers, the request and the half-close leave in one batch instead of three,
+# without tritonclient's per-request iterator and per-response wrappers. On the wire it is the same HTTP/2
+# stream; it costs the BFF about a third less CPU per request.
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 class TritonError(Exception):
@@ -83,24 +87,35 @@ class Piece:
     text: str
     gpu: int
     finish_reason: str
+    final: bool  # the request's last response (Triton's triton_final_response)
 
     @classmethod
-    def parse(cls, response) -> Piece:
-        """From the ModelInferResponse protobuf directly: each output here is one element, so a BYTES
-        tensor is a 4-byte length and the bytes, an INT32 four bytes (per piece this is several times
-        cheaper than InferResult.as_numpy)."""
-        raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents, strict=True))
+    def parse(cls, response: service_pb2.ModelInferResponse) -> Piece:
+        """Each output here is one element, so a BYTES tensor is a 4-byte length and the bytes, an INT32
+        four bytes (per piece this is several times cheaper than tritonclient's InferResult.as_numpy)."""
+        raw = raw_outputs(response)
+        final = response.parameters.get("triton_final_response")
         return cls(text=raw["text"][4:].decode("utf-8"), gpu=int.from_bytes(raw["device_id"], "little", signed=True),
-                   finish_reason=raw["finish_reason"][4:].decode("utf-8"))
+                   finish_reason=raw["finish_reason"][4:].decode("utf-8"), final=final is not None and final.bool_param)
+
+
+def raw_outputs(response: service_pb2.ModelInferResponse) -> dict[str, bytes]:
+    """Each output's raw little-endian contents by name."""
+    return dict(zip((o.name for o in response.outputs), response.raw_output_contents, strict=True))
 
 
 class Endpoint:
-    """One Triton server: its aio client, how many streams it carries, and whether it is up."""
+    """One Triton server: its aio client, the stream call, how many streams it carries, and whether it
+    is up. Token streams have a channel (connection) of their own, apart from the control calls."""
 
     def __init__(self, url: str, metrics_url: str) -> None:
         self.url = url
         self.metrics_url = metrics_url
         self.client = InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+        self.channel = grpc.aio.insecure_channel(url, options=CHANNEL_ARGS)
+        self.stream_infer = self.channel.unary_stream(
+            STREAM_METHOD, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
         self.active = 0
         self.opened = 0  # streams ever started here
         self.up = True
@@ -120,49 +135,57 @@ class Endpoint:
             log.warning("triton endpoint %s is %s%s", self.url, "up" if up else "down", f" ({why})" if why else "")
         self.up = up
 
+    async def close(self) -> None:
+        await asyncio.gather(self.client.close(), self.channel.close())
 
-def build_inputs(messages: bytes, temperature: float, top_k: int, max_tokens: int) -> list[InferInput]:
-    values = [
-        ("messages", np.array([messages], dtype=np.object_), "BYTES"),
-        ("temperature", np.array([temperature], dtype=np.float32), "FP32"),
-        ("top_k", np.array([top_k], dtype=np.int32), "INT32"),
-        ("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
-    ]
-    inputs = []
-    for name, array, dtype in values:
-        tensor = InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+
+def request_message(model: str, request_id: str, messages: bytes, temperature: float, top_k: int,
+                    max_tokens: int, outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
+    """One generation as Triton's protobuf. Each input is one element in raw little-endian contents
+    (a BYTES element is a 4-byte length and the bytes): what tritonclient builds from numpy arrays."""
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    for name, datatype, raw in (("messages", "BYTES", struct.pack("<I", len(messages)) + messages),
+                                ("temperature", "FP32", struct.pack("<f", temperature)),
+                                ("top_k", "INT32", struct.pack("<i", top_k)),
+                                ("max_tokens", "INT32", struct.pack("<i", max_tokens))):
+        request.inputs.add(name=name, datatype=datatype, shape=[1])
+        request.raw_input_contents.append(raw)
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
 
 
 class Stream:
-    """One generation: a `stream_infer` call read by a pump task into a queue, so that waiting for the
-    next piece can time out (for pings) without cancelling the gRPC read underneath."""
+    """One generation: a stream call read by a pump task into a queue, so that waiting for the next
+    piece can time out (for pings) without cancelling the gRPC read underneath."""
 
-    def __init__(self, endpoint: Endpoint, model: str, inputs: list[InferInput], request_id: str) -> None:
+    def __init__(self, endpoint: Endpoint, model: str, request: service_pb2.ModelInferRequest) -> None:
         self.endpoint = endpoint
         self.model = model
         self._queue: asyncio.Queue = asyncio.Queue()
-
-        async def one_request() -> AsyncIterator[dict]:
-            yield {"model_name": model, "inputs": inputs, "outputs": REQUESTED_OUTPUTS, "request_id": request_id}
-
         endpoint.active += 1
         endpoint.opened += 1
-        self._call = endpoint.client.stream_infer(one_request())
+        self._call = endpoint.stream_infer(request)
         self._pump = asyncio.create_task(self._read())
         self._closed = False
+        self._final = False
 
     async def _read(self) -> None:
         try:
-            async for result, error in self._call:
-                if error is not None:
-                    message = str(error.message())
+            async for response in self._call:
+                if response.error_message:
+                    message = response.error_message
                     self._queue.put_nowait(TritonError(error_kind(None, message), message))
                     return
-                self._queue.put_nowait(Piece.parse(result.get_response()))
-            self._queue.put_nowait(_END)
+                piece = Piece.parse(response.infer_response)
+                self._queue.put_nowait(piece)
+                if piece.final:
+                    # The generation is over: its end goes out now, not after the stream's closing
+                    # status, which still has to be read (a call dropped before it ends is cancelled).
+                    self._final = True
+                    self._queue.put_nowait(_END)
+            if not self._final:
+                self._queue.put_nowait(_END)
         except grpc.aio.AioRpcError as exc:
             self._queue.put_nowait(await self._classify(exc))
         except asyncio.CancelledError:
@@ -198,7 +221,7 @@ class Stream:
             return
         self._closed = True
         self.endpoint.active -= 1
-        if not self._pump.done():
+        if not self._pump.done() and not self._final:
             self._call.cancel()
             self._pump.cancel()
 
@@ -220,7 +243,7 @@ class TritonPool:
     def open(self, model: str, messages: bytes, temperature: float, top_k: int, max_tokens: int,
              request_id: str) -> Stream:
         """Start one generation on the least busy live endpoint."""
-        return Stream(self.pick(), model, build_inputs(messages, temperature, top_k, max_tokens), request_id)
+        return Stream(self.pick(), model, request_message(model, request_id, messages, temperature, top_k, max_tokens))
 
     async def probe(self) -> None:
         """Mark each endpoint up or down by whether it answers."""
@@ -294,4 +317,4 @@ class TritonPool:
         return out
 
     async def close(self) -> None:
-        await asyncio.gather(*(e.client.close() for e in self.endpoints), return_exceptions=True)
+        await asyncio.gather(*(e.close() for e in self.endpoints), return_exceptions=True)

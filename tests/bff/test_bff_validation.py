@@ -70,7 +70,9 @@ def test_body_size_is_bounded(bff_url):
     {"messages": [USER], "temperature": None, "top_k": None, "max_tokens": None},
     {"messages": [USER], "temperature": 0, "top_k": 0, "max_tokens": 1},
     {"messages": [USER], "temperature": 2, "top_k": 200, "max_tokens": 2},
-], ids=["leading system and turns", "nulls take defaults", "lower bounds", "upper bounds"])
+    {"messages": [USER], "top_k": 5.0, "max_tokens": 2.0},
+], ids=["leading system and turns", "nulls take defaults", "lower bounds", "upper bounds",
+        "integral numbers written as floats"])
 def test_limits_are_inclusive(bff_url, body):
     r, events = generate(bff_url, body)
     assert r.status_code == 200, r.text
