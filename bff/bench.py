@@ -1,7 +1,7 @@
 """
 `python -m bff.bench` (`make bench`): what the BFF costs. The same greedy requests run side by side
-through the BFF (concurrent SSE clients over HTTP) and directly against Triton over gRPC (one
-tritonclient.grpc.aio stream per request), at concurrency 1, 4 and 16; prints a table and saves a plot.
+through the BFF (concurrent SSE clients over HTTP) and directly against Triton over gRPC (one stream per
+request, opened and read as the BFF does it), at concurrency 1, 4 and 16; prints a table and saves a plot.
 
 Definitions (vLLM's): TTFT = first non-empty piece minus the moment just before the request is sent;
 ITL = gaps between consecutive non-empty pieces, pooled over all requests; tokens/s = generated tokens of
@@ -10,6 +10,10 @@ the same tokens; the token count per request comes from Triton's `token_ids` in 
 streams ask for the outputs the BFF asks for, so the backend does the same work on both paths.
 The BFF runs in its own process (uvicorn), as in production, and its CPU time per token is reported too
 (a steadier figure than timings on a shared machine); Triton is started locally unless --triton-url is given.
+
+On a machine without a GPU the model's work is CPU work, and every CPU cycle the BFF (or a client) spends is
+taken from it. --triton-cpus keeps the local Triton on some CPUs and the BFF and the clients on the others,
+as on a GPU node; without it, all of them share every CPU.
 """
 
 from __future__ import annotations
@@ -23,14 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import orjson
 import psutil
-from tritonclient.grpc import InferRequestedOutput
-from tritonclient.grpc.aio import InferenceServerClient
 
-from bff.triton import REQUESTED_OUTPUTS, build_inputs
+from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
 
 KEY = "bench"
 PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to code."}]
@@ -43,7 +46,7 @@ class Run:
         self.ttft: list[float] = []
         self.itl: list[float] = []
         self.requests = 0
-        self.wall = 0.0
+        self.wall = 0.0  # summed over the rounds
 
     def record(self, start: float, stamps: list[float]) -> None:
         self.requests += 1
@@ -59,53 +62,70 @@ class Run:
                 "itl_p95": pct(self.itl, 95), "tok_s": self.requests * tokens_per_request / self.wall}
 
 
-async def direct_request(client: InferenceServerClient, model: str, max_tokens: int, run: Run,
-                         count_tokens: bool = False) -> int:
-    """One stream asking for the outputs the BFF asks for (and token_ids when counting tokens)."""
-    inputs = build_inputs(orjson.dumps(PROMPT), 0.0, 0, max_tokens)
-    outputs = [*REQUESTED_OUTPUTS, InferRequestedOutput("token_ids")] if count_tokens else REQUESTED_OUTPUTS
-
-    async def one():
-        yield {"model_name": model, "inputs": inputs, "outputs": outputs}
-
+async def direct_request(triton: Endpoint, model: str, max_tokens: int, run: Run, count_tokens: bool = False) -> int:
+    """One stream asking for the outputs the BFF asks for (and token_ids, INT64, when counting tokens)."""
+    request = request_message(model, "", orjson.dumps(PROMPT), 0.0, 0, max_tokens,
+                              (*OUTPUTS, "token_ids") if count_tokens else OUTPUTS)
     stamps, tokens = [], 0
     start = time.perf_counter()
-    async for result, error in client.stream_infer(one()):
-        if error is not None:
-            raise RuntimeError(error.message())
+    async for response in triton.stream_infer(request):
+        if response.error_message:
+            raise RuntimeError(response.error_message)
         if count_tokens:
-            tokens += len(result.as_numpy("token_ids"))
-        if result.as_numpy("text")[0]:
+            tokens += len(raw_outputs(response.infer_response)["token_ids"]) // 8
+        if Piece.parse(response.infer_response).text:
             stamps.append(time.perf_counter())
     run.record(start, stamps)
     return tokens
 
 
-async def bff_request(client: httpx.AsyncClient, url: str, max_tokens: int, run: Run) -> None:
+async def bff_request(client: aiohttp.ClientSession, url: str, max_tokens: int, run: Run) -> None:
+    """One /generate, its events read line by line as the gateway reads them (aiohttp: a third of
+    httpx's CPU per event, which on a shared machine is taken from the server's)."""
     body = {"messages": PROMPT, "temperature": 0, "max_tokens": max_tokens}
     stamps = []
     start = time.perf_counter()
-    async with client.stream("POST", url + "/generate", json=body, headers={"X-Internal-API-Key": KEY}) as r:
+    async with client.post(url + "/generate", json=body, headers={"X-Internal-API-Key": KEY}) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith('data: {"token"'):
+        async for line in r.content:
+            if line.startswith(b'data: {"token"'):
                 stamps.append(time.perf_counter())
-            elif line.startswith("data: {\"error\""):
-                raise RuntimeError(line)
+            elif line.startswith(b'data: {"error"'):
+                raise RuntimeError(line.decode())
     run.record(start, stamps)
 
 
-async def level(concurrency: int, per_client: int, request) -> Run:
-    run = Run()
+class Route:
+    """One way to the model at one concurrency: its timings and the CPU time its measured processes spent."""
 
-    async def client_loop():
-        for _ in range(per_client):
-            await request(run)
+    def __init__(self, request, pid: int | None = None) -> None:
+        self.request = request
+        self.pid = pid  # the BFF's process, whose CPU time is counted besides this benchmark's own
+        self.run = Run()
+        self.client_cpu = 0.0
+        self.server_cpu = 0.0
 
-    start = time.perf_counter()
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    run.wall = time.perf_counter() - start
-    return run
+    async def level(self, concurrency: int, per_client: int) -> None:
+        async def client_loop():
+            for _ in range(per_client):
+                await self.request(self.run)
+
+        client, server = time.process_time(), self.pid and cpu_seconds(self.pid)
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        self.run.wall += time.perf_counter() - start
+        self.client_cpu += time.process_time() - client
+        if self.pid:
+            self.server_cpu += cpu_seconds(self.pid) - server
+
+    def row(self, tokens: int) -> dict:
+        # CPU per token of the BFF and of this benchmark's own clients: steadier than timings on a shared
+        # machine, and the clients (a gateway's work, elsewhere in production) share the cores too.
+        per_token = 1e6 / (self.run.requests * tokens)
+        row = {**self.run.row(tokens), "client_us": self.client_cpu * per_token}
+        if self.pid:
+            row["cpu_us"] = self.server_cpu * per_token
+        return row
 
 
 def cpu_seconds(pid: int) -> float:
@@ -114,26 +134,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure(bff_url: str, bff_pid: int, grpc_url: str, model: str, levels: list[int], per_client: int,
-                  max_tokens: int) -> tuple[int, list[dict]]:
+                  max_tokens: int, rounds: int) -> tuple[int, list[dict]]:
+    """Each level runs `rounds` times per path, the paths taking turns to go first (ABBA...), so that a
+    machine that slows down or speeds up during the run weighs on both alike."""
     rows = []
-    triton = InferenceServerClient(grpc_url)
-    limits = httpx.Limits(max_connections=max(levels) * 2)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+    triton = Endpoint(grpc_url, "")
+    connector = aiohttp.TCPConnector(limit=max(levels) * 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
         tokens = await direct_request(triton, model, max_tokens, Run(), count_tokens=True)  # warm-up, and the count
         await bff_request(http, bff_url, max_tokens, Run())
-        # CPU per token of the BFF and of this benchmark's own clients: steadier than timings on a shared
-        # machine, and the clients (a gateway's work, elsewhere in production) share the cores too.
-        us_per_token = lambda seconds, run: 1e6 * seconds / (run.requests * tokens)
         for c in levels:
-            client = time.process_time()
-            direct = await level(c, per_client, lambda run: direct_request(triton, model, max_tokens, run))
-            direct_client_us = us_per_token(time.process_time() - client, direct)
-            cpu, client = cpu_seconds(bff_pid), time.process_time()
-            through = await level(c, per_client, lambda run: bff_request(http, bff_url, max_tokens, run))
-            bff = {"cpu_us": us_per_token(cpu_seconds(bff_pid) - cpu, through),
-                   "client_us": us_per_token(time.process_time() - client, through)}
-            rows.append({"concurrency": c, "direct": {**direct.row(tokens), "client_us": direct_client_us},
-                         "bff": {**through.row(tokens), **bff}})
+            direct = Route(lambda run: direct_request(triton, model, max_tokens, run))
+            through = Route(lambda run: bff_request(http, bff_url, max_tokens, run), bff_pid)
+            for i in range(rounds):
+                for route in (direct, through) if i % 2 == 0 else (through, direct):
+                    await route.level(c, per_client)
+            rows.append({"concurrency": c, "direct": direct.row(tokens), "bff": through.row(tokens)})
     await triton.close()
     return tokens, rows
 
@@ -214,22 +230,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--triton-metrics-url", default="")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-client", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=4, help="runs of each level per path, taking turns")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--port", type=int, default=8013)
     p.add_argument("--plot", default="bench_bff.png")
+    p.add_argument("--triton-cpus", type=lambda v: {int(c) for c in v.split(",")}, metavar="0[,1...]",
+                   help="run the local Triton on these CPUs and the BFF and this benchmark on the others, as on "
+                        "a GPU node, where the model's work does not take the BFF's CPU (default: all share all)")
     a = p.parse_args(argv)
+    if a.triton_cpus:
+        if a.triton_url:
+            p.error("--triton-cpus places a local Triton; it cannot be given with --triton-url")
+        rest = os.sched_getaffinity(0) - a.triton_cpus
+        if not rest or not a.triton_cpus <= os.sched_getaffinity(0):
+            p.error(f"--triton-cpus must be a proper subset of this process's CPUs {sorted(os.sched_getaffinity(0))}")
+        os.sched_setaffinity(0, rest)  # before any thread or the BFF starts, so they inherit it
 
     with contextlib.ExitStack() as stack:
         grpc_url, metrics_url = a.triton_url, a.triton_metrics_url
         if grpc_url is None:
             from runtime.local_triton import LocalTriton
 
-            triton = stack.enter_context(LocalTriton(a.model_repository, load=[a.model]))
+            triton = stack.enter_context(LocalTriton(a.model_repository, load=[a.model], cpus=a.triton_cpus))
             grpc_url, metrics_url = triton.grpc_url, triton.metrics_url
         url, pid = stack.enter_context(bff_process(grpc_url, metrics_url, a.model, a.model_repository, a.port))
         tokens, rows = asyncio.run(measure(url, pid, grpc_url, a.model, a.concurrency, a.requests_per_client,
-                                           a.max_tokens))
-    print(f"model {a.model}, greedy, {tokens} tokens per request, {a.requests_per_client} requests per client")
+                                           a.max_tokens, a.rounds))
+    cpus = f"Triton on CPUs {sorted(a.triton_cpus)}, the BFF and the clients on the others" if a.triton_cpus \
+        else "Triton, the BFF and the clients sharing all CPUs"
+    print(f"model {a.model}, greedy, {tokens} tokens per request, {a.requests_per_client} requests per client, "
+          f"{a.rounds} rounds per path; {cpus}")
     print(table(rows))
     plot(rows, Path(a.plot))
     print(f"plot: {a.plot}")

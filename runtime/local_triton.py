@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -104,7 +105,7 @@ class LocalTriton:
 
     def __init__(self, model_repository: str | Path, load: list[str] = (), http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log_path: str | Path | None = None,
-                 startup_timeout: float = 120.0, verbose: bool = False):
+                 startup_timeout: float = 120.0, verbose: bool = False, cpus: set[int] | None = None):
         self.model_repository = Path(model_repository).resolve()
         self.load = list(load)
         self.http_port = http_port or free_port()
@@ -113,6 +114,7 @@ class LocalTriton:
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = startup_timeout
         self.verbose = verbose
+        self.cpus = cpus  # the CPUs the server and its backend stubs may run on (default: all)
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log = None
@@ -153,7 +155,7 @@ class LocalTriton:
         # own process group, so Ctrl-C in a terminal reaches us first and we stop the server in order
         self.process = subprocess.Popen(self.command(backends), env=self.environment(), stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=functools.partial(_in_child, self.cpus))
         try:
             self.wait_ready(self.load)
         except BaseException:
@@ -245,12 +247,15 @@ def _kill_session(sid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM the server if we die without stopping it (e.g. SIGKILL)."""
+def _in_child(cpus: set[int] | None) -> None:
+    """In the child before exec: SIGTERM the server if we die without stopping it (e.g. SIGKILL), and
+    keep it on `cpus` (its threads and the stubs it starts inherit the affinity)."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def _log_event(event: str, **fields) -> None:
