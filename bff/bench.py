@@ -142,6 +142,8 @@ async def measure(bff_url: str, bff_pid: int, grpc_url: str, model: str, levels:
     connector = aiohttp.TCPConnector(limit=max(levels) * 2)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
         tokens = await direct_request(triton, model, max_tokens, Run(), count_tokens=True)  # warm-up, and the count
+        if not tokens:
+            raise SystemExit(f"{model} ends the benchmark's prompt without a token: nothing to measure")
         await bff_request(http, bff_url, max_tokens, Run())
         for c in levels:
             direct = Route(lambda run: direct_request(triton, model, max_tokens, run))
@@ -173,7 +175,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,6 +197,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("concurrent streams")
         ax.set_title(title)
         ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {a.model}, greedy, {tokens} tokens per request, {a.requests_per_client} requests per client, "
           f"{a.rounds} rounds per path; {cpus}")
     print(table(rows))
-    plot(rows, Path(a.plot))
+    plot(rows, Path(a.plot), f"BFF vs Triton gRPC: {cpus}")
     print(f"plot: {a.plot}")
 
 

@@ -18,6 +18,7 @@ TensorRT runner (runtime/trt_runner.py) is the GPU runtime that keeps the cache 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,9 @@ class OrtRunner:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
+        # 0: one thread per CPU this process may use. ONNX Runtime's own default counts the machine's cores
+        # and pins a thread to each, escaping the process's CPU set (taskset, a container's cpuset).
+        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         opts.log_severity_level = 3
         # No busy-waiting between runs: the scheduler, sampling and Triton's send threads need those cores
         # (on a 2-core host, spinning intra-op threads take the CPU the per-token work runs on).

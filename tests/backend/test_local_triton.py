@@ -29,3 +29,14 @@ def test_a_crashed_server_leaves_no_backend_stubs(oracle_repository):
         server.process.wait()
         server.stop()
         assert in_session(sid) == []
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning to a subset needs two CPUs")
+def test_cpus_hold_the_server_and_its_stubs(oracle_repository):
+    cpu = min(os.sched_getaffinity(0))
+    with LocalTriton(oracle_repository, load=["demo"], cpus={cpu}) as server:
+        processes = in_session(server.process.pid)
+        assert len(processes) >= 2, "expected the server and the model's backend stub"
+        threads = [t.id for p in processes for t in p.threads()]
+        assert {tid: os.sched_getaffinity(tid) for tid in threads} == {tid: {cpu} for tid in threads}
+    assert os.sched_getaffinity(0) != {cpu}, "the caller itself keeps its CPUs"
