@@ -4,13 +4,15 @@ gunicorn settings for production: `gunicorn -c bff/gunicorn_conf.py bff.app:app`
 uvicorn-worker does not map gunicorn's graceful_timeout to uvicorn, so the worker below sets uvicorn's
 timeout_graceful_shutdown itself; gunicorn's own bound is a little longer, so uvicorn cancels streams
 still running (each gets its Triton request cancelled) before gunicorn would kill the worker.
-Environment: BFF_HOST/BFF_PORT, BFF_WORKERS (default 1 per CPU core is a good start), and everything in
-bff/settings.py. Each worker has its own event loop, Triton channel and stream limit; the current model
-is shared through Triton (bff/registry.py). Metrics at /metrics are per worker.
+Environment: BFF_HOST/BFF_PORT, BFF_WORKERS (default: one per CPU this process may use; a worker relays
+6-10k tokens/s on a full core), and everything in bff/settings.py. Each worker has its own event loop,
+Triton channels and stream limit; the current model is shared through Triton (bff/registry.py). Metrics
+at /metrics are per worker.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import ClassVar
 
@@ -26,16 +28,25 @@ class BffWorker(UvicornWorker):
 
 
 bind = f"{os.environ.get('BFF_HOST', '0.0.0.0')}:{os.environ.get('BFF_PORT', '8003')}"
-workers = int(os.environ.get("BFF_WORKERS", str(os.cpu_count() or 1)))
+# the CPUs this process may use (a container's cpuset), not the host's count that os.cpu_count() gives
+workers = int(os.environ.get("BFF_WORKERS", str(len(os.sched_getaffinity(0)))))
 worker_class = "bff.gunicorn_conf.BffWorker"
-graceful_timeout = GRACEFUL_S + 5
+graceful_timeout = math.ceil(GRACEFUL_S) + 5  # gunicorn takes whole seconds only (a float fails its start)
 timeout = 60  # heartbeat only (async workers): not a bound on stream length
 keepalive = 75  # above common load-balancer idle timeouts
 accesslog = None  # the BFF logs one JSON line per request itself
+control_socket_disable = True  # gunicorn 27's control socket: unused, and user 10001 may have no writable $HOME
+# gunicorn merges this over its own defaults one top-level key at a time, so root and gunicorn's loggers are
+# named here (its default root names a handler this replaces). uvicorn's workers copy gunicorn.error's handlers
+# for uvicorn.error; the BFF writes its own access line, so gunicorn.access gets none.
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": FORMATTERS,
     "handlers": {"stderr": HANDLER},
-    "loggers": {"bff": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
+    "root": {"handlers": ["stderr"], "level": "INFO"},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        "gunicorn.access": {"handlers": [], "level": "INFO", "propagate": False},
+    },
 }

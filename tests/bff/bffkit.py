@@ -16,6 +16,7 @@ import uvicorn
 
 from bff.app import create_app
 from bff.settings import from_env
+from runtime.metrics import FINISH_REASONS
 
 KEY = "test-internal-key"
 AUTH = {"X-Internal-API-Key": KEY}
@@ -89,3 +90,25 @@ def metric(metrics_url: str, name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def finished(server, model: str) -> dict[str, float]:
+    """The backend's ended requests by finish reason, from Triton's /metrics."""
+    return {reason: metric(server.metrics_url, "nanochat_finished_requests_total", model=model, finish_reason=reason)
+            for reason in FINISH_REASONS}
+
+
+def wait_until(condition, failure: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
+
+
+def assert_cancelled_and_freed(server, model: str, before: dict[str, float]) -> None:
+    """The backend ended exactly one more request, as cancelled, and holds no slot."""
+    wait_until(lambda: sum(finished(server, model).values()) > sum(before.values())
+               and metric(server.metrics_url, "nanochat_active_slots", model=model) == 0,
+               "the backend request did not end or its slot was not freed")
+    after = finished(server, model)
+    assert {r: after[r] - before[r] for r in after} == {**dict.fromkeys(FINISH_REASONS, 0), "cancelled": 1}

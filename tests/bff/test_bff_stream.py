@@ -6,14 +6,21 @@ request cancelled and the backend's slot freed.
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import orjson
 import pytest
 
-from runtime.metrics import FINISH_REASONS
-from tests.bff.bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings
+from tests.bff.bffkit import (
+    AUTH,
+    assert_cancelled_and_freed,
+    finished,
+    generate,
+    parse_events,
+    run_bff,
+    text_of,
+    triton_settings,
+    wait_until,
+)
 from tests.tritonkit import stub_process
 
 pytestmark = pytest.mark.triton
@@ -66,30 +73,8 @@ def test_prompt_longer_than_the_context_is_a_400(bff_url):
     assert "context" in r.json()["detail"]
 
 
-def finished(server, model: str) -> dict[str, float]:
-    """The backend's ended requests by finish reason, from Triton's /metrics."""
-    return {reason: metric(server.metrics_url, "nanochat_finished_requests_total", model=model, finish_reason=reason)
-            for reason in FINISH_REASONS}
-
-
-def wait_until(condition, failure: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, failure
-        time.sleep(0.05)
-
-
 def disconnects(url: str) -> int:
     return httpx.get(url + "/stats", headers=AUTH).json()["bff"]["streams"]["ended"].get("disconnect", 0)
-
-
-def assert_cancelled_and_freed(server, model: str, before: dict[str, float]) -> None:
-    """The backend ended exactly one more request, as cancelled, and holds no slot."""
-    wait_until(lambda: sum(finished(server, model).values()) > sum(before.values())
-               and metric(server.metrics_url, "nanochat_active_slots", model=model) == 0,
-               "the backend request did not end or its slot was not freed")
-    after = finished(server, model)
-    assert {r: after[r] - before[r] for r in after} == {**dict.fromkeys(FINISH_REASONS, 0), "cancelled": 1}
 
 
 def test_disconnect_mid_stream_cancels_the_triton_request(triton_server):

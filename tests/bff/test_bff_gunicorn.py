@@ -1,0 +1,117 @@
+"""
+The production server: gunicorn with bff/gunicorn_conf.py (uvicorn workers) in front of the real Triton.
+On SIGTERM it stops taking connections and lets live streams finish within BFF_GRACEFUL_TIMEOUT_S; a
+stream still running at that bound is cut and its Triton request cancelled.
+
+The model is paused (its stub SIGSTOPped) from the first token until the server is shutting down, so the
+stream is surely live when SIGTERM lands, however fast or slow this machine is. Safe only because no new
+request reaches the stub meanwhile (Triton declares a stopped stub unhealthy when it hands it one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+import bff
+from tests.bff.bffkit import (
+    AUTH,
+    KEY,
+    assert_cancelled_and_freed,
+    finished,
+    free_port,
+    generate,
+    parse_events,
+    text_of,
+    wait_until,
+)
+from tests.tritonkit import stub_process
+
+pytestmark = pytest.mark.triton
+BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 64}
+
+
+@contextlib.contextmanager
+def gunicorn(server, graceful_s: float):
+    """gunicorn -c bff/gunicorn_conf.py bff.app:app, one worker, serving head; yields (process, url)."""
+    port = free_port()
+    env = {**os.environ, "INTERNAL_API_KEY": KEY, "BFF_TRITON_URLS": server.grpc_url,
+           "BFF_TRITON_METRICS_URLS": server.metrics_url, "BFF_MODEL": "head",
+           "BFF_MODEL_REPOSITORY": str(server.model_repository), "BFF_HOST": "127.0.0.1", "BFF_PORT": str(port),
+           "BFF_WORKERS": "1", "BFF_GRACEFUL_TIMEOUT_S": str(graceful_s)}
+    conf = Path(bff.__file__).parent / "gunicorn_conf.py"
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(conf), "bff.app:app"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is None and ready(url), "gunicorn did not serve the BFF", timeout=60)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def ready(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url + "/health", timeout=2).json()["ready"]
+    return False
+
+
+def refuses_connections(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) != 0
+
+
+def test_sigterm_lets_a_live_stream_finish(triton_server):
+    stub = stub_process(triton_server, "head")
+    with gunicorn(triton_server, graceful_s=30) as (proc, url):
+        _, reference = generate(url, BODY)
+        lines = []
+        try:
+            with httpx.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=60) as r:
+                stream = r.iter_lines()
+                for line in stream:
+                    lines.append(line)
+                    if line.startswith("data:"):
+                        break
+                stub.suspend()
+                proc.send_signal(signal.SIGTERM)
+                wait_until(lambda: refuses_connections(url), "gunicorn still takes connections after SIGTERM")
+                stub.resume()
+                lines.extend(stream)
+        finally:
+            stub.resume()
+        assert proc.wait(30) == 0, proc.stderr.read()[-3000:]
+    events = parse_events(lines)
+    assert events[-1] == {"done": True} and not any("error" in e for e in events)
+    assert text_of(events) == text_of(reference)  # greedy: the whole answer, not a cut one
+
+
+def test_a_stream_past_the_graceful_bound_is_cut_and_its_request_cancelled(triton_server):
+    stub = stub_process(triton_server, "head")
+    with gunicorn(triton_server, graceful_s=1) as (proc, url):
+        before = finished(triton_server, "head")
+        lines = []
+        try:
+            with httpx.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=60) as r:
+                stream = r.iter_lines()
+                lines.append(next(line for line in stream if line.startswith("data:")))
+                stub.suspend()
+                proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(httpx.HTTPError):  # the server closes the connection mid-body
+                    lines.extend(stream)
+            assert proc.wait(30) == 0, proc.stderr.read()[-3000:]
+        finally:
+            stub.resume()
+        assert {"done": True} not in parse_events(lines)
+        assert_cancelled_and_freed(triton_server, "head", before)
