@@ -2,23 +2,12 @@
 
 import os
 
-import psutil
 import pytest
 
 from runtime.local_triton import LocalTriton
+from tests.tritonkit import in_session
 
 pytestmark = pytest.mark.triton
-
-
-def in_session(sid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return out
 
 
 def test_a_crashed_server_leaves_no_backend_stubs(oracle_repository):

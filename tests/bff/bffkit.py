@@ -112,3 +112,9 @@ def assert_cancelled_and_freed(server, model: str, before: dict[str, float]) -> 
                "the backend request did not end or its slot was not freed")
     after = finished(server, model)
     assert {r: after[r] - before[r] for r in after} == {**dict.fromkeys(FINISH_REASONS, 0), "cancelled": 1}
+
+
+def ready(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url + "/health", timeout=2).json()["ready"]
+    return False

@@ -30,6 +30,7 @@ from tests.bff.bffkit import (
     free_port,
     generate,
     parse_events,
+    ready,
     text_of,
     wait_until,
 )
@@ -58,12 +59,6 @@ def gunicorn(server, graceful_s: float):
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-
-
-def ready(url: str) -> bool:
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(url + "/health", timeout=2).json()["ready"]
-    return False
 
 
 def refuses_connections(url: str) -> bool:

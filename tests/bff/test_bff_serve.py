@@ -1,0 +1,57 @@
+"""
+`python -m bff.serve` (what `make serve` and `make demo` run): a local Triton and the BFF from one command,
+the printed curl line streams an answer, and Ctrl-C stops both, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from tests.bff.bffkit import free_port, parse_events, ready, text_of, wait_until
+from tests.tritonkit import in_session
+
+pytestmark = pytest.mark.triton
+
+
+def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_repository):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("INTERNAL_API_KEY", "BFF_RUN_OPEN")}
+    proc = subprocess.Popen([sys.executable, "-m", "bff.serve", "--model", "demo", "--model-repository",
+                             str(oracle_repository), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # never blocks on a pipe
+    reader.start()
+    try:
+        out = [proc.stdout.readline() for _ in range(3)]
+        key = re.search(r"using (\S+) for this run", out[0]).group(1)  # no key set: a one-run key, not an open server
+        curl = out[2].strip()
+        assert curl.startswith(f"curl -N http://127.0.0.1:{port}/generate") and key in curl, out
+        body = json.loads(re.search(r"-d '(.*)'$", curl).group(1))
+        wait_until(lambda: ready(f"http://127.0.0.1:{port}"), "the BFF did not get ready", timeout=60)
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/generate", json=body,
+                          headers={"X-Internal-API-Key": key}, timeout=60) as r:
+            assert r.status_code == 200
+            events = parse_events(r.iter_lines())
+        assert events[-1] == {"done": True} and text_of(events)
+        assert httpx.post(f"http://127.0.0.1:{port}/generate", json=body).status_code == 401
+
+        triton = next(json.loads(line)["pid"] for line in list(stderr) if '"triton_started"' in line)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(30) == 0
+        reader.join(10)
+        assert any('"triton_stopped"' in line for line in stderr)
+        assert in_session(triton) == [], "Triton or a backend stub outlived serve"  # Triton leads its session
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
