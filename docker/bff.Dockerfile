@@ -42,6 +42,7 @@ EXPOSE 8003
 # the bind address is fixed here because inside a container it must be 0.0.0.0.
 CMD ["gunicorn", "--config", "/app/bff/gunicorn_conf.py", "--bind", "0.0.0.0:8003", "bff.app:app"]
 
-# /health needs no key; a non-200 (Triton down, no model) marks the container unhealthy.
+# /health needs no key and answers 200 whenever the BFF runs (the contract's shape); the container is healthy
+# while it reports ready: Triton reachable and the current model READY.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8003/health', timeout=4)"]
+    CMD ["python", "-c", "import json, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8003/health', timeout=4); raise SystemExit(0 if json.load(r)['ready'] else 1)"]
