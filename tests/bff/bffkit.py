@@ -6,7 +6,6 @@ and SSE reading the way the gateway does it: `data:` lines, JSON, token pieces c
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 
@@ -16,16 +15,11 @@ import uvicorn
 
 from bff.app import create_app
 from bff.settings import from_env
+from runtime.local_triton import free_port
 from runtime.metrics import FINISH_REASONS
 
 KEY = "test-internal-key"
 AUTH = {"X-Internal-API-Key": KEY}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
