@@ -218,7 +218,7 @@ class LocalTriton:
         self.stop()
 
 
-def _session_members(sid: int) -> list[int]:
+def session_members(sid: int) -> list[int]:
     """Live (not zombie) processes of session `sid`, from /proc."""
     pids = []
     for entry in os.listdir("/proc"):
@@ -238,7 +238,7 @@ def _kill_session(sid: int, timeout: float = 10.0) -> None:
     """SIGKILL every process of the session and wait until none is left: a killed process takes a
     moment to exit, and a caller that checks right after must not find it running."""
     deadline = time.monotonic() + timeout
-    while members := _session_members(sid):
+    while members := session_members(sid):
         for pid in members:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

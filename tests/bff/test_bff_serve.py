@@ -16,8 +16,8 @@ import threading
 import httpx
 import pytest
 
+from runtime.local_triton import session_members
 from tests.bff.bffkit import free_port, parse_events, ready, text_of, wait_until
-from tests.tritonkit import in_session
 
 pytestmark = pytest.mark.triton
 
@@ -50,7 +50,7 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
         assert proc.wait(30) == 0
         reader.join(10)
         assert any('"triton_stopped"' in line for line in stderr)
-        assert in_session(triton) == [], "Triton or a backend stub outlived serve"  # Triton leads its session
+        assert session_members(triton) == [], "Triton or a backend stub outlived serve"  # Triton leads its session
     finally:
         if proc.poll() is None:
             proc.kill()
