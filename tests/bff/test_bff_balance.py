@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 import httpx
 import pytest
@@ -17,7 +16,7 @@ import tritonclient.grpc.aio as grpcclient
 
 from runtime.local_triton import LocalTriton
 from runtime.stream_client import make_inputs, stream
-from tests.bff.bffkit import AUTH, parse_events, run_bff, text_of
+from tests.bff.bffkit import AUTH, parse_events, run_bff, text_of, wait_until
 
 pytestmark = pytest.mark.triton
 # head runs ~400 greedy tokens in about 1.5 s here: long enough to kill a server mid-stream.
@@ -90,10 +89,7 @@ def test_dead_endpoint_gets_no_new_streams(oracle_repository):
 
             # b comes back on the same port: marked up by the probe, and used again
             with LocalTriton(oracle_repository, load=["head"], grpc_port=b.grpc_port):
-                deadline = time.monotonic() + 10
-                while not _endpoints(url)[1]["up"]:
-                    assert time.monotonic() < deadline, "the endpoint was not marked up again"
-                    time.sleep(0.2)
+                wait_until(lambda: _endpoints(url)[1]["up"], "the endpoint was not marked up again")
 
                 async def again():
                     async with httpx.AsyncClient() as client:

@@ -7,13 +7,12 @@ serving; the current model is read back from Triton by a restarted BFF.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
 
 from runtime.local_triton import LocalTriton, derive_model
-from tests.bff.bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings
+from tests.bff.bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings, wait_until
 
 pytestmark = pytest.mark.triton
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 120}
@@ -37,10 +36,8 @@ async def _stream(client: httpx.AsyncClient, url: str) -> list[dict]:
 
 
 def _wait_unloaded(server, model: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{server.http_url}/v2/models/{model}/ready").status_code == 200:
-        assert time.monotonic() < deadline, f"{model} was never unloaded"
-        time.sleep(0.1)
+    wait_until(lambda: httpx.get(f"{server.http_url}/v2/models/{model}/ready").status_code != 200,
+               f"{model} was never unloaded", timeout)
 
 
 def test_swap_while_streams_run(swap_triton):
@@ -112,8 +109,6 @@ def test_drain_first_refuses_new_streams_until_the_new_model_is_loaded(swap_trit
         assert swap.status_code == 202 and swap.json() == {"status": "draining", "current_model": old}
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert events[-1] == {"done": True}
-        deadline = time.monotonic() + 60
-        while httpx.get(url + "/health").json() != {"status": "ok", "ready": True, "current_model": new}:
-            assert time.monotonic() < deadline, "drain-first swap did not finish"
-            time.sleep(0.2)
+        wait_until(lambda: httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": new},
+                   "drain-first swap did not finish", timeout=60)
         assert generate(url, LONG)[0].status_code == 200
