@@ -33,6 +33,7 @@ import numpy as np
 import orjson
 import psutil
 
+from bff.settings import Settings
 from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
 
 KEY = "bench"
@@ -64,7 +65,7 @@ class Run:
 
 async def direct_request(triton: Endpoint, model: str, max_tokens: int, run: Run, count_tokens: bool = False) -> int:
     """One stream asking for the outputs the BFF asks for (and token_ids, INT64, when counting tokens)."""
-    request = request_message(model, "", orjson.dumps(PROMPT), 0.0, 0, max_tokens,
+    request = request_message(model, "", orjson.dumps(PROMPT), 0.0, 0, max_tokens, Settings.min_answer_tokens,
                               (*OUTPUTS, "token_ids") if count_tokens else OUTPUTS)
     stamps, tokens = [], 0
     start = time.perf_counter()

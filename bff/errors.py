@@ -34,6 +34,9 @@ class UpstreamFailed(falcon.HTTPBadGateway):
 
 
 def serialize(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
-    """Every error body is `{"detail": ...}`; the description if there is one, else the status title."""
+    """Every error body is `{"detail": ...}`; the description if there is one, else the status title.
+    The detail is kept on the request for its access log line."""
+    detail = exc.description or exc.title
+    req.context.error_detail = detail
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps({"detail": exc.description or exc.title})
+    resp.data = orjson.dumps({"detail": detail})

@@ -2,9 +2,14 @@
 POST /generate: validate, open one Triton stream, and relay its pieces as server-sent events.
 
 Everything that can still become an HTTP status happens before the 200 is committed: validation, the
-stream limit, picking a model and an endpoint, and a short wait for Triton's first response (so a full
-queue is a 503 with Retry-After and bad arguments a 400). After that, failures become one error event
-followed by the done event, and a client that goes away gets its Triton request cancelled.
+history repaired into a conversation (bff/conversation.py), the stream limit, picking a model and an
+endpoint, and a short wait for Triton's first response (so a full queue is a 503 with Retry-After and bad
+arguments a 400). The backend cuts a history longer than the context, oldest turns first.
+
+`done` means the answer is whole (the gateway then saves it): it is sent only after Triton's final
+response, with the finish reason, the token counts and how many turns were cut. A failure after the 200
+is one error event and the end of the stream, without `done`, so the client can tell an interrupted
+answer from a finished one. A client that goes away gets its Triton request cancelled.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 import falcon
 import orjson
 
+from bff.conversation import normalize
 from bff.errors import BadRequest, Unavailable, UpstreamFailed
 from bff.middleware import log_request
 from bff.registry import Registry
@@ -36,7 +42,13 @@ class Event:
         return self.data
 
 
-DONE = Event({"done": True})
+def done_event(piece: Piece) -> Event:
+    """The last event of a whole answer: what the backend's final response knows about it."""
+    usage = piece.usage
+    return Event({"done": True, "finish_reason": piece.finish_reason,
+                  "usage": {"prompt_tokens": usage.get("prompt_tokens", 0),
+                            "completion_tokens": usage.get("completion_tokens", 0)},
+                  "dropped_turns": usage.get("dropped_turns", 0)})
 
 
 def http_error(exc: TritonError) -> falcon.HTTPError:
@@ -67,10 +79,11 @@ class Generate:
         s = self.settings
         # int(): JSON Schema's "integer" admits 1.0
         params = dict(
-            messages=orjson.dumps(body["messages"]),
+            messages=orjson.dumps(normalize(body["messages"])),
             temperature=s.temperature if body.get("temperature") is None else float(body["temperature"]),
             top_k=s.top_k if body.get("top_k") is None else int(body["top_k"]),
             max_tokens=s.max_tokens if body.get("max_tokens") is None else int(body["max_tokens"]),
+            min_answer_tokens=s.min_answer_tokens,
         )
         if self.stats.active >= s.max_streams:
             self.stats.error("stream_limit")
@@ -80,7 +93,8 @@ class Generate:
         stream, first = await self._open(model, params, req.context.request_id)
         resp.set_header("Cache-Control", "no-cache")
         resp.set_header("X-Accel-Buffering", "no")
-        resp.sse = self._events(req, stream, first, started)
+        # This model has no web search: a request for one is answered without it, and the log says so.
+        resp.sse = self._events(req, stream, first, started, bool(body.get("force_web_search")))
 
     async def _open(self, model: str, params: dict, request_id: str) -> tuple[Stream, object]:
         """Open the Triton stream and wait briefly for its first response. A dead endpoint is retried on
@@ -107,10 +121,11 @@ class Generate:
         stream.close()
         self.registry.streams[stream.model] -= 1
 
-    async def _events(self, req: falcon.Request, stream: Stream, pending: object, started: float):
+    async def _events(self, req: falcon.Request, stream: Stream, pending: object, started: float,
+                      web_search: bool):
         stats = self.stats
         stats.stream_started()
-        reason, finish, pieces, first_at, last = "disconnect", "", 0, None, None
+        reason, pieces, first_at, last, final, failure = "disconnect", 0, None, None, None, None
         try:
             try:
                 while True:
@@ -124,7 +139,8 @@ class Generate:
                     if piece is None:
                         break
                     assert isinstance(piece, Piece)
-                    finish = piece.finish_reason or finish
+                    if piece.final:
+                        final = piece
                     if piece.text:
                         now = time.perf_counter()
                         if last is None:
@@ -135,16 +151,19 @@ class Generate:
                         pieces += 1
                         yield Event({"token": piece.text, "gpu": piece.gpu})
                 reason = "done"
+                yield done_event(final)  # Stream ends a generation only after its final response
             except TritonError as exc:
-                reason = "error"
+                reason, failure = "error", exc.detail
                 stats.error(exc.kind)
-                yield Event({"error": exc.kind, "detail": exc.detail})
-            yield DONE
+                yield Event({"error": exc.kind, "detail": exc.detail})  # and no done: the answer is not whole
         finally:
             # Runs on normal end, on error, and when the generator is closed after a disconnect or
             # cancelled by a graceful shutdown; never yields, so it is safe during finalization.
             self._release(stream)
             stats.stream_ended(reason)
-            log_request(req, 200, model=stream.model, endpoint=stream.endpoint.url, pieces=pieces,
-                        end=reason, finish_reason=finish,
-                        ttft_ms=None if first_at is None else round((first_at - started) * 1000, 2))
+            extra = {"force_web_search": True} if web_search else {}
+            if final is not None:
+                extra.update(finish_reason=final.finish_reason, **final.usage)
+            log_request(req, 200, model=stream.model, endpoint=stream.endpoint.url, pieces=pieces, end=reason,
+                        detail=failure, ttft_ms=None if first_at is None else round((first_at - started) * 1000, 2),
+                        **extra)

@@ -43,7 +43,8 @@ class RequestId:
         resp.set_header("X-Request-ID", req.context.request_id)
         self.stats.request(req.uri_template or "unmatched", int(str(resp.status)[:3]))
         if resp.sse is None:  # a stream logs itself when it ends
-            log_request(req, resp.status)
+            detail = req.context.get("error_detail")  # why a 4xx or 5xx was answered
+            log_request(req, resp.status, **({"detail": detail} if detail else {}))
 
 
 class ApiKey:

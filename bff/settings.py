@@ -9,6 +9,8 @@ Every setting of the BFF, read once from environment variables into one frozen o
     BFF_MODEL_REPOSITORY     model repository folder, for metadata.json           model_repository
     BFF_HOST, BFF_PORT       listen address (bff.serve)                           127.0.0.1, 8003
     BFF_TEMPERATURE, BFF_TOP_K, BFF_MAX_TOKENS   generation defaults             0.8, 50, 512
+    BFF_MIN_ANSWER_TOKENS    a history longer than the context loses its oldest turns until
+                             min(max_tokens, this) tokens of answer fit (1..4096)   128
     BFF_MAX_BODY_BYTES       request body bound (413 above it)                    1048576
     BFF_MAX_STREAMS          concurrent streams per process (503 above it)        256
     BFF_FIRST_RESPONSE_WAIT_S  how long /generate waits for Triton's first answer before committing 200   0.5
@@ -51,6 +53,7 @@ class Settings:
     temperature: float = 0.8
     top_k: int = 50
     max_tokens: int = 512
+    min_answer_tokens: int = 128
     max_body_bytes: int = 1 << 20
     max_streams: int = 256
     first_response_wait_s: float = 0.5
@@ -69,6 +72,8 @@ class Settings:
             raise ValueError("BFF_TRITON_METRICS_URLS must list one URL per Triton endpoint")
         if not self.triton_metrics_urls:
             object.__setattr__(self, "triton_metrics_urls", tuple(_metrics_url(u) for u in self.triton_urls))
+        if not 1 <= self.min_answer_tokens <= 4096:
+            raise ValueError(f"BFF_MIN_ANSWER_TOKENS must be in [1, 4096], got {self.min_answer_tokens}")
         if self.ping_interval_s <= 0 or self.first_response_wait_s < 0:
             raise ValueError("BFF_PING_INTERVAL_S must be > 0 and BFF_FIRST_RESPONSE_WAIT_S >= 0")
         if not self.api_key and not self.run_open:
@@ -91,6 +96,7 @@ def from_env(env: dict[str, str] | None = None, **overrides) -> Settings:
         temperature=float(get("BFF_TEMPERATURE", "0.8")),
         top_k=int(get("BFF_TOP_K", "50")),
         max_tokens=int(get("BFF_MAX_TOKENS", "512")),
+        min_answer_tokens=int(get("BFF_MIN_ANSWER_TOKENS", str(Settings.min_answer_tokens))),
         max_body_bytes=int(get("BFF_MAX_BODY_BYTES", str(1 << 20))),
         max_streams=int(get("BFF_MAX_STREAMS", "256")),
         first_response_wait_s=float(get("BFF_FIRST_RESPONSE_WAIT_S", "0.5")),

@@ -40,8 +40,10 @@ CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 _END = object()
-# Only what the SSE events need: Triton then sends three small tensors per piece instead of all six.
-OUTPUTS = ("text", "device_id", "finish_reason")
+# Only what the SSE events need: three small tensors per piece, and the backend adds the usage outputs
+# (prompt_tokens, completion_tokens, dropped_turns) to the final response only.
+USAGE = ("prompt_tokens", "completion_tokens", "dropped_turns")
+OUTPUTS = ("text", "device_id", "finish_reason", *USAGE)
 # Triton's stream RPC is bidirectional, but a generation sends exactly one request, so it is called as a
 # server-streaming call: the headers, the request and the half-close leave in one batch instead of three,
 # without tritonclient's per-request iterator and per-response wrappers. On the wire it is the same HTTP/2
@@ -88,6 +90,7 @@ class Piece:
     gpu: int
     finish_reason: str
     final: bool  # the request's last response (Triton's triton_final_response)
+    usage: dict[str, int]  # prompt_tokens, completion_tokens, dropped_turns: in the final response only
 
     @classmethod
     def parse(cls, response: service_pb2.ModelInferResponse) -> Piece:
@@ -95,8 +98,14 @@ class Piece:
         four bytes (per piece this is several times cheaper than tritonclient's InferResult.as_numpy)."""
         raw = raw_outputs(response)
         final = response.parameters.get("triton_final_response")
-        return cls(text=raw["text"][4:].decode("utf-8"), gpu=int.from_bytes(raw["device_id"], "little", signed=True),
-                   finish_reason=raw["finish_reason"][4:].decode("utf-8"), final=final is not None and final.bool_param)
+        usage = {name: _int32(raw[name]) for name in USAGE if name in raw}
+        return cls(text=raw["text"][4:].decode("utf-8"), gpu=_int32(raw["device_id"]),
+                   finish_reason=raw["finish_reason"][4:].decode("utf-8"), final=final is not None and final.bool_param,
+                   usage=usage)
+
+
+def _int32(raw: bytes) -> int:
+    return int.from_bytes(raw, "little", signed=True)
 
 
 def raw_outputs(response: service_pb2.ModelInferResponse) -> dict[str, bytes]:
@@ -140,14 +149,17 @@ class Endpoint:
 
 
 def request_message(model: str, request_id: str, messages: bytes, temperature: float, top_k: int,
-                    max_tokens: int, outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
+                    max_tokens: int, min_answer_tokens: int,
+                    outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
     """One generation as Triton's protobuf. Each input is one element in raw little-endian contents
-    (a BYTES element is a 4-byte length and the bytes): what tritonclient builds from numpy arrays."""
+    (a BYTES element is a 4-byte length and the bytes): what tritonclient builds from numpy arrays.
+    min_answer_tokens makes the backend cut a conversation longer than the context (oldest turns first)."""
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     for name, datatype, raw in (("messages", "BYTES", struct.pack("<I", len(messages)) + messages),
                                 ("temperature", "FP32", struct.pack("<f", temperature)),
                                 ("top_k", "INT32", struct.pack("<i", top_k)),
-                                ("max_tokens", "INT32", struct.pack("<i", max_tokens))):
+                                ("max_tokens", "INT32", struct.pack("<i", max_tokens)),
+                                ("min_answer_tokens", "INT32", struct.pack("<i", min_answer_tokens))):
         request.inputs.add(name=name, datatype=datatype, shape=[1])
         request.raw_input_contents.append(raw)
     for name in outputs:
@@ -184,8 +196,8 @@ class Stream:
                     # status, which still has to be read (a call dropped before it ends is cancelled).
                     self._final = True
                     self._queue.put_nowait(_END)
-            if not self._final:
-                self._queue.put_nowait(_END)
+            if not self._final:  # the answer may be cut short: never let it pass for a whole one
+                self._queue.put_nowait(TritonError("failed", "the Triton stream ended before the final response"))
         except grpc.aio.AioRpcError as exc:
             self._queue.put_nowait(await self._classify(exc))
         except asyncio.CancelledError:
@@ -241,9 +253,10 @@ class TritonPool:
         return min(self.live() or self.endpoints, key=lambda e: e.active)
 
     def open(self, model: str, messages: bytes, temperature: float, top_k: int, max_tokens: int,
-             request_id: str) -> Stream:
+             min_answer_tokens: int, request_id: str) -> Stream:
         """Start one generation on the least busy live endpoint."""
-        return Stream(self.pick(), model, request_message(model, request_id, messages, temperature, top_k, max_tokens))
+        return Stream(self.pick(), model, request_message(model, request_id, messages, temperature, top_k, max_tokens,
+                                                          min_answer_tokens))
 
     async def probe(self) -> None:
         """Mark each endpoint up or down by whether it answers."""

@@ -2,10 +2,15 @@
 Request validation, compiled once from the request schemas in bff/openapi.yaml (the document the service
 publishes), plus the two rules JSON Schema cannot say: a system message only first, and a bound on the
 total characters of a conversation.
+
+Unknown top-level fields of a /generate body are accepted and ignored, as the gateway's reference service
+(a pydantic model with default settings) does: the gateway adds fields of its own (`force_web_search`).
+Each one is logged once per process, so an operator sees what clients send without a line per request.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import falcon
@@ -18,17 +23,21 @@ from bff.errors import BadRequest
 
 OPENAPI_PATH = Path(__file__).parent / "openapi.yaml"
 OPENAPI_TEXT = OPENAPI_PATH.read_text(encoding="utf-8")
+COMPONENTS = yaml.safe_load(OPENAPI_TEXT)["components"]
 MAX_TOTAL_CHARS = 32_000
+log = logging.getLogger("bff.validation")
 
 
 def _validator(name: str) -> Draft202012Validator:
     # "$ref" into the document's own components keeps OpenAPI's "#/components/schemas/..." refs resolvable.
-    components = yaml.safe_load(OPENAPI_TEXT)["components"]
-    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": components})
+    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": COMPONENTS})
 
 
 GENERATE = _validator("GenerateRequest")
+GENERATE_FIELDS = frozenset(COMPONENTS["schemas"]["GenerateRequest"]["properties"])
 SWAP = _validator("SwapRequest")
+_ignored: set[str] = set()  # unknown fields already logged by this process
+MAX_IGNORED = 256  # names a client chooses: the set stays bounded
 
 
 def _location(path) -> str:
@@ -62,6 +71,9 @@ def check(validator: Draft202012Validator, body: object) -> None:
 
 def check_generate(body: object) -> None:
     check(GENERATE, body)
+    for name in sorted(body.keys() - GENERATE_FIELDS - _ignored)[: MAX_IGNORED - len(_ignored)]:
+        _ignored.add(name)
+        log.info({"event": "unknown_field_ignored", "field": name[:100]})
     messages = body["messages"]
     for i, message in enumerate(messages[1:], start=1):
         if message["role"] == "system":

@@ -30,6 +30,7 @@ INPUTS = [  # name, type, dims, optional
     ("top_k", "TYPE_INT32", [1], True),
     ("max_tokens", "TYPE_INT32", [1], True),
     ("seed", "TYPE_INT64", [1], True),
+    ("min_answer_tokens", "TYPE_INT32", [1], True),
 ]
 OUTPUTS = [
     ("text", "TYPE_STRING", [1]),
@@ -38,6 +39,7 @@ OUTPUTS = [
     ("finish_reason", "TYPE_STRING", [1]),
     ("prompt_tokens", "TYPE_INT32", [1]),
     ("completion_tokens", "TYPE_INT32", [1]),
+    ("dropped_turns", "TYPE_INT32", [1]),
 ]
 
 

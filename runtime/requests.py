@@ -76,7 +76,10 @@ def parse_messages(raw: bytes | str) -> list[dict]:
     return messages
 
 
-def parse_prompt(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer) -> list[int]:
+def parse_prompt(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer, max_prompt: int,
+                 cut: bool) -> tuple[list[int], int]:
+    """The prompt's ids and how many of the conversation's oldest turns were dropped to fit max_prompt
+    tokens (only when `cut`; otherwise a prompt that does not fit is refused)."""
     messages, prompt_ids = get("messages"), get("prompt_ids")
     if (messages is None) == (prompt_ids is None):
         raise RequestError("give exactly one of messages and prompt_ids")
@@ -87,21 +90,34 @@ def parse_prompt(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer) 
         bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
         if bad:
             raise RequestError(f"prompt_ids outside the vocabulary [0, {tokenizer.vocab_size}): {bad[:5]}")
-        return ids
+        return ids, 0
     if messages.size != 1:
         raise RequestError("messages must be one JSON string")
+    conversation = parse_messages(messages.reshape(-1)[0])
     try:
-        return tokenizer.render_for_completion(parse_messages(messages.reshape(-1)[0]))
+        if cut:
+            return tokenizer.render_to_fit(conversation, max_prompt)
+        return tokenizer.render_for_completion(conversation), 0
     except ConversationError as e:
         raise RequestError(str(e)) from e
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer,
-                  max_seq: int) -> tuple[list[int], SamplingParams]:
-    """Prompt ids and sampling parameters of one request; RequestError says what is wrong."""
+                  max_seq: int) -> tuple[list[int], SamplingParams, int]:
+    """Prompt ids, sampling parameters and dropped turns of one request; RequestError says what is wrong.
+
+    With `min_answer_tokens`, a conversation longer than the context loses its oldest turns until
+    min(max_tokens, min_answer_tokens) tokens fit after it (a chat client's history; the count comes
+    back as `dropped_turns`); without it, as for raw prompt_ids, a prompt that does not fit is refused.
+    """
     params = parse_params(get)
-    prompt = parse_prompt(get, tokenizer)
+    min_answer = _scalar(get, "min_answer_tokens")
+    if min_answer is not None:
+        min_answer = int(min_answer)
+        _in_range("min_answer_tokens", min_answer, 1, 4096)
+    room = 1 if min_answer is None else min(params.max_tokens, min_answer)
+    prompt, dropped = parse_prompt(get, tokenizer, max_seq - room, cut=min_answer is not None)
     if len(prompt) >= max_seq:
         raise RequestError(f"prompt of {len(prompt)} tokens does not fit the context of {max_seq} tokens "
                            "(at least one generated token must fit)")
-    return prompt, params
+    return prompt, params, dropped

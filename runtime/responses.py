@@ -32,6 +32,7 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     device_id: int
+    dropped_turns: int = 0  # the conversation's oldest turns left out to fit the context
 
 
 class Sink(Protocol):
@@ -143,7 +144,7 @@ def _coalesce(items: list) -> list:
             prev = last[2]
             group[-1] = (req, handle, Output(prev.text + out.text, prev.token_ids + out.token_ids,
                                              out.finish_reason, out.prompt_tokens, out.completion_tokens,
-                                             out.device_id), None, final)
+                                             out.device_id, out.dropped_turns), None, final)
         else:
             group.append(item)
     return [item for group in merged.values() for item in group]

@@ -54,6 +54,7 @@ class Request:
     cancelled: bool = False  # set by the ResponseThread, read by the step thread
     unsent_text: str = ""  # streamed tokens held back until stream_interval of them are ready
     unsent_ids: list[int] = field(default_factory=list)
+    dropped_turns: int = 0  # reported in the outputs: the conversation was cut to fit the context
 
 
 class Scheduler:
@@ -80,14 +81,14 @@ class Scheduler:
 
     # --- called from Triton's execute() thread ---
 
-    def submit(self, handle: object, prompt_ids: list[int], params: SamplingParams) -> None:
+    def submit(self, handle: object, prompt_ids: list[int], params: SamplingParams, dropped_turns: int = 0) -> None:
         """Queue a request; any problem is answered with a final error response, never raised."""
         try:
             seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq)
         except ValueError as e:
             self.reject(handle, e)
             return
-        req = Request(handle, seq, Detokenizer(self.tok), time.monotonic())
+        req = Request(handle, seq, Detokenizer(self.tok), time.monotonic(), dropped_turns=dropped_turns)
         with self._cv:
             if self._stopping:
                 refusal = SHUTTING_DOWN
@@ -207,7 +208,7 @@ class Scheduler:
             req.unsent_text, req.unsent_ids = "", []
 
     def _output(self, req: Request, text: str, ids: list[int], finish_reason: str) -> Output:
-        return Output(text, ids, finish_reason, len(req.seq.prompt), req.emitted, self.device_id)
+        return Output(text, ids, finish_reason, len(req.seq.prompt), req.emitted, self.device_id, req.dropped_turns)
 
     def _finish(self, req: Request, finish_reason: str = "", text: str = "", error: str | None = None) -> None:
         """The request's one final output, with any tokens not yet sent; its slot is free for the next step."""

@@ -18,7 +18,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 
 _TYPES = {"temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32), "max_tokens": ("INT32", np.int32),
-          "seed": ("INT64", np.int64)}
+          "seed": ("INT64", np.int64), "min_answer_tokens": ("INT32", np.int32)}
 
 
 @dataclass
@@ -32,6 +32,7 @@ class StreamResult:
     device_ids: set[int] = field(default_factory=set)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    dropped_turns: int = 0
     times: list[float] = field(default_factory=list)  # arrival of each response with tokens
     sent_at: float = 0.0
 
@@ -100,6 +101,8 @@ async def stream(client: grpcclient.InferenceServerClient, model: str, inputs: l
             result.prompt_tokens = int(prompt[0])
         if (completion := response.as_numpy("completion_tokens")) is not None:
             result.completion_tokens = int(completion[0])
+        if (dropped := response.as_numpy("dropped_turns")) is not None:
+            result.dropped_turns = int(dropped[0])
         if cancel_when is not None and cancel_when(result):
             responses.cancel()
             break

@@ -89,9 +89,9 @@ class Tokenizer:
                     "starting with user (an optional system message may come first)"
                 )
             if role == "user":
-                ids += [self.user_start, *self.encode(_text(msg)), self.user_end]
+                ids += [self.user_start, *self._content(msg), self.user_end]
             else:
-                ids += [self.assistant_start, *self._assistant_content(msg["content"]), self.assistant_end]
+                ids += [self.assistant_start, *self._content(msg), self.assistant_end]
         return ids
 
     def render_for_completion(self, messages: list[dict]) -> list[int]:
@@ -99,6 +99,39 @@ class Tokenizer:
         if messages and messages[-1].get("role") == "assistant":
             raise ConversationError("the last message must be from the user")
         return [*self.render_conversation(messages), self.assistant_start]
+
+    def render_to_fit(self, messages: list[dict], max_prompt: int) -> tuple[list[int], int]:
+        """render_for_completion, dropping the oldest whole turns (a user message and the reply to it)
+        until the prompt has at most max_prompt tokens; a leading system message and the last user
+        message are always kept. Returns the ids and how many turns were dropped. Each message is
+        encoded once, so the cut costs about two renders however many turns go."""
+        ids = self.render_for_completion(messages)  # also checks the roles
+        if len(ids) <= max_prompt:
+            return ids, 0
+        system = messages[0] if messages[0].get("role") == "system" else None
+        rest = messages[1:] if system else list(messages)  # user, assistant, ..., user
+        # Every message but the first user one costs its content plus its two delimiters; the first
+        # also carries the system message merged into it, so it is encoded for each candidate.
+        sizes = [2 + len(self._content(m)) for m in rest]
+        after = [0] * (len(rest) + 1)
+        for i in range(len(rest) - 1, -1, -1):
+            after[i] = after[i + 1] + sizes[i]
+        smallest = len(ids)  # the prompt with every turn but the last dropped, once the loop has run
+        for dropped in range(1, len(rest) // 2 + 1):
+            first = 2 * dropped
+            head = sizes[first] if system is None else 2 + len(self.encode(f"{_text(system)}\n\n{_text(rest[first])}"))
+            smallest = 1 + head + after[first + 1] + 1  # bos ... assistant_start
+            if smallest <= max_prompt:
+                return self.render_for_completion(([system] if system else []) + rest[first:]), dropped
+        raise ConversationError(
+            f"the last user message{' with the system message' if system else ''} does not fit the context: "
+            f"{smallest} tokens, more than the {max_prompt} that leave room for the answer")
+
+    def _content(self, msg: dict) -> list[int]:
+        """A message's tokens without its delimiters."""
+        if msg["role"] == "user":
+            return self.encode(_text(msg))
+        return self._assistant_content(msg["content"])
 
     def _assistant_content(self, content) -> list[int]:
         if isinstance(content, str):

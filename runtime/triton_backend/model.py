@@ -61,27 +61,33 @@ def make_runner(runtime: str, version_dir: Path, params: dict, max_slots: int, m
     raise ValueError(f"unknown runtime {runtime!r}; expected onnx or tensorrt")
 
 
-# Each output from the Output of one response; model_repository/README.md documents them.
-OUTPUTS = {
+# Each output from the Output of one response; model_repository/README.md documents them. A piece's
+# outputs go in every response; the usage outputs describe the whole request and go in its final one.
+PIECE_OUTPUTS = {
     "text": lambda o: np.array([o.text.encode()], dtype=np.object_),
     "token_ids": lambda o: np.array(o.token_ids, dtype=np.int64),
     "device_id": lambda o: np.array([o.device_id], dtype=np.int32),
     "finish_reason": lambda o: np.array([o.finish_reason.encode()], dtype=np.object_),
+}
+USAGE_OUTPUTS = {
     "prompt_tokens": lambda o: np.array([o.prompt_tokens], dtype=np.int32),
     "completion_tokens": lambda o: np.array([o.completion_tokens], dtype=np.int32),
+    "dropped_turns": lambda o: np.array([o.dropped_turns], dtype=np.int32),
 }
+OUTPUTS = {**PIECE_OUTPUTS, **USAGE_OUTPUTS}
 
 
 class Handle:
     """A request's response sender and the outputs its client asked for (all of them when it named none):
-    each tensor costs shared memory and IPC per response, and the BFF wants three of six."""
+    each tensor costs shared memory and IPC per response, and the BFF wants three per piece."""
 
-    __slots__ = ("outputs", "sender")
+    __slots__ = ("final_outputs", "outputs", "sender")
 
     def __init__(self, request) -> None:
         self.sender = request.get_response_sender()
-        wanted = set(request.requested_output_names())
-        self.outputs = [n for n in OUTPUTS if n in wanted] or list(OUTPUTS)
+        wanted = set(request.requested_output_names()) or set(OUTPUTS)
+        self.outputs = [n for n in PIECE_OUTPUTS if n in wanted]
+        self.final_outputs = self.outputs + [n for n in USAGE_OUTPUTS if n in wanted]
 
 
 class TritonSink:
@@ -93,8 +99,9 @@ class TritonSink:
         if error is not None:
             response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error))
         else:
+            names = handle.final_outputs if final else handle.outputs
             response = pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, OUTPUTS[name](out)) for name in handle.outputs])
+                output_tensors=[pb_utils.Tensor(name, OUTPUTS[name](out)) for name in names])
         handle.sender.send(response, flags=self.FINAL if final else 0)
 
     def is_cancelled(self, handle: Handle) -> bool:
@@ -131,11 +138,11 @@ class TritonPythonModel:
                 return None if tensor is None else tensor.as_numpy()
 
             try:
-                prompt, params = parse_request(get, self.tokenizer, self.max_seq)
+                prompt, params, dropped_turns = parse_request(get, self.tokenizer, self.max_seq)
             except RequestError as e:
                 self.scheduler.reject(handle, e)
                 continue
-            self.scheduler.submit(handle, prompt, params)
+            self.scheduler.submit(handle, prompt, params, dropped_turns)
         return None
 
     def finalize(self) -> None:

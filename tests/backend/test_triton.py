@@ -83,6 +83,34 @@ def test_seeded_sampling_matches_nanochat(triton_server, oracle_references):
     assert run(go, triton_server).token_ids == want["tokens_generate_batch_style"]
 
 
+def long_history(turns: int) -> list[dict]:
+    """A chat whose history is several times head's 512-token context."""
+    conv = []
+    for i in range(turns):
+        conv += [{"role": "user", "content": f"Tell me about the number {i} and why it matters to us."},
+                 {"role": "assistant", "content": f"The number {i} is one of many numbers, and it matters a little."}]
+    return [*conv, {"role": "user", "content": "And what about the sky?"}]
+
+
+def test_min_answer_tokens_cuts_the_oldest_turns_of_a_long_history(triton_server):
+    conv = long_history(30)
+
+    async def go(client):
+        refused = await stream(client, "head", greedy(messages=conv, max_tokens=16))
+        cut = await stream(client, "head", greedy(messages=conv, max_tokens=300, min_answer_tokens=128))
+        kept = conv[2 * cut.dropped_turns:]
+        # the same conversation sent already cut: the model sees exactly the same prompt
+        alone = await stream(client, "head", greedy(messages=kept, max_tokens=300))
+        return refused, cut, alone
+
+    refused, cut, alone = run(go, triton_server)
+    assert refused.error is not None and "does not fit the context" in refused.error  # without it: refused
+    assert cut.error is None and cut.finals == 1 and 0 < cut.dropped_turns < 30
+    assert cut.prompt_tokens <= 512 - 128  # room for min(max_tokens, min_answer_tokens) tokens of answer
+    assert (cut.token_ids, cut.prompt_tokens, alone.dropped_turns) == (alone.token_ids, alone.prompt_tokens, 0)
+    assert cut.completion_tokens == len(cut.token_ids)
+
+
 def test_16_concurrent_streams_get_what_they_get_alone(triton_server, oracle_references):
     convs = oracle_references["head"]["conversations"]
     cases = []
@@ -136,6 +164,9 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(triton_server):
         "exactly one of messages and prompt_ids": make_inputs(messages=user, prompt_ids=[1, 2]),
         "outside the vocabulary": make_inputs(prompt_ids=[1, 10**6]),
         "last message must be from the user": make_inputs(messages=[{"role": "assistant", "content": "hi"}]),
+        "min_answer_tokens must be in": make_inputs(messages=user, min_answer_tokens=0),
+        "last user message does not fit the context": make_inputs(messages=[{"role": "user", "content": "x y " * 300}],
+                                                                   min_answer_tokens=8),
     }
 
     async def go(client):

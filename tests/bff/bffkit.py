@@ -70,6 +70,12 @@ def generate(url: str, body: dict, headers: dict = AUTH, timeout: float = 60) ->
         return r, []
 
 
+def is_done(event: dict) -> bool:
+    """The BFF's done event: the answer is whole, with the finish reason and counts the backend gave."""
+    return (event.get("done") is True and event.get("finish_reason") in ("stop", "length")
+            and set(event) == {"done", "finish_reason", "usage", "dropped_turns"})
+
+
 def text_of(events: list[dict]) -> str:
     return "".join(e["token"] for e in events if "token" in e)
 

@@ -15,6 +15,7 @@ from tests.bff.bffkit import (
     assert_cancelled_and_freed,
     finished,
     generate,
+    is_done,
     parse_events,
     run_bff,
     text_of,
@@ -32,7 +33,8 @@ def test_greedy_matches_nanochat(triton_server, oracle_references, oracle):
         for conv in oracle_references[oracle]["conversations"]:
             r, events = generate(url, {"messages": conv["messages"], "temperature": 0, "max_tokens": 32})
             assert r.status_code == 200
-            assert events[-1] == {"done": True}
+            assert events[-1] == {"done": True, "finish_reason": "length", "dropped_turns": 0,
+                                  "usage": {"prompt_tokens": conv["prompt_len"], "completion_tokens": 32}}
             assert all(set(e) == {"token", "gpu"} and e["token"] and e["gpu"] == 0 for e in events[:-1])
             assert text_of(events) == conv["greedy"]["text"], conv["name"]
 
@@ -47,7 +49,7 @@ def test_stream_headers_and_framing(bff_url):
         assert r.headers["x-request-id"] == "abc"
         lines = list(r.iter_lines())
     assert all(line == "" or line.startswith(("data: ", ": ping")) for line in lines)
-    assert parse_events(lines)[-1] == {"done": True}
+    assert is_done(parse_events(lines)[-1])
 
 
 def test_a_request_waiting_for_its_first_token_gets_pings(triton_server):
@@ -62,7 +64,7 @@ def test_a_request_waiting_for_its_first_token_gets_pings(triton_server):
     first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
     assert first_data > 0 and all(line == ": ping" for line in lines[:first_data])
     events = parse_events(lines)
-    assert events[-1] == {"done": True} and all("token" in e for e in events[:-1])
+    assert is_done(events[-1]) and all("token" in e for e in events[:-1])
     assert len(events) > 1
 
 

@@ -12,7 +12,17 @@ import httpx
 import pytest
 
 from runtime.local_triton import LocalTriton, derive_model
-from tests.bff.bffkit import AUTH, generate, metric, parse_events, run_bff, text_of, triton_settings, wait_until
+from tests.bff.bffkit import (
+    AUTH,
+    generate,
+    is_done,
+    metric,
+    parse_events,
+    run_bff,
+    text_of,
+    triton_settings,
+    wait_until,
+)
 
 pytestmark = pytest.mark.triton
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 120}
@@ -57,7 +67,7 @@ def test_swap_while_streams_run(swap_triton):
         assert swap.status_code == 202
         assert swap.json() == {"status": "draining", "current_model": "demo_b"}
         for events in results:  # every stream on the old model ran to its end, untouched
-            assert events[-1] == {"done": True}
+            assert is_done(events[-1])
             assert text_of(events) == reference
         assert text_of(after) == reference  # same weights under the new name
         assert metric(swap_triton.metrics_url, "nanochat_generated_tokens_total", model="demo_b") > 0
@@ -80,7 +90,7 @@ def test_failed_swap_keeps_the_old_model(swap_triton):
         assert "demo_broken" in r.json()["detail"] and f"still serving {current}" in r.json()["detail"]
         assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": current}
         r, events = generate(url, LONG)
-        assert r.status_code == 200 and events[-1] == {"done": True} and text_of(events)
+        assert r.status_code == 200 and is_done(events[-1]) and text_of(events)
         swap = httpx.get(url + "/stats", headers=AUTH).json()["swap"]
         assert swap["state"] == "idle" and "demo_broken" in swap["last_error"]
 
@@ -108,7 +118,7 @@ def test_drain_first_refuses_new_streams_until_the_new_model_is_loaded(swap_trit
         swap, refused, events = asyncio.run(scenario())
         assert swap.status_code == 202 and swap.json() == {"status": "draining", "current_model": old}
         assert refused.status_code == 503 and refused.headers["retry-after"]
-        assert events[-1] == {"done": True}
+        assert is_done(events[-1])
         wait_until(lambda: httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": new},
                    "drain-first swap did not finish", timeout=60)
         assert generate(url, LONG)[0].status_code == 200

@@ -86,3 +86,29 @@ def test_detokenizer_equals_decode_with_invalid_bytes(tok):
     stream = [tok.enc.encode_single_token(bytes([b])) for b in b"ok \xe2\x98 x \xff"]
     det = Detokenizer(tok)
     assert "".join([det.push(t) for t in stream] + [det.flush()]) == tok.decode(stream)
+
+
+def _turns(n: int) -> list[dict]:
+    conv = []
+    for i in range(n):
+        conv += [{"role": "user", "content": f"question {i} " * (i + 1)},
+                 {"role": "assistant", "content": f"answer {i}"}]
+    return [*conv, {"role": "user", "content": "last question"}]
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_render_to_fit_drops_the_fewest_oldest_turns(tok, system):
+    conv = ([{"role": "system", "content": "Be brief."}] if system else []) + _turns(12)
+    head, rest = conv[: int(system)], conv[int(system):]
+    full = tok.render_for_completion(conv)
+    assert tok.render_to_fit(conv, len(full)) == (full, 0)
+    for budget in range(len(full) - 1, 0, -7):
+        try:
+            ids, dropped = tok.render_to_fit(conv, budget)
+        except ConversationError as e:
+            # only when the system message and the last user message alone are too long
+            assert len(tok.render_for_completion(head + rest[-1:])) > budget and "does not fit the context" in str(e)
+            continue
+        assert dropped >= 1 and len(ids) <= budget
+        assert ids == tok.render_for_completion(head + rest[2 * dropped:])  # whole turns, system kept
+        assert len(tok.render_for_completion(head + rest[2 * (dropped - 1):])) > budget  # no more than needed
