@@ -1,13 +1,16 @@
-# Every target passes variables through to a Python entry point; the work is done there.
+# Every target passes variables through to a Python entry point; the work is done there. `make help` lists them.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= cpu,runtime,triton,serve,dev
+EXTRAS ?= dev
 PYTEST_ARGS ?=
 
-.PHONY: install test lint
+.PHONY: help install test lint
 
-install: $(VENV)/.installed
+help:  ## this list
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+install: $(VENV)/.installed  ## .venv with every extra (CPU torch, ONNX Runtime, the local Triton, the BFF, dev tools)
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,10 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-lint: install
+lint: install  ## ruff
 	$(BIN)/ruff check .
 
-test: install lint
+test: install lint  ## lint and the whole suite (starts and stops real Triton servers)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Docker images and compose for GPU nodes (docker/README.md). The work is done by docker itself.
@@ -27,49 +30,39 @@ DOCKER_COMPOSE ?= docker compose -f docker/compose.yaml
 
 .PHONY: docker-build docker-export docker-up docker-down
 
-docker-build:
+docker-build:  ## the Triton, export and BFF images
 	docker build -f docker/triton.Dockerfile --target triton -t nanochat-triton:$(DOCKER_TAG) .
 	docker build -f docker/triton.Dockerfile --target export -t nanochat-export:$(DOCKER_TAG) .
 	docker build -f docker/bff.Dockerfile -t nanochat-bff:$(DOCKER_TAG) .
 
 # Builds the TensorRT engine for MODEL (default d20) on this node's GPU, into the compose `models` volume.
-docker-export:
+docker-export:  ## TensorRT engine for MODEL on this node's GPU, into the compose volume
 	IMAGE_TAG=$(DOCKER_TAG) DEFAULT_MODEL=$(or $(MODEL),d20) $(DOCKER_COMPOSE) --profile export run --rm export
 
-docker-up:
+docker-up:  ## Triton + the BFF with compose
 	IMAGE_TAG=$(DOCKER_TAG) DEFAULT_MODEL=$(or $(MODEL),d20) $(DOCKER_COMPOSE) up -d
 
-docker-down:
+docker-down:  ## stop them
 	IMAGE_TAG=$(DOCKER_TAG) $(DOCKER_COMPOSE) down
 
-# --- export: make export MODEL=d20 [SOURCE= STEP= CHECKPOINT_DIR= NAME= RUNTIME=auto|tensorrt|onnx
-#     PRECISION=fp32|fp16|bf16 MAX_SLOTS= MAX_SEQ= MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL=
-#     MODEL_REPOSITORY= FORCE=1
-#     NANOCHAT_BASE_DIR=]; defaults and meanings: `.venv/bin/python -m export --help`.
+# --- export: every option of `python -m export` is a make variable of the same name in capitals (MODEL=d20
+#     SOURCE= STEP= CHECKPOINT_DIR= NANOCHAT_BASE_DIR= NAME= MODEL_REPOSITORY= RUNTIME= PRECISION= MAX_SLOTS= MAX_SEQ=
+#     MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL= FORCE=1 VERIFY=0): make puts command-line variables in the
+#     environment, and --env reads them (export/options.py defines them; `.venv/bin/python -m export --help`).
 # These run the venv's Python as it is (no reinstall), so an export never touches the environment.
 .PHONY: export bench-export gpu-check
-
-EXPORT_ARGS = $(if $(MODEL),--model "$(MODEL)") $(if $(SOURCE),--source "$(SOURCE)") \
-	$(if $(STEP),--step "$(STEP)") $(if $(CHECKPOINT_DIR),--checkpoint-dir "$(CHECKPOINT_DIR)") \
-	$(if $(NAME),--name "$(NAME)") $(if $(RUNTIME),--runtime "$(RUNTIME)") \
-	$(if $(PRECISION),--precision "$(PRECISION)") $(if $(MAX_SLOTS),--max-slots "$(MAX_SLOTS)") \
-	$(if $(MAX_SEQ),--max-seq "$(MAX_SEQ)") $(if $(MAX_QUEUE),--max-queue "$(MAX_QUEUE)") \
-	$(if $(PREFILL_CHUNK),--prefill-chunk "$(PREFILL_CHUNK)") $(if $(STREAM_INTERVAL),--stream-interval "$(STREAM_INTERVAL)") \
-	$(if $(MODEL_REPOSITORY),--model-repository "$(MODEL_REPOSITORY)") \
-	$(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)") \
-	$(if $(filter 1 true yes,$(FORCE)),--force)
 
 $(BIN)/python:
 	@echo "no virtual environment at $(VENV): run 'make install' first" >&2; exit 2
 
-export: $(BIN)/python
-	$(BIN)/python -m export $(EXPORT_ARGS)
+export: $(BIN)/python  ## checkpoint -> ONNX (-> TensorRT) -> model_repository/ (MODEL=d20 ...)
+	$(BIN)/python -m export --env
 
-bench-export: $(BIN)/python
-	$(BIN)/python -m export.bench $(EXPORT_ARGS)
+bench-export: $(BIN)/python  ## exported graph on ONNX Runtime vs the PyTorch core (same variables as export)
+	$(BIN)/python -m tools.bench_export --env
 
-gpu-check: $(BIN)/python
-	$(BIN)/python -m export.gpu_check $(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)")
+gpu-check: $(BIN)/python  ## on a GPU: precision agreement, decode speed, MBU
+	$(BIN)/python -m tools.gpu_check $(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)")
 
 # --- the BFF: make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003]; make demo; make bench.
 # INTERNAL_API_KEY comes from the environment (serve prints a one-run key when it is unset).
@@ -80,30 +73,30 @@ DEMO_REPO := $(DEMO_DIR)/model_repository
 SERVE_ARGS = $(if $(MODEL),--model "$(MODEL)") --model-repository "$(or $(MODEL_REPOSITORY),model_repository)" \
 	$(if $(TRITON_URL),--triton-url "$(TRITON_URL)") $(if $(PORT),--port "$(PORT)")
 
-serve: $(BIN)/python
-	$(BIN)/python -m bff.serve $(SERVE_ARGS)
+serve: $(BIN)/python  ## Triton + the BFF on :8003 for MODEL
+	$(BIN)/python -m tools.serve $(SERVE_ARGS)
 
 # The demo model from nothing: a G4 checkpoint tagged "demo", exported into $(DEMO_REPO).
 $(DEMO_REPO)/demo/config.pbtxt: | install
-	$(BIN)/python -m runtime.demo --out $(DEMO_DIR)/nanochat
+	$(BIN)/python -m core.random_checkpoint --out $(DEMO_DIR)/nanochat
 	$(BIN)/python -m export --nanochat-base-dir $(DEMO_DIR)/nanochat --model demo --name demo \
 		--model-repository $(DEMO_REPO) --force
 
-demo: install $(DEMO_REPO)/demo/config.pbtxt
-	$(BIN)/python -m bff.serve --model demo --model-repository $(DEMO_REPO) $(if $(PORT),--port "$(PORT)")
+demo: install $(DEMO_REPO)/demo/config.pbtxt  ## from nothing: a demo checkpoint, exported and served on CPU
+	$(BIN)/python -m tools.serve --model demo --model-repository $(DEMO_REPO) $(if $(PORT),--port "$(PORT)")
 
 # make bench measures the demo checkpoint exported with 16 slots (a repository of its own), so that 16 streams
 # decode together instead of queueing for the demo's 8. It runs twice: all processes sharing every CPU, then
 # (with 2+ CPUs) Triton on CPU 0 and the BFF and the clients on the others, as on a GPU node, where the model's
 # work does not compete with the BFF's.
 BENCH_REPO := $(DEMO_DIR)/bench_repository
-BENCH = $(BIN)/python -m bff.bench --model demo --model-repository $(BENCH_REPO)
+BENCH = $(BIN)/python -m tools.bench_bff --model demo --model-repository $(BENCH_REPO)
 
 $(BENCH_REPO)/demo/config.pbtxt: $(DEMO_REPO)/demo/config.pbtxt
 	$(BIN)/python -m export --nanochat-base-dir $(DEMO_DIR)/nanochat --model demo --name demo --max-slots 16 \
 		--model-repository $(BENCH_REPO) --force
 
-bench: install $(BENCH_REPO)/demo/config.pbtxt
+bench: install $(BENCH_REPO)/demo/config.pbtxt  ## the BFF's SSE vs Triton's gRPC stream, side by side
 	$(BENCH) --plot $(DEMO_DIR)/bench_bff.png
 	$(if $(filter-out 1,$(shell nproc)),$(BENCH) --triton-cpus 0 --plot $(DEMO_DIR)/bench_bff_split.png)
 
@@ -111,10 +104,10 @@ bench: install $(BENCH_REPO)/demo/config.pbtxt
 # METRICS_PORT=8002]; make bench-backend [BENCH_BACKEND_ARGS="--max-tokens 64"].
 .PHONY: triton bench-backend
 
-triton: install
-	$(BIN)/python -m runtime.local_triton --model-repository "$(or $(MODEL_REPOSITORY),model_repository)" \
+triton: install  ## the local Triton alone (ports 8000-8002) with MODEL loaded
+	$(BIN)/python -m tools.local_triton --model-repository "$(or $(MODEL_REPOSITORY),model_repository)" \
 		$(foreach m,$(MODEL),--load "$(m)") $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) \
 		$(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
-bench-backend: install
-	$(BIN)/python -m runtime.bench_backend $(BENCH_BACKEND_ARGS)
+bench-backend: install  ## the backend: continuous batching vs one request at a time
+	$(BIN)/python -m tools.bench_backend $(BENCH_BACKEND_ARGS)

@@ -22,7 +22,7 @@ from bff.generate import Generate
 from bff.middleware import ApiKey, RequestId
 from bff.registry import Registry
 from bff.settings import Settings, from_env
-from bff.stats import Stats
+from bff.stats import BffStats
 from bff.triton import TritonPool
 
 log = logging.getLogger("bff")
@@ -35,7 +35,7 @@ class Service:
     def __init__(self, settings: Settings, pool_factory: Callable[[Settings], TritonPool]) -> None:
         self.settings = settings
         self.pool_factory = pool_factory
-        self.stats = Stats()
+        self.stats = BffStats()
         self.pool: TritonPool
         self.registry: Registry
         self.http: httpx.AsyncClient

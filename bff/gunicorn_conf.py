@@ -4,34 +4,35 @@ gunicorn settings for production: `gunicorn -c bff/gunicorn_conf.py bff.app:app`
 uvicorn-worker does not map gunicorn's graceful_timeout to uvicorn, so the worker below sets uvicorn's
 timeout_graceful_shutdown itself; gunicorn's own bound is a little longer, so uvicorn cancels streams
 still running (each gets its Triton request cancelled) before gunicorn would kill the worker.
-Environment: BFF_HOST/BFF_PORT, BFF_WORKERS (default: one per CPU this process may use; a worker relays
-6-10k tokens/s on a full core), and everything in bff/settings.py. Each worker has its own event loop,
-Triton channels and stream limit; the current model is shared through Triton (bff/registry.py). Metrics
-at /metrics are per worker.
+Every setting comes from bff/settings.py (BFF_HOST, BFF_PORT, BFF_WORKERS: one per CPU this process may
+use by default, BFF_GRACEFUL_TIMEOUT_S, ...), read once here and again by each worker's app. Each worker
+has its own event loop, Triton channels and stream limit; the current model is shared through Triton
+(bff/registry.py). Metrics at /metrics are per worker.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import ClassVar
 
 from uvicorn_worker import UvicornWorker
 
 from bff.logs import FORMATTERS, HANDLER
+from bff.settings import from_env
 
-GRACEFUL_S = float(os.environ.get("BFF_GRACEFUL_TIMEOUT_S", "30"))
+SETTINGS = from_env()
 
 
 class BffWorker(UvicornWorker):
-    CONFIG_KWARGS: ClassVar[dict] = {**UvicornWorker.CONFIG_KWARGS, "timeout_graceful_shutdown": GRACEFUL_S}
+    CONFIG_KWARGS: ClassVar[dict] = {**UvicornWorker.CONFIG_KWARGS,
+                                     "timeout_graceful_shutdown": SETTINGS.graceful_timeout_s}
 
 
-bind = f"{os.environ.get('BFF_HOST', '0.0.0.0')}:{os.environ.get('BFF_PORT', '8003')}"
-# the CPUs this process may use (a container's cpuset), not the host's count that os.cpu_count() gives
-workers = int(os.environ.get("BFF_WORKERS", str(len(os.sched_getaffinity(0)))))
+bind = f"{SETTINGS.host}:{SETTINGS.port}"
+workers = SETTINGS.worker_count
 worker_class = "bff.gunicorn_conf.BffWorker"
-graceful_timeout = math.ceil(GRACEFUL_S) + 5  # gunicorn takes whole seconds only (a float fails its start)
+# gunicorn takes whole seconds only (a float fails its start)
+graceful_timeout = math.ceil(SETTINGS.graceful_timeout_s) + 5
 timeout = 60  # heartbeat only (async workers): not a bound on stream length
 keepalive = 75  # above common load-balancer idle timeouts
 accesslog = None  # the BFF logs one JSON line per request itself

@@ -12,7 +12,7 @@ import uuid
 
 import falcon
 
-from bff.stats import Stats
+from bff.stats import BffStats
 
 access = logging.getLogger("bff.access")
 
@@ -31,7 +31,7 @@ def log_request(req: falcon.Request, status: int | str, **fields) -> None:
 
 
 class RequestId:
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: BffStats) -> None:
         self.stats = stats
 
     async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:

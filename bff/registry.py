@@ -16,9 +16,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from backend.protocol import CONFIG_FILE, METADATA_FILE
 from bff.errors import NotFound, Unavailable, UpstreamFailed
 from bff.settings import Settings
-from bff.stats import Stats
+from bff.stats import BffStats
 from bff.triton import TritonError, TritonPool
 
 log = logging.getLogger("bff.registry")
@@ -27,7 +28,7 @@ POLL_S = 0.05
 
 def read_metadata(repository: Path, name: str) -> dict:
     """metadata.json of the newest version folder of a model, or {} if there is none."""
-    versions = sorted((p for p in (repository / name).glob("*/metadata.json") if p.parent.name.isdigit()),
+    versions = sorted((p for p in (repository / name).glob(f"*/{METADATA_FILE}") if p.parent.name.isdigit()),
                       key=lambda p: int(p.parent.name))
     if not versions:
         return {}
@@ -38,7 +39,7 @@ def read_metadata(repository: Path, name: str) -> dict:
 
 
 class Registry:
-    def __init__(self, settings: Settings, pool: TritonPool, stats: Stats) -> None:
+    def __init__(self, settings: Settings, pool: TritonPool, stats: BffStats) -> None:
         self.settings = settings
         self.pool = pool
         self.stats = stats
@@ -109,7 +110,7 @@ class Registry:
             states = {}
         names = set(states)
         if self.repository.is_dir():
-            names |= {p.name for p in self.repository.iterdir() if (p / "config.pbtxt").is_file()}
+            names |= {p.name for p in self.repository.iterdir() if (p / CONFIG_FILE).is_file()}
         out = []
         for name in sorted(names):
             meta = read_metadata(self.repository, name)

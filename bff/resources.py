@@ -9,11 +9,12 @@ import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from backend.protocol import METRIC_PREFIX
 from bff.validation import OPENAPI_TEXT, SWAP, check, read_json
 
-# The nanochat backend's own gauges (slots, queue) and Triton's pending-request count, picked from
+# The nanochat backend's own metrics (slots, queue, ...) and Triton's pending-request count, picked from
 # Triton's /metrics for /stats.
-BACKEND_METRICS = ("nanochat", "nv_inference_pending_request_count")
+BACKEND_METRICS = (METRIC_PREFIX, "nv_inference_pending_request_count")
 
 
 def backend_metrics(text: str) -> dict[str, list[dict]]:

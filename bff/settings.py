@@ -1,33 +1,31 @@
 """
-Every setting of the BFF, read once from environment variables into one frozen object.
+Every setting of the BFF, read once from environment variables into one frozen object that the app,
+gunicorn's config (bff/gunicorn_conf.py) and `make serve` (tools/serve.py) all use. Each field says its
+environment variable, its default and what it does; `python -m bff.settings` prints the table.
 
-    BFF_TRITON_URLS          Triton gRPC endpoints, comma separated (host:port)   127.0.0.1:8001
-    BFF_TRITON_METRICS_URLS  Triton /metrics URLs, same order (optional)         derived: http://host:8002/metrics
-    INTERNAL_API_KEY         shared secret expected in X-Internal-API-Key         (required unless BFF_RUN_OPEN=1)
-    BFF_RUN_OPEN             1 = serve without a key (local development only)     0
-    BFF_MODEL                model to serve when Triton has none loaded           (none)
-    BFF_MODEL_REPOSITORY     model repository folder, for metadata.json           model_repository
-    BFF_HOST, BFF_PORT       listen address (bff.serve)                           127.0.0.1, 8003
-    BFF_TEMPERATURE, BFF_TOP_K, BFF_MAX_TOKENS   generation defaults             0.8, 50, 512
-    BFF_MIN_ANSWER_TOKENS    a history longer than the context loses its oldest turns until
-                             min(max_tokens, this) tokens of answer fit (1..4096)   128
-    BFF_MAX_BODY_BYTES       request body bound (413 above it)                    1048576
-    BFF_MAX_STREAMS          concurrent streams per process (503 above it)        256
-    BFF_FIRST_RESPONSE_WAIT_S  how long /generate waits for Triton's first answer before committing 200   0.5
-    BFF_PING_INTERVAL_S      `: ping` comment after this long without a token     5
-    BFF_SWAP_STRATEGY        load-first (both models fit) or drain-first          load-first
-    BFF_DRAIN_TIMEOUT_S      bound on waiting for old streams during a swap      60
-    BFF_PROBE_INTERVAL_S     endpoint health probe period                         2
-    BFF_GRACEFUL_TIMEOUT_S   uvicorn timeout_graceful_shutdown (gunicorn adds 5)  30
+The generation defaults are the Triton model's own (backend/protocol.py), so a request without them gets
+what a direct Triton client gets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from backend.protocol import INPUT
+
 SWAP_STRATEGIES = ("load-first", "drain-first")
+TRUE = ("1", "true", "yes")
+
+
+class MissingKey(ValueError):
+    """No INTERNAL_API_KEY and not BFF_RUN_OPEN: the BFF never serves open by accident."""
+
+
+def setting(env: str, default, doc: str):
+    return field(default=default, metadata={"env": env, "doc": doc})
 
 
 def _metrics_url(grpc_url: str) -> str:
@@ -42,26 +40,33 @@ def _split(value: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    triton_urls: tuple[str, ...] = ("127.0.0.1:8001",)
-    triton_metrics_urls: tuple[str, ...] = ()
-    api_key: str | None = None
-    run_open: bool = False
-    model: str | None = None
-    model_repository: str = "model_repository"
-    host: str = "127.0.0.1"
-    port: int = 8003
-    temperature: float = 0.8
-    top_k: int = 50
-    max_tokens: int = 512
-    min_answer_tokens: int = 128
-    max_body_bytes: int = 1 << 20
-    max_streams: int = 256
-    first_response_wait_s: float = 0.5
-    ping_interval_s: float = 5.0
-    swap_strategy: str = "load-first"
-    drain_timeout_s: float = 60.0
-    probe_interval_s: float = 2.0
-    graceful_timeout_s: float = 30.0
+    triton_urls: tuple[str, ...] = setting("BFF_TRITON_URLS", ("127.0.0.1:8001",),
+                                           "Triton gRPC endpoints, comma separated (host:port)")
+    triton_metrics_urls: tuple[str, ...] = setting("BFF_TRITON_METRICS_URLS", (),
+                                                   "Triton /metrics URLs, same order (default http://host:8002/metrics)")
+    api_key: str | None = setting("INTERNAL_API_KEY", None, "shared secret expected in X-Internal-API-Key "
+                                                            "(required unless BFF_RUN_OPEN=1)")
+    run_open: bool = setting("BFF_RUN_OPEN", False, "1 = serve without a key (local development only)")
+    model: str | None = setting("BFF_MODEL", None, "model to serve when Triton has none loaded")
+    model_repository: str = setting("BFF_MODEL_REPOSITORY", "model_repository", "model repository, for metadata.json")
+    host: str = setting("BFF_HOST", "127.0.0.1", "listen address")
+    port: int = setting("BFF_PORT", 8003, "listen port")
+    workers: int = setting("BFF_WORKERS", 0, "gunicorn workers (0: one per CPU this process may use)")
+    temperature: float = setting("BFF_TEMPERATURE", INPUT["temperature"].default, "generation default")
+    top_k: int = setting("BFF_TOP_K", INPUT["top_k"].default, "generation default")
+    max_tokens: int = setting("BFF_MAX_TOKENS", INPUT["max_tokens"].default, "generation default")
+    min_answer_tokens: int = setting("BFF_MIN_ANSWER_TOKENS", 128, "a history longer than the context loses its "
+                                     "oldest turns until min(max_tokens, this) tokens of answer fit")
+    max_body_bytes: int = setting("BFF_MAX_BODY_BYTES", 1 << 20, "request body bound (413 above it)")
+    max_streams: int = setting("BFF_MAX_STREAMS", 256, "concurrent streams per process (503 above it)")
+    first_response_wait_s: float = setting("BFF_FIRST_RESPONSE_WAIT_S", 0.5, "how long /generate waits for "
+                                           "Triton's first answer before committing the 200")
+    ping_interval_s: float = setting("BFF_PING_INTERVAL_S", 5.0, "`: ping` comment after this long without a token")
+    swap_strategy: str = setting("BFF_SWAP_STRATEGY", "load-first", "load-first (both models fit) or drain-first")
+    drain_timeout_s: float = setting("BFF_DRAIN_TIMEOUT_S", 60.0, "bound on waiting for old streams during a swap")
+    probe_interval_s: float = setting("BFF_PROBE_INTERVAL_S", 2.0, "endpoint health probe period")
+    graceful_timeout_s: float = setting("BFF_GRACEFUL_TIMEOUT_S", 30.0, "uvicorn's timeout_graceful_shutdown "
+                                        "(gunicorn's bound is 5 s longer)")
 
     def __post_init__(self) -> None:
         if self.swap_strategy not in SWAP_STRATEGIES:
@@ -72,39 +77,49 @@ class Settings:
             raise ValueError("BFF_TRITON_METRICS_URLS must list one URL per Triton endpoint")
         if not self.triton_metrics_urls:
             object.__setattr__(self, "triton_metrics_urls", tuple(_metrics_url(u) for u in self.triton_urls))
-        if not 1 <= self.min_answer_tokens <= 4096:
-            raise ValueError(f"BFF_MIN_ANSWER_TOKENS must be in [1, 4096], got {self.min_answer_tokens}")
+        for name in ("temperature", "top_k", "max_tokens", "min_answer_tokens"):
+            spec, value = INPUT[name], getattr(self, name)
+            if not spec.low <= value <= spec.high:
+                raise ValueError(f"BFF_{name.upper()} must be in [{spec.low}, {spec.high}], got {value}")
         if self.ping_interval_s <= 0 or self.first_response_wait_s < 0:
             raise ValueError("BFF_PING_INTERVAL_S must be > 0 and BFF_FIRST_RESPONSE_WAIT_S >= 0")
+        if self.workers < 0:
+            raise ValueError(f"BFF_WORKERS must be >= 0, got {self.workers}")
         if not self.api_key and not self.run_open:
-            raise ValueError("INTERNAL_API_KEY is not set; set it, or BFF_RUN_OPEN=1 for local development")
+            raise MissingKey("INTERNAL_API_KEY is not set; set it, or BFF_RUN_OPEN=1 for local development")
+
+    @property
+    def worker_count(self) -> int:
+        # the CPUs this process may use (a container's cpuset), not the host's count that os.cpu_count() gives
+        return self.workers or len(os.sched_getaffinity(0))
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = f.type
+    if kind.startswith("tuple"):
+        return _split(raw)
+    if kind == "bool":
+        return raw.lower() in TRUE
+    if kind.startswith("int"):
+        return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
+    return raw or None if "None" in kind else raw
 
 
 def from_env(env: dict[str, str] | None = None, **overrides) -> Settings:
     """Settings from environment variables (os.environ by default); keyword overrides win."""
     env = os.environ if env is None else env
-    get = env.get
-    values = dict(
-        triton_urls=_split(get("BFF_TRITON_URLS", "127.0.0.1:8001")),
-        triton_metrics_urls=_split(get("BFF_TRITON_METRICS_URLS", "")),
-        api_key=get("INTERNAL_API_KEY") or None,
-        run_open=get("BFF_RUN_OPEN", "0").lower() in ("1", "true", "yes"),
-        model=get("BFF_MODEL") or None,
-        model_repository=get("BFF_MODEL_REPOSITORY", "model_repository"),
-        host=get("BFF_HOST", "127.0.0.1"),
-        port=int(get("BFF_PORT", "8003")),
-        temperature=float(get("BFF_TEMPERATURE", "0.8")),
-        top_k=int(get("BFF_TOP_K", "50")),
-        max_tokens=int(get("BFF_MAX_TOKENS", "512")),
-        min_answer_tokens=int(get("BFF_MIN_ANSWER_TOKENS", str(Settings.min_answer_tokens))),
-        max_body_bytes=int(get("BFF_MAX_BODY_BYTES", str(1 << 20))),
-        max_streams=int(get("BFF_MAX_STREAMS", "256")),
-        first_response_wait_s=float(get("BFF_FIRST_RESPONSE_WAIT_S", "0.5")),
-        ping_interval_s=float(get("BFF_PING_INTERVAL_S", "5")),
-        swap_strategy=get("BFF_SWAP_STRATEGY", "load-first"),
-        drain_timeout_s=float(get("BFF_DRAIN_TIMEOUT_S", "60")),
-        probe_interval_s=float(get("BFF_PROBE_INTERVAL_S", "2")),
-        graceful_timeout_s=float(get("BFF_GRACEFUL_TIMEOUT_S", "30")),
-    )
-    values.update(overrides)
-    return Settings(**values)
+    values = {f.name: _parse(f, env[f.metadata["env"]]) for f in dataclasses.fields(Settings)
+              if env.get(f.metadata["env"], "") != ""}
+    return Settings(**{**values, **overrides})
+
+
+def table() -> str:
+    """The environment variables, their defaults and meanings, one a line."""
+    return "\n".join(f"{f.metadata['env']:<26} {f.default!s:<22} {f.metadata['doc']}"
+                     for f in dataclasses.fields(Settings))
+
+
+if __name__ == "__main__":
+    print(table())

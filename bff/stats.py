@@ -5,10 +5,10 @@ recent samples for the percentiles /stats reports directly.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter, deque
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
@@ -19,11 +19,12 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 def _percentiles(samples: deque) -> dict[str, float | None]:
     if not samples:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
-    p50, p95, p99 = np.percentile(np.fromiter(samples, float), [50, 95, 99]) * 1000
-    return {"p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3), "p99_ms": round(float(p99), 3)}
+    # "inclusive" interpolates between order statistics, as numpy's default percentile does
+    cuts = statistics.quantiles(samples, n=100, method="inclusive") if len(samples) > 1 else [samples[0]] * 99
+    return {f"p{q}_ms": round(cuts[q - 1] * 1000, 3) for q in (50, 95, 99)}
 
 
-class Stats:
+class BffStats:
     """Counters for streams, tokens and errors; TTFT and inter-token latency samples."""
 
     def __init__(self) -> None:

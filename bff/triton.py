@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from runtime.refusals import INVALID, QUEUE_FULL, SHUTTING_DOWN
+from backend.protocol import INPUT, INVALID, QUEUE_FULL, SHUTTING_DOWN, USAGE_OUTPUTS, wire_type
 
 log = logging.getLogger("bff.triton")
 
@@ -40,14 +40,13 @@ CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 _END = object()
-# Only what the SSE events need: three small tensors per piece, and the backend adds the usage outputs
-# (prompt_tokens, completion_tokens, dropped_turns) to the final response only.
-USAGE = ("prompt_tokens", "completion_tokens", "dropped_turns")
-OUTPUTS = ("text", "device_id", "finish_reason", *USAGE)
+# Only what the SSE events need: three small tensors per piece, and the usage outputs, which the backend
+# adds to the final response only.
+OUTPUTS = ("text", "device_id", "finish_reason", *USAGE_OUTPUTS)
 # Triton's stream RPC is bidirectional, but a generation sends exactly one request, so it is called as a
 # server-streaming call: the headers, the request and the half-close leave in one batch instead of three,
-# without tritonclient's per-request iterator and per-response wrappers. On the wire it is the same HTTP/2
-# stream; it costs the BFF about a third less CPU per request.
+# without tritonclient's per-request iterator and per-response wrappers (less CPU per request: README,
+# benchmarks). On the wire it is the same HTTP/2 stream.
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
@@ -68,7 +67,7 @@ class NoEndpoint(TritonError):
 
 def error_kind(code: grpc.StatusCode | None, message: str) -> str:
     """What a Triton error means for the client. The nanochat backend sends its refusals with a message
-    and no code (runtime.refusals): full queue or shutting down (try again later), or the client's own
+    and no code (backend.protocol): full queue or shutting down (try again later), or the client's own
     fault (e.g. a prompt longer than the context). Anything else, such as a backend stub that died, is
     a failure of the server side."""
     if QUEUE_FULL in message or SHUTTING_DOWN in message or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -98,7 +97,7 @@ class Piece:
         four bytes (per piece this is several times cheaper than tritonclient's InferResult.as_numpy)."""
         raw = raw_outputs(response)
         final = response.parameters.get("triton_final_response")
-        usage = {name: _int32(raw[name]) for name in USAGE if name in raw}
+        usage = {name: _int32(raw[name]) for name in USAGE_OUTPUTS if name in raw}
         return cls(text=raw["text"][4:].decode("utf-8"), gpu=_int32(raw["device_id"]),
                    finish_reason=raw["finish_reason"][4:].decode("utf-8"), final=final is not None and final.bool_param,
                    usage=usage)
@@ -155,12 +154,12 @@ def request_message(model: str, request_id: str, messages: bytes, temperature: f
     (a BYTES element is a 4-byte length and the bytes): what tritonclient builds from numpy arrays.
     min_answer_tokens makes the backend cut a conversation longer than the context (oldest turns first)."""
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    for name, datatype, raw in (("messages", "BYTES", struct.pack("<I", len(messages)) + messages),
-                                ("temperature", "FP32", struct.pack("<f", temperature)),
-                                ("top_k", "INT32", struct.pack("<i", top_k)),
-                                ("max_tokens", "INT32", struct.pack("<i", max_tokens)),
-                                ("min_answer_tokens", "INT32", struct.pack("<i", min_answer_tokens))):
-        request.inputs.add(name=name, datatype=datatype, shape=[1])
+    for name, raw in (("messages", struct.pack("<I", len(messages)) + messages),
+                      ("temperature", struct.pack("<f", temperature)),
+                      ("top_k", struct.pack("<i", top_k)),
+                      ("max_tokens", struct.pack("<i", max_tokens)),
+                      ("min_answer_tokens", struct.pack("<i", min_answer_tokens))):
+        request.inputs.add(name=name, datatype=wire_type(INPUT[name].triton_type), shape=[1])
         request.raw_input_contents.append(raw)
     for name in outputs:
         request.outputs.add(name=name)
@@ -202,6 +201,9 @@ class Stream:
             self._queue.put_nowait(await self._classify(exc))
         except asyncio.CancelledError:
             self._queue.put_nowait(TritonError("failed", "the Triton stream was cancelled"))
+        except Exception as exc:  # a response it cannot read: end the stream, or the client gets pings forever
+            why = f"reading Triton's stream failed: {type(exc).__name__}: {exc}"
+            self._queue.put_nowait(TritonError("failed", why))
 
     async def _classify(self, exc: grpc.aio.AioRpcError) -> TritonError:
         message = exc.details() or str(exc.code())

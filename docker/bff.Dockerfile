@@ -13,15 +13,15 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY docker/constraints-bff.txt docker/
-COPY runtime/ runtime/
-COPY export/ export/
+# The BFF and the one module of the backend it imports: the wire contract (standard library only).
+COPY backend/__init__.py backend/protocol.py backend/
 COPY bff/ bff/
-# Installed in place (editable): the wheel does not carry package data yet (bff/openapi.yaml, runtime/data/),
-# so the code must run from this source tree, which the final stage copies to the same path.
+# Installed in place (editable), so the code runs from this source tree, which the final stage copies to the
+# same path. Exactly the bff extra; tests/deploy/test_images.py builds the same environment and serves from it.
 # --only-binary: fail the build rather than compile anything.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --only-binary=:all: --constraint docker/constraints-bff.txt -e ".[serve]" \
-    && /opt/venv/bin/python -c "import bff.app, bff.validation, uvicorn_worker, gunicorn"
+    && /opt/venv/bin/pip install --only-binary=:all: --constraint docker/constraints-bff.txt -e ".[bff]" \
+    && /opt/venv/bin/python -c "import bff.app, bff.generate, bff.resources, bff.triton, uvicorn_worker, gunicorn"
 
 FROM python:3.12-slim-trixie
 ENV PATH=/opt/venv/bin:$PATH \

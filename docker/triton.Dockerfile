@@ -26,15 +26,19 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/nanochat-triton
 COPY pyproject.toml README.md ./
 COPY docker/constraints-gpu.txt docker/
-COPY runtime/ runtime/
-COPY export/ export/
-# The project's runtime (ONNX Runtime, tiktoken) plus TensorRT and cuda-python, all pinned by the constraints.
+COPY core/ core/
+COPY backend/ backend/
+# Exactly the extras of the folders copied: core (torch, tiktoken, numpy) and backend (ONNX Runtime), plus
+# TensorRT and cuda-python, all pinned by the constraints. torch is PyPI's CUDA build: the backend's seeded
+# sampling matches nanochat's torch.Generator, and the TensorRT runner keeps the KV cache in torch tensors.
+# tests/deploy/test_images.py builds this environment (minus the GPU wheels) and serves a model from it.
+# The smoke step imports what tritonserver's stub imports: the scheduler and both runners.
 # hadolint ignore=DL3013
-RUN pip install --constraint docker/constraints-gpu.txt ".[runtime,tensorrt]" \
-    && python3 -c "import numpy, tensorrt, runtime; assert numpy.__version__.startswith('1.'), numpy.__version__; assert tensorrt.__version__ == '10.8.0.43', tensorrt.__version__"
+RUN pip install --constraint docker/constraints-gpu.txt ".[core,backend,tensorrt]" \
+    && python3 -c "import numpy, tensorrt, torch, backend.scheduler, backend.runner, backend.onnx_runner, backend.trt_runner; assert numpy.__version__.startswith('1.'), numpy.__version__; assert tensorrt.__version__ == '10.8.0.43', tensorrt.__version__"
 
 # A Python-based backend: every model whose config.pbtxt says `backend: "nanochat"` is served by this file.
-COPY runtime/triton_backend/model.py /opt/tritonserver/backends/nanochat/model.py
+COPY backend/model.py /opt/tritonserver/backends/nanochat/model.py
 
 # A fixed numeric user, so Kubernetes can enforce runAsNonRoot and fsGroup can make the volume readable.
 RUN groupadd --gid 10001 nanochat \
@@ -61,11 +65,8 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
 
 
-# `make export` on the GPU node: the same image (same TensorRT 10.8.0.43), plus PyTorch and ONNX for tracing.
+# `make export` on the GPU node: the same image (same TensorRT 10.8.0.43, same torch), plus ONNX for tracing.
 FROM triton AS export
-
-# ONNX tracing runs on the CPU, so the CPU wheel of torch is enough; the engine build uses the GPU via TensorRT.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 USER 0:0
 # make: the export runs as `make export`, the same command a user types. No pins for apt packages: the base
@@ -75,11 +76,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
 
-# A venv that sees the system packages above (TensorRT, the project): `make export` runs $(VENV)/bin/python.
+COPY export/ export/
+# A venv that sees the system packages above (torch, TensorRT, the project): `make export` runs $(VENV)/bin/python.
+# The export extra adds ONNX and onnxscript to what the serving stage installed.
 # hadolint ignore=DL3013
 RUN python3 -m venv --system-site-packages /opt/venv \
-    && /opt/venv/bin/pip install --constraint docker/constraints-gpu.txt --index-url "${TORCH_INDEX_URL}" torch \
-    && /opt/venv/bin/pip install --constraint docker/constraints-gpu.txt ".[cpu,runtime,tensorrt]" \
+    && /opt/venv/bin/pip install --constraint docker/constraints-gpu.txt ".[core,backend,export,tensorrt]" \
+    && /opt/venv/bin/python -c "import export.pipeline, export.graph, export.tensorrt_build" \
     && /opt/venv/bin/python -m export --help > /dev/null
 
 COPY Makefile ./

@@ -1,5 +1,7 @@
 """
-`python -m export`: the CLI behind `make export` (the Makefile passes its variables through).
+`python -m export`: the CLI behind `make export`. Its flags are export/options.py's fields; with --env it
+also reads each option from the environment variable of its name in capitals, which is how the Makefile's
+variables (MODEL=d20 MAX_SLOTS=16 FORCE=1 ...) reach it. A flag given on the command line wins.
 
 Exit codes: 0 exported; 2 bad input (unknown tag or step, bad option, no GPU for RUNTIME=tensorrt,
 target not writable or holding another model) with the reason on stderr; 1 an unexpected failure;
@@ -12,45 +14,58 @@ import argparse
 import signal
 import sys
 
-from export.pipeline import DEFAULT_SOURCE, DEFAULTS, RUNTIMES, ExportError, export_model
-from export.precision import PRECISIONS
-from runtime.checkpoint import SOURCES
+from export.options import ExportOptions, fields, from_env, options
+from export.pipeline import ExportError, export_model
+
+TRUE = ("1", "true", "yes", "on")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _kind(f) -> type:
+    return bool if "bool" in f.type else int if "int" in f.type and "tuple" not in f.type else str
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export",
         description="Export a nanochat checkpoint to a Triton model: ONNX graph (+ TensorRT engine on GPU "
-                    "nodes), tokenizer, metadata and config.pbtxt, written atomically into the model repository.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "nodes), tokenizer, metadata and config.pbtxt, written atomically into the model repository. "
+                    "Each option is also a make variable: its name in capitals (make export MODEL=d20 FORCE=1).",
     )
-    p.add_argument("--model", help="model tag (nanochat's d<N> folders); default: the largest one found")
-    p.add_argument("--source", choices=sorted(SOURCES),
-                   help=f"checkpoint source; default {DEFAULT_SOURCE}, falling back (with a note) to rl, mid, "
-                        "base when there is no sft checkpoint")
-    p.add_argument("--step", type=int, help="checkpoint step; default: the last one")
-    p.add_argument("--checkpoint-dir", help="a plain folder with model_<step>.pt/meta_<step>.json instead of "
-                                            "the nanochat layout")
-    p.add_argument("--name", help="Triton model name; default: the model tag")
-    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
-                   help="auto: tensorrt where a GPU and TensorRT are present, else onnx (ONNX Runtime)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="graph precision; fp16/bf16 keep norms, softmax and softcap in fp32")
-    p.add_argument("--max-slots", type=int, default=DEFAULTS["max_slots"],
-                   help="KV-cache rows: sequences decoded together")
-    p.add_argument("--max-seq", type=int, help="context per row; default: the checkpoint's sequence_len")
-    p.add_argument("--max-queue", type=int, default=DEFAULTS["max_queue"],
-                   help="requests that may wait for a slot")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULTS["prefill_chunk"],
-                   help="prompt tokens prefilled per step")
-    p.add_argument("--stream-interval", type=int, default=DEFAULTS["stream_interval"],
-                   help="tokens per response after the first (1: every token on its own; more: less CPU per token)")
-    p.add_argument("--model-repository", default="model_repository", help="Triton model repository to write into")
-    p.add_argument("--nanochat-base-dir", help="nanochat base dir; default $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
-    p.add_argument("--force", action="store_true", help="replace an existing, different model of that name")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip running the graph once under ONNX Runtime against PyTorch")
-    return p.parse_args(argv)
+    for f in fields():
+        flag, doc, kind = "--" + f.name.replace("_", "-"), f.metadata["doc"], _kind(f)
+        default = f" (default: {f.default})" if f.default is not None and kind is not bool else ""
+        if f.metadata.get("multiple"):
+            p.add_argument(flag.removesuffix("s"), dest=f.name, action="append", default=None, help=doc,
+                           metavar="KEY=VALUE")
+        elif kind is bool:
+            off = f.default is True  # a flag that turns a default-on option off
+            p.add_argument(f"--no-{f.name}" if off else flag, dest=f.name, default=None, help=doc,
+                           action="store_false" if off else "store_true")
+        else:
+            p.add_argument(flag, type=kind, choices=f.metadata.get("choices"), default=None, help=doc + default)
+    p.add_argument("--env", action="store_true", help="read options not given as flags from the environment "
+                                                      "(MODEL, MAX_SLOTS, ...: what make passes)")
+    return p
+
+
+def parse_options(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ExportOptions:
+    """ExportOptions from the command line (and, with --env, the environment); ValueError if one is bad."""
+    a = vars(parser().parse_args(argv))
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in a.items() if v is not None and k != "env"}
+    kinds = {f.name: _kind(f) for f in fields()}
+    if a["env"]:
+        for name, raw in from_env(env).items():
+            if name not in given:
+                kind = kinds[name]
+                if isinstance(raw, list):
+                    given[name] = tuple(raw)
+                    continue
+                try:
+                    given[name] = raw.lower() in TRUE if kind is bool else kind(raw)
+                except ValueError:
+                    raise ValueError(f"{name.upper()}={raw!r} is not {'an integer' if kind is int else 'valid'}")\
+                        from None
+    return options(**given)
 
 
 def _terminate(signum, frame):
@@ -58,16 +73,14 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    try:
+        options = parse_options(argv)
+    except ValueError as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        export_model(
-            a.model_repository, a.name or None, model=a.model or None, source=a.source, step=a.step,
-            checkpoint_dir=a.checkpoint_dir or None, runtime=a.runtime, precision=a.precision,
-            max_slots=a.max_slots, max_seq=a.max_seq, force=a.force, nanochat_base=a.nanochat_base_dir or None,
-            max_queue=a.max_queue, prefill_chunk=a.prefill_chunk, stream_interval=a.stream_interval,
-            verify=a.verify,
-        )
+        export_model(options)
     except ExportError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2

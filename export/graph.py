@@ -1,5 +1,5 @@
 """
-GPT.forward (runtime/gpt.py) as one ONNX graph that serves prefill and decode.
+GPT.forward (core/gpt.py) as one ONNX graph that serves prefill and decode.
 
 Inputs:  input_ids int64 [B, T], positions int64 [B], slots int64 [B],
          k_cache_{i}, v_cache_{i} [Lc, max_slots, Hkv, D] per layer, prev_embedding [max_slots, C] (G4)
@@ -27,25 +27,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.gpt import GPT
+from backend import protocol as P
+from core.gpt import GPT
 
 # The exporter warns once per torchvision operator it cannot register; nanochat uses none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 OPSET = 18
-ONNX_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 
 
 def input_names(n_layer: int, smear: bool) -> list[str]:
-    names = ["input_ids", "positions", "slots"]
-    names += [f"k_cache_{i}" for i in range(n_layer)] + [f"v_cache_{i}" for i in range(n_layer)]
-    return names + (["prev_embedding"] if smear else [])
+    names = [P.INPUT_IDS, P.POSITIONS, P.SLOTS]
+    names += [P.k_cache(i) for i in range(n_layer)] + [P.v_cache(i) for i in range(n_layer)]
+    return names + ([P.PREV_EMBEDDING] if smear else [])
 
 
 def output_names(n_layer: int, smear: bool) -> list[str]:
-    names = ["logits"] + [f"new_k_{i}" for i in range(n_layer)] + [f"new_v_{i}" for i in range(n_layer)]
-    return names + (["new_prev"] if smear else [])
+    names = [P.LOGITS] + [P.new_k(i) for i in range(n_layer)] + [P.new_v(i) for i in range(n_layer)]
+    return names + ([P.NEW_PREV] if smear else [])
 
 
 class StepGraph(nn.Module):
@@ -100,7 +99,7 @@ def export_onnx(model: GPT, out_dir: Path, max_slots: int, max_seq: int, log=pri
 
 
 def set_metadata(proto, values: dict) -> None:
-    """Merge `values` into the graph's "nanochat" metadata entry (read by runtime/onnx_runner.py)."""
+    """Merge `values` into the graph's "nanochat" metadata entry (read by backend/onnx_runner.py)."""
     entries = {p.key: p for p in proto.metadata_props}
     entry = entries.get("nanochat") or proto.metadata_props.add(key="nanochat")
     entry.value = json.dumps({**json.loads(entry.value or "{}"), **values})
@@ -110,10 +109,10 @@ def save(proto, out_dir: Path) -> Path:
     import onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ONNX_FILE
-    (out_dir / DATA_FILE).unlink(missing_ok=True)  # onnx appends to an existing data file
+    path = out_dir / P.ONNX_FILE
+    (out_dir / P.ONNX_DATA_FILE).unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+                    location=P.ONNX_DATA_FILE, size_threshold=1024)
     return path
 
 

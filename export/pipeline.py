@@ -2,7 +2,7 @@
 `make export`: a nanochat checkpoint -> ONNX graph (-> TensorRT engine) -> a Triton model.
 
 export_model() is the whole pipeline as one function, used by the CLI (export/__main__.py), the
-benchmark and tests: find the checkpoint (runtime/checkpoint.py), load it into the model core,
+benchmark and tests: find the checkpoint (core/checkpoint.py), load it into the model core,
 trace the graph (export/graph.py), lower its precision (export/precision.py), check it and run it
 once under ONNX Runtime against the model core, build a TensorRT engine on GPU nodes
 (export/tensorrt_build.py), and install everything into the repository atomically
@@ -11,6 +11,7 @@ once under ONNX Runtime against the model core, build a TensorRT engine on GPU n
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -21,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from backend import protocol
+from backend.model_config import ModelShape, config_pbtxt
+from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint
+from core.config import parse_overrides
 from export import graph, repository
-from export.precision import PRECISIONS, lower_precision
-from runtime.checkpoint import SOURCES, CheckpointError, find_checkpoint, open_checkpoint
-
-DEFAULT_SOURCE = "sft"
-DEFAULTS = dict(max_slots=8, max_queue=64, prefill_chunk=256, stream_interval=1)
-RUNTIMES = ("auto", "tensorrt", "onnx")
+from export.options import DEFAULT_SOURCE, ExportOptions
+from export.precision import lower_precision
 
 
 def say(line: str) -> None:
@@ -65,8 +66,6 @@ def gpu_reason() -> str | None:
 
 
 def choose_runtime(runtime: str, log: Callable[[str], None]) -> str:
-    if runtime not in RUNTIMES:
-        raise ExportError(f"RUNTIME must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if runtime == "onnx":
         return "onnx"
     reason = gpu_reason()
@@ -82,7 +81,7 @@ def choose_runtime(runtime: str, log: Callable[[str], None]) -> str:
 def instance_kind(runtime: str) -> str:
     if runtime == "tensorrt":
         return "KIND_GPU"
-    from runtime.onnx_runner import default_providers
+    from backend.onnx_runner import default_providers
 
     return "KIND_GPU" if "CUDAExecutionProvider" in default_providers() else "KIND_CPU"
 
@@ -104,8 +103,8 @@ def versions() -> dict:
 
 def verify_onnx(onnx_path: Path, model, max_slots: int, max_seq: int, precision: str, log) -> float | None:
     """Prefill 8 tokens, then decode 4, under ONNX Runtime (CPU) and the model core; max |logit diff|."""
-    from runtime.gpt import TorchRunner
-    from runtime.onnx_runner import OrtRunner
+    from backend.onnx_runner import OrtRunner
+    from core.gpt import TorchRunner
 
     if precision == "bf16":
         log("ONNX Runtime check skipped: ONNX Runtime has no bf16 kernels on CPU (TensorRT runs this graph)")
@@ -127,64 +126,40 @@ def verify_onnx(onnx_path: Path, model, max_slots: int, max_seq: int, precision:
     return diff
 
 
-def export_model(
-    model_repository: str | Path = "model_repository",
-    name: str | None = None,
-    *,
-    model: str | None = None,
-    source: str | None = None,
-    step: int | None = None,
-    checkpoint_dir: str | Path | None = None,
-    runtime: str = "auto",
-    precision: str = "fp32",
-    max_slots: int = DEFAULTS["max_slots"],
-    max_seq: int | None = None,
-    force: bool = False,
-    nanochat_base: str | Path | None = None,
-    max_queue: int = DEFAULTS["max_queue"],
-    prefill_chunk: int = DEFAULTS["prefill_chunk"],
-    stream_interval: int = DEFAULTS["stream_interval"],
-    verify: bool = True,
-    log: Callable[[str], None] = say,
-) -> Path:
+def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Path:
     """Export one checkpoint (model tag, source, step, as nanochat picks them) into
     <model_repository>/<name>/ (name defaults to the tag); returns that folder."""
     t0 = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise ExportError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if source is not None and source not in SOURCES:
-        raise ExportError(f"SOURCE must be one of {', '.join(SOURCES)}, not {source!r}")
-    for label, value in (("MAX_SLOTS", max_slots), ("MAX_QUEUE", max_queue), ("PREFILL_CHUNK", prefill_chunk),
-                         ("STREAM_INTERVAL", stream_interval)):
-        if value < 1:
-            raise ExportError(f"{label} must be >= 1, not {value}")
-    runtime = choose_runtime(runtime, log)
-    if runtime == "onnx" and precision == "bf16" and instance_kind("onnx") == "KIND_CPU":
+    o = options
+    runtime = choose_runtime(o.runtime, log)
+    if runtime == "onnx" and o.precision == "bf16" and instance_kind("onnx") == "KIND_CPU":
         raise ExportError("PRECISION=bf16 needs a GPU runtime: ONNX Runtime has no bf16 kernels on CPU; "
                           "use fp32 or fp16 here")
     try:
-        ref = resolve_checkpoint(model, source, step, checkpoint_dir, nanochat_base, log)
+        ref = resolve_checkpoint(o.model, o.source, o.step, o.checkpoint_dir, o.nanochat_base_dir, log)
     except CheckpointError as e:
         raise ExportError(str(e)) from e
-    name = name or ref.model_tag
-    repo = Path(model_repository).expanduser().absolute()
+    name = o.name or ref.model_tag
+    repo = Path(o.model_repository).expanduser().absolute()
     target = repo / name
     try:
-        repository.check_target(target, str(ref.model_path.absolute()), force)
+        repository.check_target(target, str(ref.model_path.absolute()), o.force)
     except repository.RepositoryError as e:
         raise ExportError(str(e)) from e
 
     log(f"loading {ref.model_path} ...")
     try:
-        loaded, _ = open_checkpoint(ref)
+        loaded, _ = open_checkpoint(ref, **parse_overrides(list(o.overrides)))
     except CheckpointError as e:
         raise ExportError(str(e)) from e
     cfg = loaded.config
-    max_seq = max_seq or cfg.sequence_len
+    max_seq = o.max_seq or cfg.sequence_len
     if not 2 <= max_seq <= cfg.rope_len:
         raise ExportError(f"MAX_SEQ must be 2..{cfg.rope_len} (10x sequence_len, nanochat's rotary table), "
                           f"not {max_seq}")
-    from runtime.gpt import build_gpt
+    shape = ModelShape(runtime=runtime, precision=o.precision, max_seq=max_seq, max_slots=o.max_slots)
+    max_slots, precision = shape.max_slots, shape.precision
+    from core.gpt import build_gpt
 
     gpt = build_gpt(cfg, loaded.state_dict)
     n_params = sum(p.numel() for p in gpt.parameters())
@@ -193,7 +168,7 @@ def export_model(
 
     try:
         with repository.staging(repo, name) as stage:
-            vdir = stage / repository.VERSION
+            vdir = stage / protocol.VERSION
             t = time.perf_counter()
             onnx_path = graph.export_onnx(gpt, vdir, max_slots, max_seq, log)
             if precision != "fp32":
@@ -206,34 +181,29 @@ def export_model(
                 graph.save(proto, vdir)
             log(f"traced in {time.perf_counter() - t:.1f}s; checking the ONNX graph ...")
             graph.check(onnx_path)
-            if verify:
+            if o.verify:
                 verify_onnx(onnx_path, gpt, max_slots, max_seq, precision, log)
             trt_info = None
             if runtime == "tensorrt":
                 from export.tensorrt_build import build_engine
 
-                trt_info = build_engine(onnx_path, vdir / repository.PLAN_FILE, max_slots=max_slots,
-                                        max_seq=max_seq, prefill_chunk=prefill_chunk, log=log)
-            shutil.copyfile(ref.tokenizer_path, vdir / repository.TOKENIZER_FILE)
+                trt_info = build_engine(onnx_path, vdir / protocol.PLAN_FILE, max_slots=max_slots,
+                                        max_seq=max_seq, prefill_chunk=o.engine.prefill_chunk, log=log)
+            shutil.copyfile(ref.tokenizer_path, vdir / protocol.TOKENIZER_FILE)
             for f in vdir.iterdir():
                 f.chmod(0o644)  # onnx writes its data file 0600; the server may run as another user
             files, content_hash = repository.describe_files(vdir)
-            params = dict(runtime=runtime, onnx_file=graph.ONNX_FILE,
-                          plan_file=repository.PLAN_FILE if runtime == "tensorrt" else "",
-                          tokenizer_file=repository.TOKENIZER_FILE, metadata_file=repository.METADATA_FILE,
-                          max_slots=max_slots, max_seq=max_seq, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          stream_interval=stream_interval)
             meta = dict(
                 name=name, model_tag=ref.model_tag, source=ref.source or "dir", step=ref.step,
-                checkpoint_path=str(ref.model_path.absolute()), generation=cfg.generation, config=cfg.to_dict(),
-                precision=precision, runtime=runtime, max_slots=max_slots, max_seq=max_seq, files=files,
+                checkpoint_path=str(ref.model_path.absolute()), generation=cfg.generation,
+                config=cfg.to_dict(), overrides=list(o.overrides), **dataclasses.asdict(shape), files=files,
                 tensorrt=trt_info, versions=versions(), content_hash=content_hash,
                 exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             )
-            (vdir / repository.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            (stage / "config.pbtxt").write_text(
-                repository.config_pbtxt(name, instance_kind(runtime), params), encoding="utf-8")
-            repository.check_target(target, meta["checkpoint_path"], force)  # another export may have finished
+            (vdir / protocol.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            (stage / protocol.CONFIG_FILE).write_text(
+                config_pbtxt(name, instance_kind(runtime), o.engine), encoding="utf-8")
+            repository.check_target(target, meta["checkpoint_path"], o.force)  # another export may have finished
             repository.install(stage, target)
     except repository.RepositoryError as e:
         raise ExportError(str(e)) from e
@@ -241,5 +211,5 @@ def export_model(
     log(f"exported {name} ({cfg.generation}, {precision}, runtime {runtime}) in {time.perf_counter() - t0:.1f}s "
         f"to {target}")
     for fname, f in files.items():
-        log(f"  {repository.VERSION}/{fname:<18} {f['bytes'] / 1e6:10.2f} MB")
+        log(f"  {protocol.VERSION}/{fname:<18} {f['bytes'] / 1e6:10.2f} MB")
     return target

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from backend.protocol import CACHE_PREFIXES, NEW_KV_PREFIXES, NEW_PREV, PREV_EMBEDDING
+
 LOW = {"fp16": (torch.float16, 10), "bf16": (torch.bfloat16, 16)}  # torch dtype, onnx TensorProto enum
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -80,8 +82,8 @@ def lower_precision(proto, precision: str) -> None:
         nodes.extend([node, cast(node.output[0], out, TensorProto.FLOAT)])
 
     # cache (and smear state) in the low dtype at the graph's boundary, fp32 inside
-    state_in = [v for v in g.input if v.name.startswith(("k_cache_", "v_cache_")) or v.name == "prev_embedding"]
-    state_out = [v for v in g.output if v.name.startswith(("new_k_", "new_v_")) or v.name == "new_prev"]
+    state_in = [v for v in g.input if v.name.startswith(CACHE_PREFIXES) or v.name == PREV_EMBEDDING]
+    state_out = [v for v in g.output if v.name.startswith(NEW_KV_PREFIXES) or v.name == NEW_PREV]
     inner = {v.name: f"{v.name}__f32" for v in state_in + state_out}
     for node in nodes:
         for field in (node.input, node.output):

@@ -1,16 +1,21 @@
 """
 Writing one model into a Triton model repository, atomically.
 
-Layout and parameters follow model_repository/README.md: <repo>/<name>/config.pbtxt and a version
-folder 1/ with the artifacts and metadata.json. The model is assembled in a hidden staging folder
-next to the target (same filesystem, so the final rename is atomic) named after the exporting
-process; Triton, pointed at the repository, only ever sees the old model or the new one. A staging
-folder left by a killed export (its process is gone) is removed by the next export of that name.
+Layout and parameters follow model_repository/README.md (names in backend/protocol.py): <repo>/<name>/
+config.pbtxt and a version folder 1/ with the artifacts and metadata.json. The model is assembled in a
+hidden staging folder next to the target (same filesystem, so the final rename is atomic) named after the exporting
+process. A model that exists is replaced by exchanging the two folders in one rename (Linux's
+renameat2 RENAME_EXCHANGE), so Triton, pointed at the repository, only ever sees the old model or the
+new one, and a kill at any moment leaves one of them in place, never neither. A staging folder left by
+a killed export (its process is gone) is removed by the next export of that name; where the exchange
+is not available the old model is first moved aside, and one left aside by a killed export is put back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -18,50 +23,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-VERSION = "1"
-METADATA_FILE = "metadata.json"
-TOKENIZER_FILE = "tokenizer.pkl"
-PLAN_FILE = "model.plan"
+from backend.protocol import METADATA_FILE, VERSION
 
-INPUTS = [  # name, type, dims, optional
-    ("messages", "TYPE_STRING", [1], True),
-    ("prompt_ids", "TYPE_INT64", [-1], True),
-    ("temperature", "TYPE_FP32", [1], True),
-    ("top_k", "TYPE_INT32", [1], True),
-    ("max_tokens", "TYPE_INT32", [1], True),
-    ("seed", "TYPE_INT64", [1], True),
-    ("min_answer_tokens", "TYPE_INT32", [1], True),
-]
-OUTPUTS = [
-    ("text", "TYPE_STRING", [1]),
-    ("token_ids", "TYPE_INT64", [-1]),
-    ("device_id", "TYPE_INT32", [1]),
-    ("finish_reason", "TYPE_STRING", [1]),
-    ("prompt_tokens", "TYPE_INT32", [1]),
-    ("completion_tokens", "TYPE_INT32", [1]),
-    ("dropped_turns", "TYPE_INT32", [1]),
-]
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+ASIDE = ".old"  # suffix of an old model moved aside by the fallback of install()
 
 
 class RepositoryError(Exception):
     """The target cannot be written (exists with another model, not writable, ...)."""
-
-
-def config_pbtxt(name: str, kind: str, parameters: dict[str, object]) -> str:
-    """config.pbtxt for the decoupled `nanochat` backend; kind is KIND_CPU or KIND_GPU."""
-    dims = lambda d: "[ " + ", ".join(str(x) for x in d) + " ]"
-    lines = [f'name: "{name}"', 'backend: "nanochat"', "max_batch_size: 0",
-             "model_transaction_policy {", "  decoupled: true", "}", "input ["]
-    lines.append(",\n".join(
-        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: {dims(d)}\n    optional: {str(o).lower()}\n  }}'
-        for n, t, d, o in INPUTS))
-    lines += ["]", "output ["]
-    lines.append(",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: {dims(d)}\n  }}'
-                            for n, t, d in OUTPUTS))
-    lines += ["]", "instance_group [", "  {", "    count: 1", f"    kind: {kind}", "  }", "]"]
-    for key, value in parameters.items():
-        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
-    return "\n".join(lines) + "\n"
 
 
 def file_digest(path: Path) -> str:
@@ -111,9 +80,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(repo: Path, name: str) -> None:
+    """Remove what dead exports of `name` left: staging folders, and old models moved aside, which go back
+    into place if the export died before its new model was (the two-rename fallback of install())."""
     for p in repo.glob(f".{name}.export-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        pid = p.name.removesuffix(ASIDE).rsplit("-", 1)[-1]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if p.name.endswith(ASIDE) and not (repo / name).exists():
+            p.rename(repo / name)
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -139,15 +114,33 @@ def staging(repo: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic rename; False where the kernel or filesystem cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def install(stage: Path, target: Path) -> None:
-    """Move the staged model to target, replacing an old one (kept until the new one is in place)."""
-    old = target.with_name(f"{stage.name}.old")
-    if target.exists():
-        target.rename(old)
+    """Put the staged model at target. An old model is exchanged with the new one atomically and then
+    removed from the staging path; without the exchange it is moved aside first and put back on failure."""
+    if not target.exists():
+        stage.rename(target)
+        return
+    if exchange(stage, target):
+        shutil.rmtree(stage, ignore_errors=True)  # the old model, now at the staging path
+        return
+    aside = target.with_name(stage.name + ASIDE)
+    target.rename(aside)
     try:
         stage.rename(target)
-    except OSError:
-        if old.exists():
-            old.rename(target)
+    except BaseException:
+        aside.rename(target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -4,7 +4,7 @@ A TensorRT engine (model.plan) from the exported ONNX graph, with the tensorrt P
 - Strongly typed network where TensorRT has the flag (9.x+; 10.12 deprecates weak typing and 11.0
   always types strongly): the graph's own dtypes decide the precision, which is why fp16/bf16 are
   lowered in the ONNX (export/precision.py). Older versions get the matching builder flag instead.
-- Two optimization profiles, one per execution context in runtime/trt_runner.py (the NeMo GPT demo
+- Two optimization profiles, one per execution context in backend/trt_runner.py (the NeMo GPT demo
   pattern): 0 = prefill (T up to max_seq, tuned for a prefill_chunk prompt), 1 = decode (T = 1,
   tuned for every slot busy at half the context). Lc (the cache rows read) ranges 1..max_seq.
 - A timing cache per TensorRT version and GPU under ~/.cache/nanochat-triton, so rebuilds (other
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PREFILL, DECODE = 0, 1
+from backend.protocol import CACHE_PREFIXES, DECODE_PROFILE, INPUT_IDS, POSITIONS, PREFILL_PROFILE, SLOTS
 
 
 def unavailable_reason() -> str | None:
@@ -115,10 +115,10 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
 
     chunk = max(1, min(prefill_chunk, max_seq))
     shapes = {  # profile -> (min, opt, max) of (B, T, Lc)
-        PREFILL: ((1, 1, 1), (1, chunk, chunk), (max_slots, max_seq, max_seq)),
-        DECODE: ((1, 1, 1), (max_slots, 1, max(1, max_seq // 2)), (max_slots, 1, max_seq)),
+        PREFILL_PROFILE: ((1, 1, 1), (1, chunk, chunk), (max_slots, max_seq, max_seq)),
+        DECODE_PROFILE: ((1, 1, 1), (max_slots, 1, max(1, max_seq // 2)), (max_slots, 1, max_seq)),
     }
-    for index in (PREFILL, DECODE):
+    for index in (PREFILL_PROFILE, DECODE_PROFILE):
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
@@ -143,17 +143,17 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
     cache_file.write_bytes(memoryview(config.get_timing_cache().serialize()))
     log(f"tensorrt: engine built in {time.perf_counter() - t:.1f}s ({plan_path.stat().st_size / 1e6:.1f} MB)")
     return dict(version=trt.__version__, compute_capability=cc, device=device_name(),
-                strongly_typed=strongly_typed, profiles={"prefill": PREFILL, "decode": DECODE})
+                strongly_typed=strongly_typed, profiles={"prefill": PREFILL_PROFILE, "decode": DECODE_PROFILE})
 
 
 def _dims(name: str, shape: tuple, bt_lc: tuple):
     """One profile shape for an input; None for static inputs (prev_embedding)."""
     B, T, Lc = bt_lc
-    if name == "input_ids":
+    if name == INPUT_IDS:
         return (B, T)
-    if name in ("positions", "slots"):
+    if name in (POSITIONS, SLOTS):
         return (B,)
-    if name.startswith(("k_cache_", "v_cache_")):
+    if name.startswith(CACHE_PREFIXES):
         return (Lc, *shape[1:])
     return None
 

@@ -5,7 +5,7 @@ import os
 import psutil
 import pytest
 
-from runtime.local_triton import LocalTriton, session_members
+from tools.local_triton import LocalTriton, session_members
 
 pytestmark = pytest.mark.triton
 

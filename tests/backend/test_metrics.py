@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from runtime.metrics import ITL_BUCKETS, Stats, TritonMetrics, bucket_counts
+from backend.metrics import ITL_BUCKETS, EngineStats, TritonMetrics, bucket_counts
 
 CALLS: list[tuple] = []  # (family, label other than model, operation, value), one per metric call
 
@@ -43,7 +43,7 @@ def test_bucket_counts_are_cumulative_with_inclusive_bounds():
 
 def test_itl_costs_one_call_per_bucket_not_one_per_token():
     CALLS.clear()
-    metrics, stats = TritonMetrics(FakePbUtils, {"model": "m"}), Stats()
+    metrics, stats = TritonMetrics(FakePbUtils, {"model": "m"}), EngineStats()
     stats.itl.extend([0.002] * 500 + [0.03] * 100)
     stats.ttft.extend([0.04, 0.06])
     metrics.export(stats)
@@ -61,7 +61,7 @@ def test_itl_costs_one_call_per_bucket_not_one_per_token():
 
 def test_finished_requests_are_counted_by_reason_as_deltas():
     CALLS.clear()
-    metrics, stats = TritonMetrics(FakePbUtils, {"model": "m"}), Stats()
+    metrics, stats = TritonMetrics(FakePbUtils, {"model": "m"}), EngineStats()
     stats.finished.update(stop=3, cancelled=1)
     metrics.export(stats)
     stats.finished["cancelled"] += 2

@@ -1,16 +1,16 @@
 """The nanochat backend in a real Triton server (tests/conftest.py starts one per session), over gRPC."""
 
 import asyncio
-import re
-import urllib.request
 
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from runtime.local_triton import derive_model
-from runtime.refusals import INVALID
-from runtime.stream_client import make_inputs, stream
+from backend import protocol as P
+from backend.protocol import INVALID
 from tests.tritonkit import stub_process
+from tools import measure
+from tools.local_triton import derive_model
+from tools.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
 
@@ -24,12 +24,6 @@ def run(coro_fn, server, timeout: float = 120.0):
             await client.close()
 
     return asyncio.run(main())
-
-
-def metric(server, name: str, model: str) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    m = re.search(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else float("nan")
 
 
 def greedy(**kw):
@@ -160,7 +154,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(triton_server):
         "temperature must be in": make_inputs(messages=user, temperature=3.0),
         "top_k must be in": make_inputs(messages=user, top_k=201),
         "max_tokens must be in": make_inputs(messages=user, max_tokens=0),
-        "seed must be >= 0": make_inputs(messages=user, seed=-1),
+        "seed must be in": make_inputs(messages=user, seed=-1),
         "exactly one of messages and prompt_ids": make_inputs(messages=user, prompt_ids=[1, 2]),
         "outside the vocabulary": make_inputs(prompt_ids=[1, 10**6]),
         "last message must be from the user": make_inputs(messages=[{"role": "assistant", "content": "hi"}]),
@@ -216,14 +210,13 @@ def test_soak_500_requests_leaves_no_growth(triton_server):
     after = (stub.num_threads(), stub.num_fds())
     assert after[0] <= before[0] and after[1] <= before[1] + 2, (before, after)
     asyncio.run(asyncio.sleep(0.2))  # one metrics export
-    assert metric(triton_server, "nanochat_active_slots", "demo") == 0
-    assert metric(triton_server, "nanochat_queue_depth", "demo") == 0
-    assert metric(triton_server, "nanochat_generated_tokens_total", "demo") >= 1500
-    text = urllib.request.urlopen(triton_server.metrics_url, timeout=5).read().decode()
-    assert 'nanochat_time_to_first_token_seconds_bucket{' in text
-    itl_count = metric(triton_server, "nanochat_inter_token_latency_seconds_count", "demo")
-    inf = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(
-        "nanochat_inter_token_latency_seconds_bucket{") and 'model="demo"' in line and 'le="+Inf"' in line]
+    text = measure.scrape(triton_server.metrics_url)
+    assert measure.metric(text, P.METRIC_ACTIVE_SLOTS, model="demo") == 0
+    assert measure.metric(text, P.METRIC_QUEUE_DEPTH, model="demo") == 0
+    assert measure.metric(text, P.METRIC_GENERATED_TOKENS, model="demo") >= 1500
+    assert measure.samples(text, P.METRIC_TTFT + "_bucket", model="demo")
+    itl_count = measure.metric(text, P.METRIC_ITL + "_count", model="demo")
+    inf = [v for _, v in measure.samples(text, P.METRIC_ITL + "_bucket", model="demo", le="+Inf")]
     assert itl_count > 0 and inf == [itl_count]  # +Inf counts every gap
 
 

@@ -13,10 +13,11 @@ import httpx
 import orjson
 import uvicorn
 
+from backend.protocol import FINISH_REASONS, METRIC_ACTIVE_SLOTS, METRIC_FINISHED
 from bff.app import create_app
 from bff.settings import from_env
-from runtime.local_triton import free_port
-from runtime.metrics import FINISH_REASONS
+from tools.local_triton import free_port
+from tools.measure import metric
 
 KEY = "test-internal-key"
 AUTH = {"X-Internal-API-Key": KEY}
@@ -80,21 +81,9 @@ def text_of(events: list[dict]) -> str:
     return "".join(e["token"] for e in events if "token" in e)
 
 
-def metric(metrics_url: str, name: str, **labels) -> float:
-    """Sum of one metric's samples from Triton's /metrics whose labels include `labels`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 def finished(server, model: str) -> dict[str, float]:
     """The backend's ended requests by finish reason, from Triton's /metrics."""
-    return {reason: metric(server.metrics_url, "nanochat_finished_requests_total", model=model, finish_reason=reason)
+    return {reason: metric(server.metrics_url, METRIC_FINISHED, model=model, finish_reason=reason)
             for reason in FINISH_REASONS}
 
 
@@ -108,7 +97,7 @@ def wait_until(condition, failure: str, timeout: float = 10.0) -> None:
 def assert_cancelled_and_freed(server, model: str, before: dict[str, float]) -> None:
     """The backend ended exactly one more request, as cancelled, and holds no slot."""
     wait_until(lambda: sum(finished(server, model).values()) > sum(before.values())
-               and metric(server.metrics_url, "nanochat_active_slots", model=model) == 0,
+               and metric(server.metrics_url, METRIC_ACTIVE_SLOTS, model=model) == 0,
                "the backend request did not end or its slot was not freed")
     after = finished(server, model)
     assert {r: after[r] - before[r] for r in after} == {**dict.fromkeys(FINISH_REASONS, 0), "cancelled": 1}

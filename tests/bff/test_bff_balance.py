@@ -14,9 +14,9 @@ import httpx
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from runtime.local_triton import LocalTriton
-from runtime.stream_client import make_inputs, stream
 from tests.bff.bffkit import AUTH, is_done, parse_events, run_bff, text_of, wait_until
+from tools.local_triton import LocalTriton
+from tools.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
 # head runs ~400 greedy tokens in about 1.5 s here: long enough to kill a server mid-stream.

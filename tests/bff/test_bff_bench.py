@@ -16,7 +16,7 @@ pytestmark = pytest.mark.triton
 def test_bench_measures_both_paths(triton_server, tmp_path):
     plot = tmp_path / "bench.png"
     run = subprocess.run(
-        [sys.executable, "-m", "bff.bench", "--model", "head",
+        [sys.executable, "-m", "tools.bench_bff", "--model", "head",
          "--model-repository", str(triton_server.model_repository),
          "--triton-url", triton_server.grpc_url, "--triton-metrics-url", triton_server.metrics_url,
          "--concurrency", "1", "2", "--requests-per-client", "2", "--rounds", "2", "--max-tokens", "8",
@@ -36,7 +36,7 @@ def test_bench_measures_both_paths(triton_server, tmp_path):
 
 
 def test_bench_refuses_to_place_a_remote_triton():
-    run = subprocess.run([sys.executable, "-m", "bff.bench", "--triton-url", "127.0.0.1:1", "--triton-cpus", "0"],
+    run = subprocess.run([sys.executable, "-m", "tools.bench_bff", "--triton-url", "127.0.0.1:1", "--triton-cpus", "0"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "--triton-cpus places a local Triton" in run.stderr

@@ -1,5 +1,5 @@
 """
-`python -m bff.serve` (what `make serve` and `make demo` run): a local Triton and the BFF from one command,
+`python -m tools.serve` (what `make serve` and `make demo` run): a local Triton and the BFF from one command,
 the printed curl line streams an answer, and Ctrl-C stops both, leaving no process behind.
 """
 
@@ -16,8 +16,8 @@ import threading
 import httpx
 import pytest
 
-from runtime.local_triton import session_members
 from tests.bff.bffkit import free_port, is_done, parse_events, ready, text_of, wait_until
+from tools.local_triton import session_members
 
 pytestmark = pytest.mark.triton
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.triton
 def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_repository):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("INTERNAL_API_KEY", "BFF_RUN_OPEN")}
-    proc = subprocess.Popen([sys.executable, "-m", "bff.serve", "--model", "demo", "--model-repository",
+    proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", "demo", "--model-repository",
                              str(oracle_repository), "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr: list[str] = []

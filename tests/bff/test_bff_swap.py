@@ -11,7 +11,6 @@ import asyncio
 import httpx
 import pytest
 
-from runtime.local_triton import LocalTriton, derive_model
 from tests.bff.bffkit import (
     AUTH,
     generate,
@@ -23,6 +22,7 @@ from tests.bff.bffkit import (
     triton_settings,
     wait_until,
 )
+from tools.local_triton import LocalTriton, derive_model
 
 pytestmark = pytest.mark.triton
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 120}

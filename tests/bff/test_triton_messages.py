@@ -4,7 +4,7 @@ import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2
 from tritonclient.grpc._utils import _get_inference_request
 
-from bff.triton import OUTPUTS, Piece, request_message
+from bff.triton import OUTPUTS, Piece, Stream, TritonError, request_message
 
 
 def test_request_message_is_what_tritonclient_builds():
@@ -46,3 +46,66 @@ def test_piece_parse_reads_outputs_and_the_final_flag():
     assert Piece.parse(response("", 0, "stop", True, **usage)) == Piece("", 0, "stop", final=True, usage=usage)
     # a response without the flag is not the last one
     assert Piece.parse(response("x", -1, "", None)) == Piece("x", -1, "", final=False, usage={})
+
+
+class FakeCall:
+    """A ModelStreamInfer call that yields the given stream responses, then ends."""
+
+    def __init__(self, responses: list) -> None:
+        self.responses = responses
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for r in self.responses:
+            yield r
+
+    def cancel(self) -> None:
+        pass
+
+
+class FakeEndpoint:
+    def __init__(self, responses: list) -> None:
+        self.active = self.opened = 0
+        self.stream_infer = lambda request: FakeCall(responses)
+
+
+def read_all(responses: list, timeout: float = 2.0) -> list:
+    """Every piece of a Stream over these responses, or the exception that ended it."""
+    import asyncio
+
+    async def go():
+        stream, out = Stream(FakeEndpoint(responses), "head", service_pb2.ModelInferRequest()), []
+        try:
+            while (piece := await stream.next(timeout)) is not None:
+                out.append(piece)
+        except (TritonError, TimeoutError) as exc:
+            out.append(exc)
+        stream.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def stream_response(infer: service_pb2.ModelInferResponse) -> service_pb2.ModelStreamInferResponse:
+    return service_pb2.ModelStreamInferResponse(infer_response=infer)
+
+
+def test_a_stream_ends_at_its_final_response():
+    out = read_all([stream_response(response("a", 0, "", False)), stream_response(response("", 0, "stop", True))])
+    assert [p.text for p in out] == ["a", ""] and out[-1].final
+
+
+def test_an_unreadable_response_ends_the_stream_with_an_error():
+    # Before: only gRPC errors and cancellation were caught, the reading task died silently, and the client
+    # got `: ping` forever (here: the wait for the next piece timed out instead of ending).
+    broken = service_pb2.ModelInferResponse(model_name="head")  # no outputs at all
+    out = read_all([stream_response(response("a", 0, "", False)), stream_response(broken)])
+    assert out[0].text == "a" and isinstance(out[1], TritonError) and out[1].kind == "failed"
+    assert "reading Triton's stream failed: KeyError" in out[1].detail
+
+
+def test_a_stream_that_ends_without_its_final_response_is_an_error():
+    out = read_all([stream_response(response("a", 0, "", False))])
+    assert isinstance(out[-1], TritonError) and "before the final response" in out[-1].detail

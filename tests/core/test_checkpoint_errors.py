@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from runtime.checkpoint import CheckpointError, find_checkpoint, open_checkpoint
-from runtime.demo import make_checkpoint, train_tokenizer, write_tokenizer
+from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint
+from core.random_checkpoint import make_checkpoint, train_tokenizer, write_tokenizer
 
 SMALL = dict(depth=2, n_embd=64, n_head=2, sequence_len=128, window_pattern="L")
 
@@ -138,8 +138,8 @@ def test_demo_checkpoint_is_deterministic(tmp_path):
 
 
 def test_ambiguous_constants_are_overridable(base):
-    from runtime.config import parse_overrides
-    from runtime.gpt import build_gpt
+    from core.config import parse_overrides
+    from core.gpt import build_gpt
 
     ref = find_checkpoint("sft", "d2", nanochat_base=base)
     overrides = parse_overrides(["softcap=20", "rope_bf16=true"])

@@ -4,9 +4,9 @@ KV-cache path (prefill, chunked prefill, decode, several rows) against one full 
 import numpy as np
 import pytest
 
-from runtime.checkpoint import find_checkpoint, open_checkpoint
-from runtime.demo import make_checkpoint
-from runtime.gpt import TorchRunner, build_gpt
+from core.checkpoint import find_checkpoint, open_checkpoint
+from core.gpt import TorchRunner, build_gpt
+from core.random_checkpoint import make_checkpoint
 
 # G3/G4 at S=512 have short windows of 256/128, so 300 tokens run past them; G1/G2 use S=256 (window 128).
 CASES = {

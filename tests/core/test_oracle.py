@@ -1,29 +1,25 @@
 """The model core against nanochat itself: real checkpoints written by nanochat at two commits
 (shared/oracle/orig is G0, shared/oracle/head is G4), loaded through the discovery a user would use."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from runtime.checkpoint import find_checkpoint, open_checkpoint
-from runtime.generation import SamplingParams, generate
-from runtime.gpt import TorchRunner, build_gpt
-
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
+from core.checkpoint import find_checkpoint, open_checkpoint
+from core.generation import SamplingParams, generate
+from core.gpt import TorchRunner, build_gpt
+from tests.oracles import oracle_or_skip, references
 
 
 @pytest.fixture(scope="module", params=["head", "orig"])
 def oracle(request, monkeypatch_module):
-    base = ORACLE / request.param
-    if not base.is_dir():
-        pytest.skip(f"oracle checkpoints not found at {base}")
+    base = oracle_or_skip(request.param)
     monkeypatch_module.setenv("NANOCHAT_BASE_DIR", str(base))
     ref = find_checkpoint("base")  # default tag (largest d<N>) and step (the last), as nanochat picks them
     loaded, tok = open_checkpoint(ref)
-    refs = json.loads((base / "references.json").read_text())
+    refs = references(request.param)
     return base, refs, build_gpt(loaded.config, loaded.state_dict), tok, loaded
 
 
@@ -64,7 +60,7 @@ def test_greedy_generation_matches_nanochat(oracle):
     _, refs, model, tok, _ = oracle
     for conv in refs["conversations"]:
         runner = TorchRunner(model, max_slots=1, max_seq=512)
-        tokens = [t for t, _ in generate(runner, tok, conv["prompt_ids"], SamplingParams(0.0, None, 32))]
+        tokens = [t for t, _ in generate(runner, tok, conv["prompt_ids"], SamplingParams(0.0, None, 32, 0))]
         assert tokens == conv["greedy"]["tokens"], conv["name"]
         assert tok.decode(tokens) == conv["greedy"]["text"]
 

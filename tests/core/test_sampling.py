@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.sampling import make_generator, sample_next_token, sample_rows
+from core.sampling import make_generator, sample_next_token, sample_rows
 
 # greedy, top-k of several sizes (two rows share k=50), the whole vocabulary, and k beyond it
 SETTINGS = [(0.0, None), (0.8, 50), (1.0, 50), (0.7, 5), (1.3, None), (0.9, 0), (1.0, 10_000), (0.0, 20)]

@@ -1,19 +1,15 @@
 """nanochat's chat format and the streaming detokenizer, on the oracle's real tokenizer."""
 
-from pathlib import Path
 
 import pytest
 
-from runtime.tokenizer import ConversationError, Detokenizer, Tokenizer
-
-TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "oracle" / "head" / "tokenizer" / "tokenizer.pkl"
+from core.tokenizer import ConversationError, Detokenizer, Tokenizer
+from tests.oracles import oracle_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    if not TOKENIZER.is_file():
-        pytest.skip(f"oracle tokenizer not found at {TOKENIZER}")
-    return Tokenizer.load(TOKENIZER)
+    return Tokenizer.load(oracle_tokenizer())
 
 
 def test_special_ids_come_after_the_merges(tok):

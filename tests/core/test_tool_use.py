@@ -1,18 +1,16 @@
 """The calculator tool through the generation loop: forced tokens, their count toward max_tokens,
 RNG consumption on forced steps, and nanochat's rules for which expressions are evaluated."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from runtime.calculator import use_calculator
-from runtime.generation import SamplingParams, generate
-from runtime.sampling import make_generator, sample_next_token
-from runtime.tokenizer import Tokenizer
-
-TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "oracle" / "head" / "tokenizer" / "tokenizer.pkl"
+from core.calculator import use_calculator
+from core.generation import SamplingParams, generate
+from core.sampling import make_generator, sample_next_token
+from core.tokenizer import Tokenizer
+from tests.oracles import oracle_tokenizer
 
 
 class ScriptedRunner:
@@ -39,9 +37,7 @@ class ScriptedRunner:
 
 @pytest.fixture(scope="module")
 def tok():
-    if not TOKENIZER.is_file():
-        pytest.skip(f"oracle tokenizer not found at {TOKENIZER}")
-    return Tokenizer.load(TOKENIZER)
+    return Tokenizer.load(oracle_tokenizer())
 
 
 def run(tok, expr, tail, max_tokens=64, temperature=0.0):

@@ -22,7 +22,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from backend import protocol
+from tools.paths import CONTRACT
+from tools.paths import PROJECT as ROOT
+
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
@@ -181,7 +184,7 @@ def test_copied_paths_exist_and_pass_the_dockerignore(dockerfile):
 
 def test_backend_is_installed_as_nanochat():
     copies = [args for word, args in stages(DOCKER / "triton.Dockerfile")["triton"] if word == "COPY"]
-    assert "runtime/triton_backend/model.py /opt/tritonserver/backends/nanochat/model.py" in copies
+    assert "backend/model.py /opt/tritonserver/backends/nanochat/model.py" in copies
     # The model configs that `make export` writes name the same backend.
     assert 'backend "nanochat"' in (ROOT / "model_repository" / "README.md").read_text()
 
@@ -236,7 +239,7 @@ def test_bff_default_port_is_the_contract_port():
     from bff.settings import Settings
 
     assert Settings.__dataclass_fields__["port"].default == BFF_PORT
-    contract = ROOT.parent / "shared" / "contracts" / "inference-api.yaml"
+    contract = CONTRACT
     if contract.exists():  # shared/ sits beside the repository, also in CI
         assert f":{BFF_PORT}" in yaml.safe_load(contract.read_text())["servers"][0]["url"]
 
@@ -298,7 +301,7 @@ def test_bff_endpoints_cover_every_replica_the_hpa_may_create():
 
 def test_hpa_metric_is_the_backends_queue_depth():
     metric = find("HorizontalPodAutoscaler", "triton")["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    assert f'"{metric}"' in (ROOT / "runtime" / "metrics.py").read_text()  # the backend exports it
+    assert metric == protocol.METRIC_QUEUE_DEPTH  # the gauge the backend exports (backend/metrics.py)
     assert metric in find("ConfigMap", "prometheus-adapter")["data"]["config.yaml"]
 
 

@@ -5,17 +5,16 @@ and exports made once per session (tracing is the slow part, ~5-10 s a model on 
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-ORACLE = Path(os.environ.get("NANOCHAT_ORACLE_DIR", ROOT.parent / "shared" / "oracle"))
-ORACLES = {"head": ORACLE / "head", "orig": ORACLE / "orig"}
+from tests import oracles
+from tests.oracles import oracle_or_skip
+from tools.paths import PROJECT as ROOT
+
 GENERATIONS = ("G0", "G1", "G2", "G3", "G4")
 # small models; sequence_len 512 puts G3's short window at 256 and G4's at 128, so a 240-token
 # prompt plus 32 decode steps runs past the window. G2 uses GQA (4 query heads on 2 kv heads).
@@ -23,22 +22,15 @@ DEMO = dict(depth=2, n_embd=64, n_head=2, sequence_len=512)
 DEMO_OVERRIDES = {"G2": dict(n_head=4, n_kv_head=2)}
 
 
-def oracle_or_skip(name: str) -> Path:
-    path = ORACLES[name]
-    if not (path / "references.json").is_file():
-        pytest.skip(f"oracle checkpoint {name} not found under {ORACLE}")
-    return path
-
-
 @pytest.fixture(scope="session")
 def references():
-    return lambda name: json.loads((oracle_or_skip(name) / "references.json").read_text())
+    return oracles.references
 
 
 @pytest.fixture(scope="session")
 def demo_base(tmp_path_factory) -> Path:
     """A nanochat base dir with one random base checkpoint per generation, tagged g0..g4."""
-    from runtime.demo import make_checkpoint
+    from core.random_checkpoint import make_checkpoint
 
     base = tmp_path_factory.mktemp("nanochat")
     for i, g in enumerate(GENERATIONS):
@@ -49,15 +41,15 @@ def demo_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_exports(tmp_path_factory, demo_base):
     """generation -> model folder, exported with export_model (max_slots 3) on first use."""
-    from export import export_model
+    from export import export_model, options
 
     repo, done = tmp_path_factory.mktemp("demo_repository"), {}
 
     def get(generation: str) -> Path:
         if generation not in done:
-            done[generation] = export_model(repo, generation.lower(), model=generation.lower(), source="base",
-                                            nanochat_base=demo_base, runtime="onnx", max_slots=3, verify=False,
-                                            log=lambda _: None)
+            done[generation] = export_model(
+                options(model_repository=repo, name=generation.lower(), model=generation.lower(), source="base",
+                        nanochat_base_dir=demo_base, runtime="onnx", max_slots=3, verify=False), log=lambda _: None)
         return done[generation]
 
     return get

@@ -2,7 +2,7 @@
 The exported graph under ONNX Runtime (CPU) against the PyTorch model core and nanochat's references.
 
 The graph is driven step by step by `GraphDriver`, which holds its own KV cache and writes the new
-K/V itself (independent of runtime/onnx_runner.py, which has its own test): prefill, then 32 greedy
+K/V itself (independent of backend/onnx_runner.py, which has its own test): prefill, then 32 greedy
 decode steps, logits within 1e-3 of the model core's TorchRunner at every step.
 """
 
@@ -12,10 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.checkpoint import find_checkpoint, open_checkpoint
-from runtime.gpt import TorchRunner, build_gpt
-from runtime.onnx_runner import OrtRunner
-from tests.export.conftest import GENERATIONS, oracle_or_skip
+from backend.onnx_runner import OrtRunner
+from core.checkpoint import find_checkpoint, open_checkpoint
+from core.gpt import TorchRunner, build_gpt
+from tests.oracles import oracle_or_skip
 
 TOL = 1e-3
 STEPS = 32
@@ -91,25 +91,12 @@ def test_oracle_head_via_make_export(make_export_head, references):
 
 
 def test_oracle_orig(tmp_path, references):
-    from export import export_model
+    from export import export_model, options
 
-    target = export_model(tmp_path, "orig", model="d4", source="base", nanochat_base=oracle_or_skip("orig"),
-                          runtime="onnx", max_slots=4, verify=False, log=lambda _: None)
+    target = export_model(options(model_repository=tmp_path, name="orig", model="d4", source="base",
+                                  nanochat_base_dir=oracle_or_skip("orig"), runtime="onnx", max_slots=4, verify=False),
+                          log=lambda _: None)
     check_oracle(target / "1" / "model.onnx", "orig", references, max_slots=4)
-
-
-@pytest.mark.parametrize("generation", GENERATIONS)
-def test_random_generation(generation, demo_base, demo_exports):
-    model = load_model(demo_base, generation.lower())
-    cfg = model.config
-    prompt = np.random.default_rng(7).integers(0, cfg.vocab_size, 240).tolist()
-    windows = [w for w in cfg.window_sizes() if w is not None]
-    if generation in ("G3", "G4"):
-        assert min(windows) < len(prompt) + STEPS < cfg.sequence_len  # decode runs past the short window
-    driver = GraphDriver(demo_exports(generation) / "1" / "model.onnx", cfg.sequence_len)
-    diff, ours, theirs = greedy_both(driver, TorchRunner(model, 3, cfg.sequence_len), prompt, slot=2)
-    assert diff < TOL
-    assert ours == theirs
 
 
 def test_ort_runner_batches_slots_and_chunks(demo_base, demo_exports):
@@ -136,32 +123,72 @@ def test_ort_runner_batches_slots_and_chunks(demo_base, demo_exports):
         ours.forward(tokens, np.array([512, 0]), np.array([0, 1]))
 
 
-def test_fp16_and_bf16_graphs(tmp_path, demo_exports):
-    """fp16: caches in half, top-1 agrees with fp32 on nearly every step; bf16: a valid typed graph.
-    (The traced fp32 graph is lowered here directly; export_model does the same for PRECISION=.)"""
+def lowered(fp32_path, precision: str, out_dir):
+    """The traced fp32 graph lowered to a precision, as export_model does for PRECISION=."""
     import onnx
 
     from export import graph
     from export.precision import lower_precision
 
-    fp32_path = demo_exports("G4") / "1" / "model.onnx"
-    lowered = {}
-    for precision in ("fp16", "bf16"):
-        proto = onnx.load(str(fp32_path))
-        lower_precision(proto, precision)
-        lowered[precision] = graph.save(proto, tmp_path / precision)
-        graph.check(lowered[precision])
-        cache_type = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}["k_cache_0"]
-        assert cache_type == {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
+    proto = onnx.load(str(fp32_path))
+    lower_precision(proto, precision)
+    return graph.save(proto, out_dir / precision), proto
 
-    fp16 = OrtRunner(lowered["fp16"], 3, 512, threads=1)
-    assert fp16.k[0].dtype == np.float16
-    fp32 = OrtRunner(fp32_path, 3, 512, threads=1)
-    prompt = np.random.default_rng(5).integers(0, 500, (1, 40))
-    a, b = fp32.forward(prompt, np.array([0]), np.array([1])), fp16.forward(prompt, np.array([0]), np.array([1]))
-    agree = []
-    for s in range(STEPS):
-        agree.append(a.argmax() == b.argmax())
-        token, pos = np.array([[a.argmax()]]), np.array([40 + s])
-        a, b = fp32.forward(token, pos, np.array([1])), fp16.forward(token, pos, np.array([1]))
-    assert np.mean(agree) >= 0.9, f"fp16 top-1 agreement {np.mean(agree):.2f}"
+
+def test_fp16_and_bf16_graphs_are_typed_and_valid(tmp_path, demo_exports):
+    """Caches and smear state in the low dtype at the graph's boundary, and onnx's full check passes. (ONNX
+    Runtime has no bf16 kernels on CPU: a bf16 graph runs only on a GPU; make gpu-check runs it there.)"""
+    import onnx
+
+    from export import graph
+
+    for precision, onnx_type in (("fp16", onnx.TensorProto.FLOAT16), ("bf16", onnx.TensorProto.BFLOAT16)):
+        path, proto = lowered(demo_exports("G4") / "1" / "model.onnx", precision, tmp_path)
+        graph.check(path)
+        types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
+        assert types["k_cache_0"] == types["prev_embedding"] == onnx_type, precision
+    assert OrtRunner(tmp_path / "fp16" / "model.onnx", 3, 512, threads=1).k[0].dtype == np.float16
+
+
+def test_fp16_graph_of_the_trained_oracle_agrees_with_fp32(make_export_head, references, tmp_path):
+    """On a trained model (the head oracle) fp16 must pick the same token as fp32 at every step of nanochat's
+    greedy continuations (fed nanochat's tokens, so one early slip cannot hide the rest), and its logits stay
+    close. Measured when written: agreement 1.0, max |logit diff| 4.9e-3."""
+    proc, repo = make_export_head
+    assert proc.returncode == 0, proc.stderr
+    fp32_path = repo / "d4" / "1" / "model.onnx"
+    fp32 = OrtRunner(fp32_path, 8, 512, threads=1)
+    fp16 = OrtRunner(lowered(fp32_path, "fp16", tmp_path)[0], 8, 512, threads=1)
+    steps, agree, worst, slot = 0, 0, 0.0, np.array([0])
+    for conv in references("head")["conversations"]:
+        prompt, tokens = conv["prompt_ids"], conv["greedy"]["tokens"]
+        a, b = (r.forward(np.array([prompt]), np.array([0]), slot) for r in (fp32, fp16))
+        for s, token in enumerate(tokens):
+            steps, agree = steps + 1, agree + int(a.argmax() == b.argmax())
+            worst = max(worst, float(np.abs(a - b).max()))
+            pos = np.array([len(prompt) + s])
+            a, b = (r.forward(np.array([[token]]), pos, slot) for r in (fp32, fp16))
+    assert agree == steps and worst < 2e-2, f"fp16 top-1 agreement {agree}/{steps}, max |logit diff| {worst:.2e}"
+
+
+def test_the_exporters_check_rejects_a_graph_that_disagrees(demo_base, demo_exports, tmp_path):
+    """verify_onnx, the check every export runs, on a graph broken on purpose (one weight changed)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from export import graph
+    from export.pipeline import verify_onnx
+
+    source = demo_exports("G4") / "1"
+    broken_dir = tmp_path / "broken"
+    shutil.copytree(source, broken_dir)
+    proto = onnx.load(str(broken_dir / "model.onnx"))
+    weight = next(w for w in proto.graph.initializer if "lm_head" in w.name)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    path = graph.save(proto, broken_dir)
+    model = load_model(demo_base, "g4")
+    assert verify_onnx(source / "model.onnx", model, 3, 512, "fp32", lambda _: None) < TOL  # the real one passes
+    with pytest.raises(RuntimeError, match="exported graph disagrees with the model core"):
+        verify_onnx(path, model, 3, 512, "fp32", lambda _: None)

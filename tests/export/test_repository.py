@@ -6,7 +6,6 @@ interrupted without leaving a partial model or touching the old one.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -14,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from export import ExportError, export_model, repository
+from backend import protocol
+from backend.model_config import EngineConfig
+from export import ExportError, export_model, options, repository
 from export.__main__ import main
-from tests.export.conftest import ROOT, oracle_or_skip
+from tests.oracles import oracle_or_skip
+from tools.paths import PROJECT as ROOT
 
 
 def parse_config(path: Path):
@@ -43,14 +45,16 @@ def test_make_export_writes_a_triton_model(make_export_head):
     cfg = parse_config(model / "config.pbtxt")
     assert (cfg.name, cfg.backend, cfg.max_batch_size) == ("d4", "nanochat", 0)
     assert cfg.model_transaction_policy.decoupled
-    assert [i.name for i in cfg.input] == [n for n, *_ in repository.INPUTS]
-    assert [o.name for o in cfg.output] == [n for n, *_ in repository.OUTPUTS]
+    from tritonclient.grpc import model_config_pb2
+
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
+        (i.name, model_config_pb2.DataType.Value(i.triton_type), list(i.dims)) for i in protocol.INPUTS]
+    assert [o.name for o in cfg.output] == [o.name for o in protocol.OUTPUTS]
     assert all(i.optional for i in cfg.input)
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, cfg.instance_group[0].KIND_CPU)]
+    # only the engine's settings: the serving shape is metadata.json's (the graph was built for it)
     params = {k: v.string_value for k, v in cfg.parameters.items()}
-    assert params == dict(runtime="onnx", onnx_file="model.onnx", plan_file="", tokenizer_file="tokenizer.pkl",
-                          metadata_file="metadata.json", max_slots="8", max_seq="512", max_queue="64",
-                          prefill_chunk="256", stream_interval="1")
+    assert params == dict(max_queue="64", prefill_chunk="256", stream_interval="1") == EngineConfig().parameters()
     version = model / "1"
     assert sorted(p.name for p in version.iterdir()) == ["metadata.json", "model.onnx", "model.onnx.data",
                                                          "tokenizer.pkl"]
@@ -110,12 +114,10 @@ def test_unwritable_target(capsys, tmp_path, demo_base):
     rc, err, _ = run_cli(capsys, "--model", "g0", "--source", "base", "--nanochat-base-dir", str(demo_base),
                       "--model-repository", str(tmp_path / "file" / "repo"))
     assert rc == 2 and "cannot create model repository" in err
-    if os.geteuid() != 0:  # root writes anywhere
-        ro = tmp_path / "ro"
-        ro.mkdir(mode=0o555)
-        rc, err, _ = run_cli(capsys, "--model", "g0", "--source", "base", "--nanochat-base-dir", str(demo_base),
-                          "--model-repository", str(ro))
-        assert rc == 2 and "not writable" in err
+    # a folder nobody may write, root included (root passes permission bits; /proc/sys refuses everyone)
+    rc, err, _ = run_cli(capsys, "--model", "g0", "--source", "base", "--nanochat-base-dir", str(demo_base),
+                         "--model-repository", "/proc/sys")
+    assert rc == 2 and "model repository /proc/sys is not writable" in err
 
 
 def test_tensorrt_without_gpu_exits_2(tmp_path, demo_base):
@@ -144,19 +146,19 @@ def test_bad_options_exit_2(capsys, tmp_path, demo_base):
 
 
 def test_other_model_needs_force(tmp_path, demo_base, demo_exports):
-    opts = dict(source="base", nanochat_base=demo_base, runtime="onnx", max_slots=3, verify=False,
-                log=lambda _: None)
+    opts = dict(source="base", nanochat_base_dir=demo_base, runtime="onnx", max_slots=3, verify=False)
+    quiet = lambda _: None
     existing = demo_exports("G1")
     before = snapshot(existing)
     with pytest.raises(ExportError, match="holds another model"):
-        export_model(existing.parent, "g1", model="g0", **opts)
+        export_model(options(model_repository=existing.parent, name="g1", model="g0", **opts), quiet)
     assert snapshot(existing) == before
     foreign = tmp_path / "repo" / "g0"  # a folder this exporter did not write
     (foreign / "1").mkdir(parents=True)
     (foreign / "config.pbtxt").write_text("someone else's\n")
     with pytest.raises(ExportError, match="not a model this exporter wrote"):
-        export_model(tmp_path / "repo", model="g0", **opts)
-    forced = export_model(tmp_path / "repo", model="g0", force=True, **opts)
+        export_model(options(model_repository=tmp_path / "repo", model="g0", **opts), quiet)
+    forced = export_model(options(model_repository=tmp_path / "repo", model="g0", force=True, **opts), quiet)
     assert json.loads((forced / "1" / "metadata.json").read_text())["generation"] == "G0"
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["g0"]
 
@@ -164,9 +166,9 @@ def test_other_model_needs_force(tmp_path, demo_base, demo_exports):
 def test_injected_failure_leaves_old_model(tmp_path, demo_base, monkeypatch):
     from export import graph
 
-    opts = dict(model="g0", source="base", nanochat_base=demo_base, runtime="onnx", max_slots=3,
-                verify=False, log=lambda _: None)
     repo = tmp_path / "repo"
+    opts = options(model_repository=repo, model="g0", source="base", nanochat_base_dir=demo_base, runtime="onnx",
+                   max_slots=3, verify=False)
     (repo / "g0" / "1").mkdir(parents=True)
     # an "old model" that is ours: same checkpoint, so a re-export would replace it
     target = repo / "g0"
@@ -181,7 +183,7 @@ def test_injected_failure_leaves_old_model(tmp_path, demo_base, monkeypatch):
 
     monkeypatch.setattr(graph, "export_onnx", broken)
     with pytest.raises(RuntimeError, match="injected"):
-        export_model(repo, **opts)
+        export_model(opts, log=lambda _: None)
     assert snapshot(target) == before
     assert sorted(p.name for p in repo.iterdir()) == ["g0"]
 
@@ -211,15 +213,16 @@ def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
         else:
             assert list(repo.glob(".g2.export-*"))
     # the next export removes the dead export's staging folder and replaces the model cleanly
-    again = export_model(repo, "g2", model="g2", source="base", nanochat_base=demo_base, runtime="onnx",
-                         max_slots=3, verify=False, log=lambda _: None)
+    again = export_model(options(model_repository=repo, name="g2", model="g2", source="base",
+                                 nanochat_base_dir=demo_base, runtime="onnx", max_slots=3, verify=False),
+                         log=lambda _: None)
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]
     meta = json.loads((again / "1" / "metadata.json").read_text())
     assert meta["content_hash"] == json.loads(before["1/metadata.json"])["content_hash"]
 
 
 def test_engine_mismatch_is_refused_with_a_clear_message():
-    from runtime.trt_runner import EngineMismatch, check_engine
+    from backend.trt_runner import EngineMismatch, check_engine
 
     meta = {"tensorrt": {"version": "10.8.0", "compute_capability": "9.0", "device": "NVIDIA H100"}}
     check_engine(meta, "10.8.0", "9.0", Path("model.plan"))
@@ -241,3 +244,63 @@ def test_gpu_check_fails_fast_without_gpu():
     assert proc.returncode != 0
     assert "needs a GPU" in proc.stderr
     assert time.perf_counter() - t < 30
+
+
+def model_folder(path: Path, marker: str) -> Path:
+    (path / "1").mkdir(parents=True)
+    (path / "config.pbtxt").write_text(marker)
+    return path
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_install_exchanges_old_and_new_in_one_step(tmp_path, monkeypatch):
+    target = model_folder(tmp_path / "m", "old")
+    stage = model_folder(tmp_path / f".m.export-{dead_pid()}", "new")
+
+    def killed(*args, **kwargs):  # the export dies right after the exchange, before removing the old model
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repository.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        repository.install(stage, target)
+    monkeypatch.undo()
+    assert (target / "config.pbtxt").read_text() == "new" and (stage / "config.pbtxt").read_text() == "old"
+    repository.clean_stale(tmp_path, "m")  # the next export of m removes the old model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and (target / "config.pbtxt").read_text() == "new"
+
+
+def test_an_old_model_left_aside_by_a_killed_export_comes_back(tmp_path):
+    # what the two-rename fallback (no RENAME_EXCHANGE) leaves when killed between its renames: no model at
+    # the target, the old one aside. Before, nothing looked at it: the model was gone for good.
+    aside = model_folder(tmp_path / f".m.export-{dead_pid()}{repository.ASIDE}", "old")
+    repository.clean_stale(tmp_path, "m")
+    assert not aside.exists() and (tmp_path / "m" / "config.pbtxt").read_text() == "old"
+    # beside a model in place, an aside copy is only garbage
+    aside = model_folder(tmp_path / f".m.export-{dead_pid()}{repository.ASIDE}", "older")
+    repository.clean_stale(tmp_path, "m")
+    assert not aside.exists() and (tmp_path / "m" / "config.pbtxt").read_text() == "old"
+
+
+def test_install_without_the_exchange_restores_the_old_model_on_failure(tmp_path, monkeypatch):
+    target = model_folder(tmp_path / "m", "old")
+    stage = model_folder(tmp_path / ".m.export-1", "new")
+    monkeypatch.setattr(repository, "exchange", lambda a, b: False)
+    renames = []
+    real_rename = Path.rename
+
+    def rename(self, to):
+        renames.append(self.name)
+        if len(renames) == 2:  # the staged model's rename fails (a kill is not catchable; see the test above)
+            raise OSError("injected")
+        return real_rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="injected"):
+        repository.install(stage, target)
+    monkeypatch.undo()
+    assert (target / "config.pbtxt").read_text() == "old"

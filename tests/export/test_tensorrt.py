@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.export.conftest import oracle_or_skip
+from tests.oracles import oracle_or_skip
 
 pytestmark = pytest.mark.gpu
 
@@ -23,15 +23,16 @@ def engines(tmp_path_factory):
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"TensorRT tests need a GPU with TensorRT: {reason}")
-    from export import export_model
+    from export import export_model, options
 
     repo, orig = tmp_path_factory.mktemp("trt_repository"), oracle_or_skip("orig")
-    return {p: export_model(repo, f"orig_{p}", source="base", nanochat_base=orig, runtime="tensorrt",
-                            precision=p, max_slots=2, log=lambda _: None) for p in ("fp32", "fp16")}
+    return {p: export_model(options(model_repository=repo, name=f"orig_{p}", source="base", nanochat_base_dir=orig,
+                                    runtime="tensorrt", precision=p, max_slots=2), log=lambda _: None)
+            for p in ("fp32", "fp16")}
 
 
 def test_engine_greedy_matches_nanochat(engines, references):
-    from runtime.trt_runner import TrtRunner
+    from backend.trt_runner import TrtRunner
 
     meta = json.loads((engines["fp32"] / "1" / "metadata.json").read_text())
     assert meta["runtime"] == "tensorrt" and meta["tensorrt"]["compute_capability"]
@@ -47,7 +48,7 @@ def test_engine_greedy_matches_nanochat(engines, references):
 
 
 def test_fp16_engine_agrees_with_fp32(engines, references):
-    from runtime.trt_runner import TrtRunner
+    from backend.trt_runner import TrtRunner
 
     f32, f16 = (TrtRunner(engines[p] / "1" / "model.plan", 2, 512) for p in ("fp32", "fp16"))
     prompt = references("orig")["conversations"][0]["prompt_ids"]
@@ -64,7 +65,7 @@ def test_fp16_engine_agrees_with_fp32(engines, references):
 def test_engine_for_another_gpu_is_refused(engines, tmp_path):
     import shutil
 
-    from runtime.trt_runner import EngineMismatch, TrtRunner
+    from backend.trt_runner import EngineMismatch, TrtRunner
 
     copy = tmp_path / "1"
     shutil.copytree(engines["fp32"] / "1", copy)

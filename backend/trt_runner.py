@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-PREFILL, DECODE = 0, 1
+from backend import protocol as P
 
 
 class EngineMismatch(RuntimeError):
@@ -55,7 +55,7 @@ class TrtRunner:
         import torch
 
         plan_path = Path(plan_path)
-        meta_path = Path(metadata_path) if metadata_path else plan_path.parent / "metadata.json"
+        meta_path = Path(metadata_path) if metadata_path else plan_path.parent / P.METADATA_FILE
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         self.device = torch.device("cuda", device_id)
         major, minor = torch.cuda.get_device_capability(self.device)
@@ -71,7 +71,7 @@ class TrtRunner:
             raise EngineMismatch(f"TensorRT could not deserialize {plan_path} (see its messages above)")
         self.stream = torch.cuda.Stream(self.device)
         self.contexts = []
-        for profile in (PREFILL, DECODE):
+        for profile in (P.PREFILL_PROFILE, P.DECODE_PROFILE):
             ctx = self.engine.create_execution_context()
             ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
             self.contexts.append(ctx)
@@ -80,16 +80,16 @@ class TrtRunner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         dtype = lambda n: getattr(torch, np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))).name)
-        self.n_layer = sum(n.startswith("k_cache_") for n in self.inputs)
-        k_shape = tuple(self.engine.get_tensor_shape("k_cache_0"))
-        self.cache_dtype = dtype("k_cache_0")
+        self.n_layer = sum(n.startswith(P.CACHE_PREFIXES[0]) for n in self.inputs)
+        k_shape = tuple(self.engine.get_tensor_shape(P.k_cache(0)))
+        self.cache_dtype = dtype(P.k_cache(0))
         shape = (max_seq, max_slots, *k_shape[2:])
         self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layer)]
         self.v = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layer)]
         self.prev = None
-        if "prev_embedding" in self.inputs:
-            p_shape = tuple(self.engine.get_tensor_shape("prev_embedding"))
-            self.prev = torch.zeros(p_shape, dtype=dtype("prev_embedding"), device=self.device)
+        if P.PREV_EMBEDDING in self.inputs:
+            p_shape = tuple(self.engine.get_tensor_shape(P.PREV_EMBEDDING))
+            self.prev = torch.zeros(p_shape, dtype=dtype(P.PREV_EMBEDDING), device=self.device)
         self.out_dtype = {n: dtype(n) for n in self.outputs}  # outputs are per step, from torch's allocator
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -101,21 +101,21 @@ class TrtRunner:
         if slots.min() < 0 or slots.max() >= self.max_slots:
             raise ValueError(f"slots {slots.tolist()} outside 0..{self.max_slots - 1}")
         Lc = max(1, int(positions.max()))
-        ctx = self.contexts[DECODE if T == 1 else PREFILL]
+        ctx = self.contexts[P.DECODE_PROFILE if T == 1 else P.PREFILL_PROFILE]
         with torch.cuda.stream(self.stream):
             ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64)).to(self.device, non_blocking=True)
             pos = torch.as_tensor(np.asarray(positions, dtype=np.int64)).to(self.device, non_blocking=True)
             sl = torch.as_tensor(np.asarray(slots, dtype=np.int64)).to(self.device, non_blocking=True)
-            bound = {"input_ids": ids, "positions": pos, "slots": sl}
+            bound = {P.INPUT_IDS: ids, P.POSITIONS: pos, P.SLOTS: sl}
             for name, t in bound.items():
                 ctx.set_input_shape(name, tuple(t.shape))
                 ctx.set_tensor_address(name, t.data_ptr())
             for i in range(self.n_layer):
-                for name, cache in ((f"k_cache_{i}", self.k[i]), (f"v_cache_{i}", self.v[i])):
+                for name, cache in ((P.k_cache(i), self.k[i]), (P.v_cache(i), self.v[i])):
                     ctx.set_input_shape(name, (Lc, *cache.shape[1:]))
                     ctx.set_tensor_address(name, cache.data_ptr())  # the first Lc rows, in place
             if self.prev is not None:
-                ctx.set_tensor_address("prev_embedding", self.prev.data_ptr())
+                ctx.set_tensor_address(P.PREV_EMBEDDING, self.prev.data_ptr())
             out = {}
             for name in self.outputs:
                 out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self.out_dtype[name],
@@ -126,9 +126,9 @@ class TrtRunner:
             rows = pos[None, :] + torch.arange(T, device=self.device)[:, None]  # (T, B)
             cols = sl[None, :].expand(T, B)
             for i in range(self.n_layer):
-                self.k[i][rows, cols] = out[f"new_k_{i}"]
-                self.v[i][rows, cols] = out[f"new_v_{i}"]
+                self.k[i][rows, cols] = out[P.new_k(i)]
+                self.v[i][rows, cols] = out[P.new_v(i)]
             if self.prev is not None:
-                self.prev[sl] = out["new_prev"]
-            logits = out["logits"].float().cpu()  # waits for the stream
+                self.prev[sl] = out[P.NEW_PREV]
+            logits = out[P.LOGITS].float().cpu()  # waits for the stream
         return logits.numpy()

@@ -2,22 +2,22 @@
 A Triton request's inputs -> prompt token ids and SamplingParams, with the checks the contract asks for.
 
 Inputs are read through a `get(name) -> np.ndarray | None` function, so this runs without Triton.
-Ranges are nanochat chat_web's (temperature 0..2, top_k 0..200, max_tokens 1..4096); values outside
-them are refused, not clamped. Defaults are chat_web's too: temperature 0.8, top_k 50, max_tokens 512
-and a random seed per request. top_k 0 means the whole vocabulary (SamplingParams.top_k None).
+Each input's default and range are backend/protocol.py's (nanochat chat_web's); values outside a range
+are refused, not clamped. A missing seed is a random one. top_k 0 means the whole vocabulary
+(SamplingParams.top_k None).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import secrets
 from collections.abc import Callable
 
 import numpy as np
 
-from runtime.generation import SamplingParams
-from runtime.tokenizer import ConversationError, Tokenizer
+from backend.protocol import INPUT
+from core.generation import SamplingParams
+from core.tokenizer import ConversationError, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -35,28 +35,23 @@ def _scalar(get: Callable[[str], np.ndarray | None], name: str):
     return value.reshape(-1)[0].item()
 
 
-def _in_range(name: str, value, lo, hi) -> None:
-    if not (lo <= value <= hi):
-        raise RequestError(f"{name} must be in [{lo}, {hi}], got {value}")
+def _number(get: Callable[[str], np.ndarray | None], name: str, kind: type) -> float | int | None:
+    """An optional scalar input as `kind`, its protocol default when absent, refused outside its range."""
+    spec = INPUT[name]
+    value = _scalar(get, name)
+    if value is None:
+        return spec.default
+    value = kind(value)
+    if not (spec.low <= value <= spec.high):  # NaN fails this too
+        raise RequestError(f"{name} must be in [{spec.low}, {spec.high}], got {value}")
+    return value
 
 
 def parse_params(get: Callable[[str], np.ndarray | None]) -> SamplingParams:
-    temperature = _scalar(get, "temperature")
-    temperature = 0.8 if temperature is None else float(temperature)
-    if math.isnan(temperature):
-        raise RequestError("temperature must be a number, got NaN")
-    _in_range("temperature", temperature, 0.0, 2.0)
-    top_k = _scalar(get, "top_k")
-    top_k = 50 if top_k is None else int(top_k)
-    _in_range("top_k", top_k, 0, 200)
-    max_tokens = _scalar(get, "max_tokens")
-    max_tokens = 512 if max_tokens is None else int(max_tokens)
-    _in_range("max_tokens", max_tokens, 1, 4096)
-    seed = _scalar(get, "seed")
-    seed = secrets.randbelow(2**63) if seed is None else int(seed)
-    if seed < 0:
-        raise RequestError(f"seed must be >= 0, got {seed}")
-    return SamplingParams(temperature=temperature, top_k=top_k or None, max_tokens=max_tokens, seed=seed)
+    seed = _number(get, "seed", int)
+    return SamplingParams(temperature=_number(get, "temperature", float), top_k=_number(get, "top_k", int) or None,
+                          max_tokens=_number(get, "max_tokens", int),
+                          seed=secrets.randbelow(INPUT["seed"].high + 1) if seed is None else seed)
 
 
 def parse_messages(raw: bytes | str) -> list[dict]:
@@ -111,10 +106,7 @@ def parse_request(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer,
     back as `dropped_turns`); without it, as for raw prompt_ids, a prompt that does not fit is refused.
     """
     params = parse_params(get)
-    min_answer = _scalar(get, "min_answer_tokens")
-    if min_answer is not None:
-        min_answer = int(min_answer)
-        _in_range("min_answer_tokens", min_answer, 1, 4096)
+    min_answer = _number(get, "min_answer_tokens", int)
     room = 1 if min_answer is None else min(params.max_tokens, min_answer)
     prompt, dropped = parse_prompt(get, tokenizer, max_seq - room, cut=min_answer is not None)
     if len(prompt) >= max_seq:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 
-_TYPES = {"temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32), "max_tokens": ("INT32", np.int32),
-          "seed": ("INT64", np.int64), "min_answer_tokens": ("INT32", np.int32)}
+from backend.protocol import INPUT, wire_type
+
+DTYPES = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64}  # numpy's for each wire type
 
 
 @dataclass
@@ -56,9 +57,9 @@ def make_inputs(messages: list[dict] | None = None, prompt_ids: list[int] | None
     for name, value in params.items():
         if value is None:
             continue
-        triton_type, dtype = _TYPES[name]
-        x = grpcclient.InferInput(name, [1], triton_type)
-        x.set_data_from_numpy(np.array([value], dtype=dtype))
+        wire = wire_type(INPUT[name].triton_type)
+        x = grpcclient.InferInput(name, [1], wire)
+        x.set_data_from_numpy(np.array([value], dtype=DTYPES[wire]))
         inputs.append(x)
     return inputs
 

@@ -6,7 +6,7 @@ backend directory the way NVIDIA's container lays one out:
 
     <tmp>/backends/python/    libtriton_python.so, triton_python_backend_utils.py and the stub built
                               for the running Python (all from the nvidia-pytriton wheel)
-    <tmp>/backends/nanochat/  model.py: our Python-based backend (runtime/triton_backend/model.py)
+    <tmp>/backends/nanochat/  model.py: our Python-based backend (backend/model.py)
 
 then runs the wheel's `tritonserver` with explicit model control, free ports and a short exit timeout,
 waits until the server and the requested models are ready, and always stops it (on exit, on an
@@ -14,20 +14,20 @@ exception, on Ctrl-C). The stub runs an isolated interpreter that ignores PYTHON
 reads NANOCHAT_TRITON_SYS_PATH (set here: the project root and this environment's site-packages, whose
 .pth files carry the editable install) and adds those directories itself.
 
-On a machine with NVIDIA's Triton container, copy runtime/triton_backend/ to
-/opt/tritonserver/backends/nanochat/ instead and run the container's tritonserver.
+On a machine with NVIDIA's Triton container, copy backend/model.py to
+/opt/tritonserver/backends/nanochat/ instead and run the container's tritonserver (docker/triton.Dockerfile).
 
-    python -m runtime.local_triton --model-repository model_repository --load demo
+    python -m tools.local_triton --model-repository model_repository --load demo
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import site
@@ -39,9 +39,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import runtime
+from backend.model_config import EngineConfig, config_pbtxt
+from backend.protocol import CONFIG_FILE
+from tools.paths import PROJECT
 
-BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "model.py"
+BACKEND_SOURCE = PROJECT / "backend" / "model.py"
 SYS_PATH_VAR = "NANOCHAT_TRITON_SYS_PATH"
 
 
@@ -72,16 +74,23 @@ def make_backend_dir(root: Path) -> Path:
 
 def stub_sys_path() -> str:
     """Directories the stub's interpreter needs: the project (first, so this checkout wins) and site-packages."""
-    project = str(Path(runtime.__file__).resolve().parents[1])
-    return os.pathsep.join([project, *site.getsitepackages()])
+    return os.pathsep.join([str(PROJECT), *site.getsitepackages()])
 
 
-def derive_model(repository: str | Path, source: str, name: str, **parameters: int | str) -> Path:
-    """Add model `name` to a repository: `source`'s artifacts (linked, not copied) with some config
-    parameters changed, e.g. derive_model(repo, "head", "head_grouped", stream_interval=4). Only parameters
-    the backend reads at load time can change: max_slots and max_seq are fixed in the exported graph."""
+def derive_model(repository: str | Path, source: str, name: str, **engine: int) -> Path:
+    """Add model `name` to a repository: `source`'s artifacts (linked, not copied) with some engine settings
+    changed, e.g. derive_model(repo, "head", "head_grouped", stream_interval=4). Only EngineConfig's settings
+    can change: the serving shape (max_slots, max_seq) is fixed in the exported graph. config.pbtxt is read
+    with Triton's own schema and written again by backend.model_config.config_pbtxt."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     repository = Path(repository)
     src, dst = repository / source, repository / name
+    config = text_format.Parse((src / CONFIG_FILE).read_text(), model_config_pb2.ModelConfig())
+    settings = EngineConfig.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+    kind = model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind)
+    text = config_pbtxt(name, kind, dataclasses.replace(settings, **engine))  # before touching dst: may raise
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir()
@@ -89,14 +98,7 @@ def derive_model(repository: str | Path, source: str, name: str, **parameters: i
         (dst / version.name).mkdir()
         for f in version.iterdir():
             (dst / version.name / f.name).symlink_to(f.resolve())
-    config = (src / "config.pbtxt").read_text()
-    config = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', config, flags=re.M)
-    for key, value in parameters.items():
-        pattern = rf'(key:\s*"{key}"\s*value:\s*\{{\s*string_value:\s*)"[^"]*"'
-        config, n = re.subn(pattern, rf'\g<1>"{value}"', config)
-        if n != 1:
-            raise ValueError(f"parameter {key!r} not found once in {src / 'config.pbtxt'}")
-    (dst / "config.pbtxt").write_text(config)
+    (dst / CONFIG_FILE).write_text(text)
     return dst
 
 
@@ -105,7 +107,8 @@ class LocalTriton:
 
     def __init__(self, model_repository: str | Path, load: list[str] = (), http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log_path: str | Path | None = None,
-                 startup_timeout: float = 120.0, verbose: bool = False, cpus: set[int] | None = None):
+                 startup_timeout: float = 120.0, verbose: bool = False, cpus: set[int] | None = None,
+                 sys_path: list[str] | None = None):
         self.model_repository = Path(model_repository).resolve()
         self.load = list(load)
         self.http_port = http_port or free_port()
@@ -115,6 +118,7 @@ class LocalTriton:
         self.startup_timeout = startup_timeout
         self.verbose = verbose
         self.cpus = cpus  # the CPUs the server and its backend stubs may run on (default: all)
+        self.sys_path = sys_path  # where the backend imports from (default: this checkout and this environment)
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log = None
@@ -143,7 +147,7 @@ class LocalTriton:
         env = dict(os.environ)
         libs = Path(pytriton_root()).parent / "nvidia_pytriton.libs"  # the stub does not find them otherwise
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
-        env[SYS_PATH_VAR] = stub_sys_path()
+        env[SYS_PATH_VAR] = os.pathsep.join(self.sys_path) if self.sys_path else stub_sys_path()
         return env
 
     def start(self) -> LocalTriton:

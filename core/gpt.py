@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.config import SMEAR_CHANNELS, ModelConfig
+from core.config import SMEAR_CHANNELS, ModelConfig
 
 
 def norm(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ the PyTorch model core (TorchRunner), in one run on the same machine, as one tab
 
 It takes the export options (`make bench-export MODEL=d4 SOURCE=base NANOCHAT_BASE_DIR=...`) and
 exports into a temporary repository unless MODEL_REPOSITORY is given. With no checkpoint options at
-all it benchmarks the demo checkpoint (runtime/demo.py) so the target runs anywhere. Timings:
+all it benchmarks the demo checkpoint (core/random_checkpoint.py) so the target runs anywhere. Timings:
 batch-1 prefill of a prompt of half the context (at most PROMPT tokens), then DECODE greedy steps;
 per-token time is the median step, as nanochat's infer_bench reports TPOT.
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.__main__ import parse_args
+from backend.protocol import METADATA_FILE, ONNX_FILE, VERSION
+from export.__main__ import parse_options
 from export.pipeline import ExportError, export_model
 
 PROMPT, DECODE = 256, 64
@@ -43,14 +44,18 @@ def time_runner(runner, prompt: np.ndarray, steps: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.gpt import TorchRunner, build_gpt
-    from runtime.onnx_runner import OrtRunner
+    from backend.onnx_runner import OrtRunner
+    from core.gpt import TorchRunner, build_gpt
 
-    a = parse_args(argv)
+    try:
+        a = parse_options(argv)
+    except ValueError as e:
+        print(f"bench-export: error: {e}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         base = a.nanochat_base_dir
         if not any((a.model, a.source, a.checkpoint_dir, base)):
-            from runtime.demo import make_checkpoint
+            from core.random_checkpoint import make_checkpoint
 
             base = Path(tmp) / "nanochat"
             make_checkpoint(base)
@@ -58,16 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         repo = a.model_repository if a.model_repository != "model_repository" else Path(tmp) / "repo"
         t = time.perf_counter()
         try:
-            target = export_model(repo, a.name, model=a.model, source=a.source, step=a.step,
-                                  checkpoint_dir=a.checkpoint_dir, runtime="onnx", precision=a.precision,
-                                  max_slots=a.max_slots, max_seq=a.max_seq, force=a.force, nanochat_base=base,
-                                  verify=False)
+            target = export_model(a.replace(model_repository=repo, nanochat_base_dir=base, runtime="onnx",
+                                             verify=False))
         except ExportError as e:
             print(f"bench-export: error: {e}", file=sys.stderr)
             return 2
         export_s = time.perf_counter() - t
-        meta = json.loads((target / "1" / "metadata.json").read_text())
-        from runtime.checkpoint import find_checkpoint, open_checkpoint
+        meta = json.loads((target / VERSION / METADATA_FILE).read_text())
+        from core.checkpoint import find_checkpoint, open_checkpoint
 
         ref = find_checkpoint(meta["source"] if meta["source"] != "dir" else None, meta["model_tag"], meta["step"],
                               a.checkpoint_dir, base)
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = torch.get_num_threads()
         runners = [("PyTorch model core (TorchRunner)", "-", TorchRunner(model, meta["max_slots"], max_seq)),
                    ("ONNX Runtime (OrtRunner)", f"{export_s:.1f}",
-                    OrtRunner(target / "1" / "model.onnx", meta["max_slots"], max_seq, threads=threads))]
+                    OrtRunner(target / VERSION / ONNX_FILE, meta["max_slots"], max_seq, threads=threads))]
         rows = []
         for label, exp, runner in runners:
             time_runner(runner, prompt[:16], 4)  # warm-up: allocations, kernel selection

@@ -10,7 +10,7 @@ TTFT and ITL p50/p95 as the client sees them (tokens that arrive in one response
 the backend's CPU time per token outside the model (schedule + send parts of the
 nanochat_cpu_seconds_total metric: batching, sampling, detokenizing, building and sending responses).
 
-    python -m runtime.bench_backend [--nanochat-base ../shared/oracle/head] [--max-tokens 64] [--stream-interval 4]
+    python -m tools.bench_backend [--nanochat-base ../shared/oracle/head] [--max-tokens 64] [--stream-interval 4]
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import tritonclient.grpc.aio as grpcclient
 
-from runtime.local_triton import LocalTriton, derive_model
-from runtime.stream_client import make_inputs, stream
+from backend.protocol import METRIC_CPU, METRIC_GENERATED_TOKENS
+from tools.local_triton import LocalTriton, derive_model
+from tools.measure import metric, percentile, samples, scrape
+from tools.paths import ORACLE_DIR
+from tools.stream_client import make_inputs, stream
 
 CONCURRENCY = (1, 4, 16)
 # Three outputs, as a streaming client asks for them (the BFF names text, device_id, finish_reason); the
@@ -44,21 +45,11 @@ PROMPTS = [
 ]
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def backend_counters(metrics_url: str, model: str) -> dict[str, float]:
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    out = {}
-    for name, key in (("nanochat_generated_tokens_total", "tokens"), ("nanochat_cpu_seconds_total", None)):
-        for m in re.finditer(rf'^{name}{{([^}}]*)}} (\S+)$', text, re.M):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-            if labels.get("model") == model:
-                out[key or labels["part"]] = out.get(key or labels["part"], 0.0) + float(m.group(2))
+    text = scrape(metrics_url)
+    out = {"tokens": metric(text, METRIC_GENERATED_TOKENS, model=model)}
+    for labels, value in samples(text, METRIC_CPU, model=model):
+        out[labels["part"]] = out.get(labels["part"], 0.0) + value
     return out
 
 
@@ -80,8 +71,8 @@ async def run_level(client, model: str, concurrency: int, n_requests: int, max_t
     tokens = sum(len(r.token_ids) for r in results)
     ttft = [r.times[0] - r.sent_at for r in results if r.times]
     itl = [b - a for r in results for a, b in zip(r.times, r.times[1:], strict=False)]
-    return dict(tokens=tokens, wall=wall, tok_s=tokens / wall, ttft_p50=percentile(ttft, 0.5),
-                ttft_p95=percentile(ttft, 0.95), itl_p50=percentile(itl, 0.5), itl_p95=percentile(itl, 0.95))
+    return dict(tokens=tokens, wall=wall, tok_s=tokens / wall, ttft_p50=percentile(ttft, 50),
+                ttft_p95=percentile(ttft, 95), itl_p50=percentile(itl, 50), itl_p95=percentile(itl, 95))
 
 
 async def bench_model(server: LocalTriton, model: str, max_tokens: int) -> dict[int, dict]:
@@ -123,7 +114,7 @@ def table(groups: dict[str, dict[int, dict]]) -> str:
 
 
 def main() -> None:
-    default_base = Path(__file__).resolve().parents[2] / "shared" / "oracle" / "head"
+    default_base = ORACLE_DIR / "head"
     p = argparse.ArgumentParser(description="Benchmark the nanochat Triton backend over gRPC.")
     p.add_argument("--nanochat-base", default=str(default_base), help="NANOCHAT_BASE_DIR of the checkpoint")
     p.add_argument("--source", default="base")
@@ -132,13 +123,13 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
 
-    from export import export_model
+    from export import export_model, options
 
     with tempfile.TemporaryDirectory(prefix="nanochat-bench-") as tmp:
         repo = Path(tmp)
         for name, slots in (("batched", 16), ("serial", 1)):  # max_slots is fixed in the graph
-            export_model(repo, name, nanochat_base=a.nanochat_base, source=a.source, max_slots=slots,
-                         max_queue=64, verify=False, log=lambda _: None)
+            export_model(options(model_repository=repo, name=name, nanochat_base_dir=a.nanochat_base,
+                                 source=a.source, max_slots=slots, max_queue=64, verify=False), log=lambda _: None)
         derive_model(repo, "batched", "grouped", stream_interval=a.stream_interval)
         with LocalTriton(repo) as server:
             results = {name: asyncio.run(bench_model(server, name, a.max_tokens))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -26,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ORACLE = Path(os.environ.get("NANOCHAT_ORACLE_DIR", ROOT.parent / "shared" / "oracle"))
+from backend.protocol import PLAN_FILE, VERSION
+from tools.paths import ORACLE_DIR
+
 STEPS = 64
 PEAK_BANDWIDTH = [  # (substring of the device name, bytes/s), nanochat infer_bench's table; first match wins
     ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12),
@@ -98,11 +98,11 @@ def torch_cuda_forward(model, max_seq: int):
 def check_checkpoint(label: str, nanochat_base: Path, repo: Path, references: dict | None) -> list[dict]:
     import torch
 
-    from export import export_model
+    from backend.trt_runner import TrtRunner
+    from core.checkpoint import open_checkpoint
+    from core.gpt import TorchRunner, build_gpt
+    from export import export_model, options
     from export.pipeline import resolve_checkpoint
-    from runtime.checkpoint import open_checkpoint
-    from runtime.gpt import TorchRunner, build_gpt
-    from runtime.trt_runner import TrtRunner
 
     rows = []
     source = "base" if references else None  # oracles are base checkpoints; others: sft, else what exists
@@ -111,9 +111,10 @@ def check_checkpoint(label: str, nanochat_base: Path, repo: Path, references: di
     cfg = model.config
     runners = {}
     for precision in ("fp32", "fp16"):
-        target = export_model(repo, f"{label}_{precision}", source=source, nanochat_base=nanochat_base,
-                              runtime="tensorrt", precision=precision, max_slots=1, force=True)
-        runners[precision] = TrtRunner(target / "1" / "model.plan", 1, cfg.sequence_len)
+        target = export_model(options(model_repository=repo, name=f"{label}_{precision}", source=source,
+                                      nanochat_base_dir=nanochat_base, runtime="tensorrt", precision=precision,
+                                      max_slots=1, force=True))
+        runners[precision] = TrtRunner(target / VERSION / PLAN_FILE, 1, cfg.sequence_len)
     convs = references["conversations"] if references else [
         {"name": "random", "prompt_ids": np.random.default_rng(0).integers(0, cfg.vocab_size, 64).tolist()}]
 
@@ -160,8 +161,8 @@ def check_checkpoint(label: str, nanochat_base: Path, repo: Path, references: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--oracle-dir", default=str(DEFAULT_ORACLE), help="folder with head/ and orig/ oracles")
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--oracle-dir", default=str(ORACLE_DIR), help="folder with head/ and orig/ oracles")
     p.add_argument("--nanochat-base-dir", help="also check the largest sft (else base) checkpoint here")
     a = p.parse_args(argv)
     from export.tensorrt_build import unavailable_reason
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from runtime.demo import make_checkpoint
+    from core.random_checkpoint import make_checkpoint
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.config import ModelConfig, build_config
+from core.config import ModelConfig, build_config
 
 SOURCES = {
     "base": "base_checkpoints",
@@ -29,6 +29,7 @@ SOURCES = {
     "rl": "chatrl_checkpoints",
 }
 ORIG_MOD_PREFIX = "_orig_mod."
+TOKENIZER_FILE = "tokenizer.pkl"  # nanochat's pickled tiktoken.Encoding (its tokenizer/ folder)
 
 
 class CheckpointError(Exception):
@@ -87,13 +88,13 @@ def list_steps(directory: Path) -> list[int]:
 def find_tokenizer(directory: Path, nanochat_base: Path | None = None) -> Path:
     """A tokenizer beside the checkpoint wins; then a shared folder next to it; then the global one."""
     candidates = [
-        directory / "tokenizer.pkl",
-        directory / "tokenizer" / "tokenizer.pkl",
-        directory.parent / "tokenizer" / "tokenizer.pkl",
-        directory.parent / "tokenizer.pkl",
+        directory / TOKENIZER_FILE,
+        directory / "tokenizer" / TOKENIZER_FILE,
+        directory.parent / "tokenizer" / TOKENIZER_FILE,
+        directory.parent / TOKENIZER_FILE,
     ]
     if nanochat_base is not None:
-        candidates.append(nanochat_base / "tokenizer" / "tokenizer.pkl")
+        candidates.append(nanochat_base / "tokenizer" / TOKENIZER_FILE)
     for c in candidates:
         if c.is_file():
             return c
@@ -270,7 +271,7 @@ def open_checkpoint(ref: CheckpointRef, **overrides):
     """Load a checkpoint and its tokenizer, and check that they belong together.
 
     Returns (LoadedCheckpoint, Tokenizer)."""
-    from runtime.tokenizer import Tokenizer
+    from core.tokenizer import Tokenizer
 
     loaded = load_checkpoint(ref, **overrides)
     try:

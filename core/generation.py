@@ -2,7 +2,7 @@
 nanochat's generation semantics for one request, independent of the model runtime.
 
 `Sequence` is nanochat Engine's per-row state (RowState) together with its sampling and stopping
-rules: a seeded generator drawn once per token (by runtime.sampling.sample_rows, which samples
+rules: a seeded generator drawn once per token (by core.sampling.sample_rows, which samples
 many rows at once), forced tokens after a calculator call, stop at
 <|assistant_end|> or <|bos|>, max_tokens counting forced tokens, and the context limit. The Triton
 backend's scheduler drives many Sequences in one batch; `generate` drives one Sequence through any
@@ -18,9 +18,9 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.calculator import use_calculator
-from runtime.sampling import Sampler, make_generator, sample_rows
-from runtime.tokenizer import Tokenizer
+from core.calculator import use_calculator
+from core.sampling import Sampler, make_generator, sample_rows
+from core.tokenizer import Tokenizer
 
 
 class Runner(Protocol):
@@ -37,10 +37,12 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0
-    top_k: int | None = None
-    max_tokens: int = 256
-    seed: int = 42
+    """One request's sampling, all given: the defaults a client gets are backend/protocol.py's."""
+
+    temperature: float  # 0 is greedy
+    top_k: int | None  # None: the whole vocabulary
+    max_tokens: int
+    seed: int  # drawn from only when temperature > 0
 
 
 class Sequence:

@@ -8,8 +8,8 @@ One step thread owns the runner and its KV cache of max_slots rows. Each step:
   4. prefills one chunk: rows still reading their prompt advance by the same T tokens in one call
      (T = the shortest remaining prompt part, capped so T x rows <= prefill_chunk), so a long prompt
      costs the others at most one chunk of latency per step instead of its whole length;
-  5. samples all rows at once (runtime.sampling.sample_rows, each row with its own seeded generator)
-     and applies each row's runtime.generation.Sequence rules (forced calculator tokens, stop tokens,
+  5. samples all rows at once (core.sampling.sample_rows, each row with its own seeded generator)
+     and applies each row's core.generation.Sequence rules (forced calculator tokens, stop tokens,
      limits), so a request's tokens never depend on the rest of the batch.
 Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
 bounded queue; one that does not fit is refused at once with an error.
@@ -19,7 +19,7 @@ last response carries whatever is left), as vLLM's --stream-interval does. Each 
 IPC round trip into the server and a gRPC message that every hop relays, so on a CPU-bound host
 fewer, larger responses leave more of the cores to the model; 1 sends every token on its own.
 
-The step thread never blocks on clients: it puts outputs on a ResponseThread (runtime/responses.py),
+The step thread never blocks on clients: it puts outputs on a ResponseThread (backend/responses.py),
 which sends them and reports cancellations back through Request.cancelled, checked once per step.
 Every request ends with exactly one final output: finish_reason stop|length|cancelled, or an error.
 """
@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.generation import Runner, SamplingParams, Sequence
-from runtime.metrics import Stats
-from runtime.refusals import INVALID, QUEUE_FULL, SHUTTING_DOWN
-from runtime.responses import Output, ResponseThread, Sink
-from runtime.sampling import sample_rows
-from runtime.tokenizer import Detokenizer, Tokenizer
+from backend.metrics import EngineStats
+from backend.model_config import EngineConfig
+from backend.protocol import INVALID, QUEUE_FULL, SHUTTING_DOWN
+from backend.responses import Output, ResponseThread, Sink
+from core.generation import Runner, SamplingParams, Sequence
+from core.sampling import sample_rows
+from core.tokenizer import Detokenizer, Tokenizer
 
 
 @dataclass(eq=False)
@@ -58,16 +59,14 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, sink: Sink, max_queue: int = 64,
-                 prefill_chunk: int = 256, stream_interval: int = 1, device_id: int = 0, stats: Stats | None = None,
-                 exporter=None):
-        if stream_interval < 1:
-            raise ValueError(f"stream_interval must be at least 1, got {stream_interval}")
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, sink: Sink, engine: EngineConfig | None = None,
+                 device_id: int = 0, stats: EngineStats | None = None, exporter=None):
         self.runner, self.tok = runner, tokenizer
-        self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, max_queue, prefill_chunk
-        self.stream_interval = stream_interval
+        engine = engine or EngineConfig()
+        self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, engine.max_queue, engine.prefill_chunk
+        self.stream_interval = engine.stream_interval
         self.device_id = device_id
-        self.stats = stats or Stats()
+        self.stats = stats or EngineStats()
         self.responses = ResponseThread(sink, self.stats, exporter=exporter)
         self._cv = threading.Condition()
         self._inbox: list[Request] = []

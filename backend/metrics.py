@@ -22,12 +22,14 @@ import bisect
 import collections
 import itertools
 
+from backend import protocol as P
+from backend.protocol import FINISH_REASONS
+
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
-class Stats:
+class EngineStats:
     def __init__(self) -> None:
         self.tokens = 0  # generated (sampled or forced, stop tokens included)
         self.prompt_tokens = 0  # prefilled
@@ -45,7 +47,7 @@ class Stats:
 
 
 class TritonMetrics:
-    """Stats -> pb_utils.MetricFamily metrics labelled with the model name and instance device."""
+    """EngineStats -> pb_utils.MetricFamily metrics labelled with the model name and instance device."""
 
     def __init__(self, pb_utils, labels: dict[str, str]) -> None:
         F = pb_utils.MetricFamily
@@ -56,24 +58,24 @@ class TritonMetrics:
             return self.families[-1]
 
         self.counters = {
-            "tokens": family("nanochat_generated_tokens_total", "Tokens generated", F.COUNTER).Metric(labels=labels),
-            "prompt_tokens": family("nanochat_prompt_tokens_total", "Prompt tokens prefilled",
+            "tokens": family(P.METRIC_GENERATED_TOKENS, "Tokens generated", F.COUNTER).Metric(labels=labels),
+            "prompt_tokens": family(P.METRIC_PROMPT_TOKENS, "Prompt tokens prefilled",
                                     F.COUNTER).Metric(labels=labels),
-            "rejected": family("nanochat_rejected_requests_total", "Requests refused because the queue was full",
+            "rejected": family(P.METRIC_REJECTED, "Requests refused because the queue was full",
                                F.COUNTER).Metric(labels=labels),
         }
-        finished = family("nanochat_finished_requests_total", "Requests ended, by finish reason", F.COUNTER)
+        finished = family(P.METRIC_FINISHED, "Requests ended, by finish reason", F.COUNTER)
         self.finished = {reason: finished.Metric(labels={**labels, "finish_reason": reason})
                          for reason in FINISH_REASONS}
         self.gauges = {
-            "active": family("nanochat_active_slots", "KV-cache rows in use", F.GAUGE).Metric(labels=labels),
-            "waiting": family("nanochat_queue_depth", "Requests waiting for a slot", F.GAUGE).Metric(labels=labels),
+            "active": family(P.METRIC_ACTIVE_SLOTS, "KV-cache rows in use", F.GAUGE).Metric(labels=labels),
+            "waiting": family(P.METRIC_QUEUE_DEPTH, "Requests waiting for a slot", F.GAUGE).Metric(labels=labels),
         }
-        cpu = family("nanochat_cpu_seconds_total", "CPU time of the backend's threads by part", F.COUNTER)
+        cpu = family(P.METRIC_CPU, "CPU time of the backend's threads by part", F.COUNTER)
         self.cpu = {part: cpu.Metric(labels={**labels, "part": part}) for part in ("schedule", "model_call", "send")}
-        self.ttft = family("nanochat_time_to_first_token_seconds", "Time from arrival to the first token",
+        self.ttft = family(P.METRIC_TTFT, "Time from arrival to the first token",
                            F.HISTOGRAM).Metric(labels=labels, buckets=TTFT_BUCKETS)
-        itl = "nanochat_inter_token_latency_seconds"
+        itl = P.METRIC_ITL
         about = "Time between a request's tokens (a histogram's series, exported as counters)"
         buckets = family(itl + "_bucket", about, F.COUNTER)
         self.itl = [buckets.Metric(labels={**labels, "le": le}) for le in [*map(str, ITL_BUCKETS), "+Inf"]]
@@ -87,7 +89,7 @@ class TritonMetrics:
             metric.increment(delta)
             self._last[key] = value
 
-    def export(self, stats: Stats) -> None:
+    def export(self, stats: EngineStats) -> None:
         for key, metric in self.counters.items():
             self._add(metric, key, getattr(stats, key))
         for reason, metric in self.finished.items():

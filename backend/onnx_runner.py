@@ -1,5 +1,5 @@
 """
-The exported graph under ONNX Runtime, behind the `Runner` interface (runtime/generation.py).
+The exported graph under ONNX Runtime, behind the `Runner` interface (core/generation.py).
 
 The graph (export/graph.py) reads the first Lc positions of the cache and returns only the K/V of
 the T new positions. This runner owns the cache as host numpy arrays, one (max_seq, max_slots, Hkv,
@@ -12,7 +12,7 @@ Lc is max(positions), at least 1: a one-row slice at a fresh prefill is masked o
 
 With the CUDA provider (used when ONNX Runtime has it, unless `providers` says otherwise) the
 cache still lives on the host and ONNX Runtime copies the bound slice to the device each step; the
-TensorRT runner (runtime/trt_runner.py) is the GPU runtime that keeps the cache on the device.
+TensorRT runner (backend/trt_runner.py) is the GPU runtime that keeps the cache on the device.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from backend import protocol as P
 
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -50,8 +52,8 @@ class OrtRunner:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers or default_providers())
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.n_layer = sum(1 for n in inputs if n.startswith("k_cache_"))
-        k0 = inputs["k_cache_0"]
+        self.n_layer = sum(1 for n in inputs if n.startswith(P.CACHE_PREFIXES[0]))
+        k0 = inputs[P.k_cache(0)]
         graph_slots = k0.shape[1]
         if graph_slots != max_slots:
             raise ValueError(f"{onnx_path} was exported for max_slots={graph_slots}, not {max_slots}")
@@ -66,8 +68,8 @@ class OrtRunner:
         self.k = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
         self.v = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
         self.prev = None
-        if "prev_embedding" in inputs:
-            p = inputs["prev_embedding"]
+        if P.PREV_EMBEDDING in inputs:
+            p = inputs[P.PREV_EMBEDDING]
             self.prev = np.zeros(p.shape, DTYPES[p.type])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -82,14 +84,14 @@ class OrtRunner:
             raise ValueError(f"slots {sl.tolist()} outside 0..{self.max_slots - 1}")
         Lc = max(1, int(pos.max()))
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("positions", pos)
-        binding.bind_cpu_input("slots", sl)
+        binding.bind_cpu_input(P.INPUT_IDS, ids)
+        binding.bind_cpu_input(P.POSITIONS, pos)
+        binding.bind_cpu_input(P.SLOTS, sl)
         for i in range(self.n_layer):
-            binding.bind_cpu_input(f"k_cache_{i}", self.k[i][:Lc])
-            binding.bind_cpu_input(f"v_cache_{i}", self.v[i][:Lc])
+            binding.bind_cpu_input(P.k_cache(i), self.k[i][:Lc])
+            binding.bind_cpu_input(P.v_cache(i), self.v[i][:Lc])
         if self.prev is not None:
-            binding.bind_cpu_input("prev_embedding", self.prev)
+            binding.bind_cpu_input(P.PREV_EMBEDDING, self.prev)
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
@@ -97,11 +99,11 @@ class OrtRunner:
         rows = pos[None, :] + np.arange(T)[:, None]  # (T, B) cache positions of the new tokens
         cols = np.broadcast_to(sl[None, :], (T, B))
         for i in range(self.n_layer):
-            self.k[i][rows, cols] = out[f"new_k_{i}"]
-            self.v[i][rows, cols] = out[f"new_v_{i}"]
+            self.k[i][rows, cols] = out[P.new_k(i)]
+            self.v[i][rows, cols] = out[P.new_v(i)]
         if self.prev is not None:
-            self.prev[sl] = out["new_prev"]
-        return np.asarray(out["logits"], dtype=np.float32)
+            self.prev[sl] = out[P.NEW_PREV]
+        return np.asarray(out[P.LOGITS], dtype=np.float32)
 
 
 def _graph_limits(session) -> dict:

@@ -1,5 +1,5 @@
 """
-`python -m bff.bench` (`make bench`): what the BFF costs. The same greedy requests run side by side
+`python -m tools.bench_bff` (`make bench`): what the BFF costs. The same greedy requests run side by side
 through the BFF (concurrent SSE clients over HTTP) and directly against Triton over gRPC (one stream per
 request, opened and read as the BFF does it), at concurrency 1, 4 and 16; prints a table and saves a plot.
 
@@ -81,8 +81,8 @@ async def direct_request(triton: Endpoint, model: str, max_tokens: int, run: Run
 
 
 async def bff_request(client: aiohttp.ClientSession, url: str, max_tokens: int, run: Run) -> None:
-    """One /generate, its events read line by line as the gateway reads them (aiohttp: a third of
-    httpx's CPU per event, which on a shared machine is taken from the server's)."""
+    """One /generate, its events read line by line as the gateway reads them (aiohttp: less CPU per event
+    than httpx, which on a shared machine is taken from the server's; figures in the README)."""
     body = {"messages": PROMPT, "temperature": 0, "max_tokens": max_tokens}
     stamps = []
     start = time.perf_counter()
@@ -227,7 +227,7 @@ def bff_process(grpc_url: str, metrics_url: str, model: str, repository: str, po
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bff.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench_bff", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo")
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--triton-url", help="Triton gRPC host:port (default: start a local Triton)")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         grpc_url, metrics_url = a.triton_url, a.triton_metrics_url
         if grpc_url is None:
-            from runtime.local_triton import LocalTriton
+            from tools.local_triton import LocalTriton
 
             triton = stack.enter_context(LocalTriton(a.model_repository, load=[a.model], cpus=a.triton_cpus))
             grpc_url, metrics_url = triton.grpc_url, triton.metrics_url

@@ -8,9 +8,9 @@ it to its own thread for the same reason). The step thread only appends to a que
     last piece's finish_reason, counts and FINAL flag win);
   - after each send, and every poll interval for requests still waiting for a slot, asks the Sink
     whether the client cancelled, and sets Request.cancelled for the step thread to act on;
-  - pushes the engine's Stats to the metrics exporter every poll interval.
+  - pushes the EngineStats to the metrics exporter every poll interval.
 
-`Sink` is the Triton-specific part (runtime/triton_backend/model.py); tests use a fake one.
+`Sink` is the Triton-specific part (backend/model.py); tests use a fake one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from runtime.metrics import Stats
+import numpy as np
+
+from backend.metrics import EngineStats
+from backend.protocol import OUTPUT
 
 
 @dataclass
@@ -33,6 +36,19 @@ class Output:
     completion_tokens: int
     device_id: int
     dropped_turns: int = 0  # the conversation's oldest turns left out to fit the context
+
+
+# Each output's array from the Output of one response, keyed by the protocol's output names.
+OUTPUT_ARRAYS = {
+    "text": lambda o: np.array([o.text.encode()], dtype=np.object_),
+    "token_ids": lambda o: np.array(o.token_ids, dtype=np.int64),
+    "device_id": lambda o: np.array([o.device_id], dtype=np.int32),
+    "finish_reason": lambda o: np.array([o.finish_reason.encode()], dtype=np.object_),
+    "prompt_tokens": lambda o: np.array([o.prompt_tokens], dtype=np.int32),
+    "completion_tokens": lambda o: np.array([o.completion_tokens], dtype=np.int32),
+    "dropped_turns": lambda o: np.array([o.dropped_turns], dtype=np.int32),
+}
+assert OUTPUT_ARRAYS.keys() == OUTPUT.keys(), "an output of backend/protocol.py has no builder here"
 
 
 class Sink(Protocol):
@@ -47,9 +63,9 @@ _CLOSE = object()
 
 
 class ResponseThread:
-    def __init__(self, sink: Sink, stats: Stats, poll_interval: float = 0.05, exporter=None):
+    def __init__(self, sink: Sink, stats: EngineStats, poll_interval: float = 0.05, exporter=None):
         self.sink, self.stats, self.poll_interval = sink, stats, poll_interval
-        self.exporter = exporter  # object with export(stats), e.g. runtime.metrics.TritonMetrics
+        self.exporter = exporter  # object with export(stats), e.g. backend.metrics.TritonMetrics
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False

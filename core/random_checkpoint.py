@@ -9,11 +9,11 @@ seed, under a nanochat base directory:
     <base>/tokenizer/tokenizer.pkl                           pickled tiktoken.Encoding (rustbpe-trained)
     <base>/tokenizer/token_bytes.pt                          UTF-8 length of each token, 0 for specials
 
-The tokenizer is trained with rustbpe on text the project ships (runtime/data/demo_corpus.txt),
+The tokenizer is trained with rustbpe on text the project ships (core/data/demo_corpus.txt),
 with nanochat's split pattern and special tokens. The demo that `make demo` serves is the default:
 a G4 model tagged "demo" in the sft checkpoints. Tests use the same function for every generation.
 
-    python -m runtime.demo --out /tmp/nanochat-demo
+    python -m core.random_checkpoint --out /tmp/nanochat-demo
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.checkpoint import SOURCES, expected_shapes
-from runtime.config import build_config
-from runtime.tokenizer import SPECIAL_TOKENS
+from core.checkpoint import SOURCES, TOKENIZER_FILE, expected_shapes
+from core.config import build_config
+from core.tokenizer import SPECIAL_TOKENS
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -51,7 +51,7 @@ def train_tokenizer(vocab_size: int = 512):
 
 def write_tokenizer(enc, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "tokenizer.pkl", "wb") as f:
+    with open(directory / TOKENIZER_FILE, "wb") as f:
         pickle.dump(enc, f)
     special_ids = set(enc._special_tokens.values())
     lengths = [0 if i in special_ids else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
@@ -109,8 +109,8 @@ def make_checkpoint(
     """Write a checkpoint (and the tokenizer) under `base`; returns the checkpoint directory."""
     base = Path(base)
     tok_dir = base / "tokenizer"
-    if (tok_dir / "tokenizer.pkl").is_file():
-        with open(tok_dir / "tokenizer.pkl", "rb") as f:
+    if (tok_dir / TOKENIZER_FILE).is_file():
+        with open(tok_dir / TOKENIZER_FILE, "rb") as f:
             enc = pickle.load(f)
     else:
         enc = train_tokenizer(vocab_size)
@@ -127,7 +127,7 @@ def make_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(sd, directory / f"model_{step:06d}.pt")
     meta = dict(step=step, val_bpb=None, model_config=mc,
-                user_config=dict(depth=depth, seed=seed, generation=generation, made_by="runtime.demo"))
+                user_config=dict(depth=depth, seed=seed, generation=generation, made_by="core.random_checkpoint"))
     (directory / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return directory
 

@@ -1,0 +1,124 @@
+"""
+The `nanochat` Triton backend: a Python-based backend serving every model whose config.pbtxt says
+backend: "nanochat" (installed as <backends>/nanochat/model.py, the layout of vLLM's Triton backend).
+
+Glue only, as in vLLM's backend: initialize() reads the engine settings from the config parameters and
+the model's shape from metadata.json (backend/model_config.py), builds the runner its runtime names
+(backend/runner.py) on this instance's device and starts a backend.scheduler.Scheduler; execute()
+parses each request and hands it over, returning None (decoupled); finalize() stops the scheduler, which
+ends anything unfinished with a FINAL error. Responses, cancellation checks and custom metrics go through
+TritonSink and TritonMetrics from the scheduler's response thread. The request/response contract is backend/protocol.py.
+
+The stub's interpreter ignores PYTHONPATH, so before importing numpy or the project this file adds
+the directories in NANOCHAT_TRITON_SYS_PATH (set by tools/local_triton.py; unset in a container
+whose Python already has the packages) to the front of sys.path, honouring their .pth files.
+"""
+
+import os
+import site
+import sys
+
+
+def _add_sys_path() -> None:
+    before = list(sys.path)
+    for directory in filter(None, os.environ.get("NANOCHAT_TRITON_SYS_PATH", "").split(os.pathsep)):
+        site.addsitedir(directory)
+    added = [p for p in sys.path if p not in before]
+    sys.path[:] = added + before  # ours first: the system Python's packages may not fit (numpy 2)
+
+
+_add_sys_path()
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from backend.metrics import TritonMetrics  # noqa: E402
+from backend.model_config import EngineConfig, ModelShape  # noqa: E402
+from backend.protocol import METADATA_FILE, PIECE_OUTPUTS, TOKENIZER_FILE, USAGE_OUTPUTS  # noqa: E402
+from backend.requests import RequestError, parse_request  # noqa: E402
+from backend.responses import OUTPUT_ARRAYS, Output  # noqa: E402
+from backend.runner import make_runner  # noqa: E402
+from backend.scheduler import Scheduler  # noqa: E402
+from core.tokenizer import Tokenizer  # noqa: E402
+
+
+class Handle:
+    """A request's response sender and the outputs its client asked for (all of them when it named none):
+    each tensor costs shared memory and IPC per response, and the BFF wants three per piece. The usage
+    outputs describe the whole request, so only its final response carries them."""
+
+    __slots__ = ("final_outputs", "outputs", "sender")
+
+    def __init__(self, request) -> None:
+        self.sender = request.get_response_sender()
+        wanted = set(request.requested_output_names()) or set(OUTPUT_ARRAYS)
+        self.outputs = [n for n in PIECE_OUTPUTS if n in wanted]
+        self.final_outputs = self.outputs + [n for n in USAGE_OUTPUTS if n in wanted]
+
+
+class TritonSink:
+    """Sends scheduler outputs as decoupled responses through each request's response sender."""
+
+    FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+    def send(self, handle: Handle, out: Output | None, error: str | None, final: bool) -> None:
+        if error is not None:
+            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error))
+        else:
+            names = handle.final_outputs if final else handle.outputs
+            response = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, OUTPUT_ARRAYS[name](out)) for name in names])
+        handle.sender.send(response, flags=self.FINAL if final else 0)
+
+    def is_cancelled(self, handle: Handle) -> bool:
+        return handle.sender.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        if not config.get("model_transaction_policy", {}).get("decoupled"):
+            raise pb_utils.TritonModelException(
+                "the nanochat backend needs model_transaction_policy { decoupled: true }")
+        engine = EngineConfig.from_parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        shape = ModelShape.from_metadata(json.loads((version_dir / METADATA_FILE).read_text(encoding="utf-8")))
+        kind, device_id = args["model_instance_kind"], int(args["model_instance_device_id"])
+        self.tokenizer = Tokenizer.load(version_dir / TOKENIZER_FILE)
+        runner = make_runner(shape, version_dir, kind == "GPU", device_id)
+        labels = {"model": args["model_name"], "version": args["model_version"], "device": str(device_id)}
+        self.scheduler = Scheduler(runner, self.tokenizer, TritonSink(), engine, device_id=device_id,
+                                   exporter=TritonMetrics(pb_utils, labels))
+        self.max_seq = shape.max_seq
+        _log("model_ready", model=args["model_name"], kind=kind, device_id=device_id, **dataclasses.asdict(shape),
+             **dataclasses.asdict(engine))
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            handle = Handle(request)
+
+            def get(name: str, request=request):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
+
+            try:
+                prompt, params, dropped_turns = parse_request(get, self.tokenizer, self.max_seq)
+            except RequestError as e:
+                self.scheduler.reject(handle, e)
+                continue
+            self.scheduler.submit(handle, prompt, params, dropped_turns)
+        return None
+
+    def finalize(self) -> None:
+        self.scheduler.close()
+        stats = self.scheduler.stats
+        _log("model_finalized", send_errors=stats.send_errors, export_errors=stats.export_errors,
+             last_export_error=stats.last_export_error)
+
+
+def _log(event: str, **fields) -> None:
+    print(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}), file=sys.stderr, flush=True)

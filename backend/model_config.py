@@ -1,0 +1,100 @@
+"""
+A nanochat model's settings, in two typed groups with one default, one range and one line of documentation
+each, and the one function that writes config.pbtxt.
+
+- EngineConfig: how the backend schedules (queue, prefill chunk, stream interval). These are config.pbtxt
+  parameters, so an operator can change them without re-exporting; written by config_pbtxt(), read by the
+  backend from the model config Triton hands it.
+- ModelShape: what the export fixed (runtime, precision, KV-cache rows and context). The graph or engine
+  was built for it, so it lives in metadata.json beside the artifacts and nowhere else.
+
+Standard library only, like backend/protocol.py: the exporter and the tools import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from backend import protocol
+
+RUNTIMES = ("onnx", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def knob(default: int | None, low: int, high: int, doc: str):
+    """A setting: its default (None: none), inclusive range and one line of documentation (the CLI's help)."""
+    kw = {} if default is None else {"default": default}
+    return field(**kw, metadata={"range": (low, high), "doc": doc})
+
+
+def check_ranges(obj: object) -> None:
+    for f in dataclasses.fields(obj):
+        low, high = f.metadata.get("range", (None, None))
+        value = getattr(obj, f.name)
+        if low is not None and value is not None and not (isinstance(value, int) and low <= value <= high):
+            raise ValueError(f"{f.name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_queue: int = knob(64, 0, 1_000_000, "requests that may wait for a slot; beyond it a request is refused "
+                                             "at once")
+    prefill_chunk: int = knob(256, 1, 1_048_576, "prompt tokens prefilled per step, so long prompts do not starve "
+                                                  "decodes")
+    stream_interval: int = knob(1, 1, 1024, "tokens per response after the first, which goes out at once (1: every "
+                                            "token on its own; 2-4 leave more CPU to the model on CPU-bound hosts)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> EngineConfig:
+        """From config.pbtxt's parameters (key -> string value); missing keys take the defaults."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in parameters:
+                try:
+                    values[f.name] = int(parameters[f.name])
+                except ValueError:
+                    raise ValueError(f"config.pbtxt parameter {f.name} must be an integer, got "
+                                     f"{parameters[f.name]!r}") from None
+        return cls(**values)
+
+    def parameters(self) -> dict[str, str]:
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    runtime: str  # onnx (ONNX Runtime: CPU, or its CUDA provider) or tensorrt
+    precision: str  # the graph's: fp32, fp16 or bf16
+    max_seq: int = knob(None, 2, 1_048_576, "context of each row (prompt + generated tokens)")
+    max_slots: int = knob(8, 1, 4096, "KV-cache rows: sequences decoded together")
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_ranges(self)
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> ModelShape:
+        """From the exported metadata.json, which holds these keys among others."""
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+
+
+def config_pbtxt(name: str, kind: str, engine: EngineConfig) -> str:
+    """config.pbtxt for the decoupled `nanochat` backend; kind is KIND_CPU or KIND_GPU."""
+    dims = lambda d: "[ " + ", ".join(str(x) for x in d) + " ]"
+    lines = [f'name: "{name}"', f'backend: "{protocol.BACKEND}"', "max_batch_size: 0",
+             "model_transaction_policy {", "  decoupled: true", "}", "input ["]
+    tensor = lambda t: f'  {{\n    name: "{t.name}"\n    data_type: {t.triton_type}\n    dims: {dims(t.dims)}\n'
+    lines.append(",\n".join(tensor(i) + "    optional: true\n  }" for i in protocol.INPUTS))
+    lines += ["]", "output ["]
+    lines.append(",\n".join(tensor(o) + "  }" for o in protocol.OUTPUTS))
+    lines += ["]", "instance_group [", "  {", "    count: 1", f"    kind: {kind}", "  }", "]"]
+    for key, value in engine.parameters().items():
+        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,135 @@
+"""
+The nanochat Triton model's contract, declared once: every name that crosses a process or file boundary.
+
+- the request inputs and response outputs (name, Triton type, dims, default, allowed range), from which
+  config.pbtxt is written (backend/model_config.py), the backend parses and builds, and the BFF and the
+  tools encode and decode;
+- the finish reasons and the error prefixes: a decoupled stream's error carries a message but no code, so
+  these prefixes are how a client tells its own fault (INVALID: the BFF answers 400) from a retry-later
+  (QUEUE_FULL, SHUTTING_DOWN: 503);
+- the backend's metric names;
+- the model folder's file names and version folder;
+- the exported graph's tensor names and the TensorRT engine's optimization profiles.
+
+Standard library only: the BFF and the exporter import this module without the backend's dependencies.
+model_repository/README.md documents the same tables; tests/backend/test_protocol.py checks it against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKEND = "nanochat"  # config.pbtxt's backend: the Python-based backend that serves every model here
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str
+    triton_type: str  # config.pbtxt's data_type
+    dims: tuple[int, ...]
+    doc: str
+    default: float | int | None = None  # what the backend uses when the input is absent (None: nothing)
+    low: float | int | None = None  # the inclusive range the backend accepts
+    high: float | int | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    triton_type: str
+    dims: tuple[int, ...]
+    doc: str
+    final_only: bool = False  # describes the whole request: sent in its final response only
+
+
+# Ranges and defaults are nanochat chat_web's; values outside a range are refused, not clamped.
+INPUTS = (
+    Input("messages", "TYPE_STRING", (1,), 'JSON text: [{"role": "system"|"user"|"assistant", "content": "..."}], '
+          "rendered with the model's own tokenizer in nanochat's chat format"),
+    Input("prompt_ids", "TYPE_INT64", (-1,), "raw prompt token ids instead of `messages`"),
+    Input("temperature", "TYPE_FP32", (1,), "0 is greedy", 0.8, 0.0, 2.0),
+    Input("top_k", "TYPE_INT32", (1,), "0 means the whole vocabulary", 50, 0, 200),
+    Input("max_tokens", "TYPE_INT32", (1,), "tokens to generate at most", 512, 1, 4096),
+    Input("seed", "TYPE_INT64", (1,), "default: random; with the same seed a request gets the same tokens",
+          None, 0, 2**63 - 1),
+    Input("min_answer_tokens", "TYPE_INT32", (1,),
+          "a `messages` conversation longer than the context loses its oldest whole turns (the system message "
+          "and the last user message stay) until min(max_tokens, min_answer_tokens) tokens of answer fit; "
+          "`dropped_turns` says how many went. Without it, a prompt that does not fit is refused", None, 1, 4096),
+)
+INPUT = {i.name: i for i in INPUTS}
+
+OUTPUTS = (
+    Output("text", "TYPE_STRING", (1,), "new text: complete UTF-8 characters only (may be empty)"),
+    Output("token_ids", "TYPE_INT64", (-1,), "the token ids behind this piece"),
+    Output("device_id", "TYPE_INT32", (1,), "the device that produced it (GPU index; 0 on CPU)"),
+    Output("finish_reason", "TYPE_STRING", (1,), "empty until the last response: stop, length, cancelled or error"),
+    Output("prompt_tokens", "TYPE_INT32", (1,), "prompt length (after any cut)", final_only=True),
+    Output("completion_tokens", "TYPE_INT32", (1,), "tokens generated (forced tool tokens included)",
+           final_only=True),
+    Output("dropped_turns", "TYPE_INT32", (1,), "the conversation's oldest turns left out to fit the context "
+           "(`min_answer_tokens`)", final_only=True),
+)
+OUTPUT = {o.name: o for o in OUTPUTS}
+PIECE_OUTPUTS = tuple(o.name for o in OUTPUTS if not o.final_only)
+USAGE_OUTPUTS = tuple(o.name for o in OUTPUTS if o.final_only)
+
+
+def wire_type(triton_type: str) -> str:
+    """config.pbtxt's data_type as Triton's inference protocols name it (TYPE_STRING -> BYTES, TYPE_FP32 -> FP32)."""
+    return "BYTES" if triton_type == "TYPE_STRING" else triton_type.removeprefix("TYPE_")
+
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+INVALID = "invalid request: "  # the client's fault: bad input, a prompt longer than the context
+QUEUE_FULL = "queue full: "  # every slot busy and the queue full; try again later
+SHUTTING_DOWN = "model is shutting down"  # the instance is being unloaded; try again (another model)
+
+# Metrics on Triton's /metrics, labelled model, version, device.
+METRIC_GENERATED_TOKENS = "nanochat_generated_tokens_total"
+METRIC_PROMPT_TOKENS = "nanochat_prompt_tokens_total"
+METRIC_REJECTED = "nanochat_rejected_requests_total"
+METRIC_FINISHED = "nanochat_finished_requests_total"
+METRIC_ACTIVE_SLOTS = "nanochat_active_slots"
+METRIC_QUEUE_DEPTH = "nanochat_queue_depth"
+METRIC_CPU = "nanochat_cpu_seconds_total"
+METRIC_TTFT = "nanochat_time_to_first_token_seconds"
+METRIC_ITL = "nanochat_inter_token_latency_seconds"
+METRIC_PREFIX = "nanochat_"
+
+# The model folder: <repository>/<name>/config.pbtxt and the version folder with the artifacts.
+CONFIG_FILE = "config.pbtxt"
+VERSION = "1"
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"  # the graph's weights (ONNX external data)
+PLAN_FILE = "model.plan"
+TOKENIZER_FILE = "tokenizer.pkl"  # the checkpoint's tokenizer, copied under the name nanochat gives it
+METADATA_FILE = "metadata.json"
+
+# The exported graph's tensors (export/graph.py): one graph serves prefill and decode.
+INPUT_IDS, POSITIONS, SLOTS, PREV_EMBEDDING = "input_ids", "positions", "slots", "prev_embedding"
+LOGITS, NEW_PREV = "logits", "new_prev"
+
+
+def k_cache(layer: int) -> str:
+    return f"k_cache_{layer}"
+
+
+def v_cache(layer: int) -> str:
+    return f"v_cache_{layer}"
+
+
+def new_k(layer: int) -> str:
+    return f"new_k_{layer}"
+
+
+def new_v(layer: int) -> str:
+    return f"new_v_{layer}"
+
+
+CACHE_PREFIXES = (k_cache(0)[:-1], v_cache(0)[:-1])  # "k_cache_", "v_cache_"
+NEW_KV_PREFIXES = (new_k(0)[:-1], new_v(0)[:-1])
+
+# The TensorRT engine's optimization profiles, one execution context each (backend/trt_runner.py).
+PREFILL_PROFILE, DECODE_PROFILE = 0, 1

@@ -1,0 +1,149 @@
+"""
+Each image's Python environment does its job, without Docker: for the Triton image and the BFF image, a
+fresh virtual environment gets exactly what the Dockerfile gives it (the folders its COPY lines copy, then
+`pip install` of the extras its RUN line names, GPU-only wheels left out), and the real servers run from it:
+the local Triton with the backend importing only from the Triton image's environment, the BFF under
+gunicorn (the image's command) from the BFF image's, and one /generate streams through both. A serving
+module that imports something its image lacks fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.bff.bffkit import AUTH, KEY, generate, is_done, ready, text_of, wait_until
+from tools.local_triton import LocalTriton, free_port
+from tools.paths import PROJECT
+
+pytestmark = pytest.mark.triton
+DOCKER = PROJECT / "docker"
+GPU_ONLY = {"tensorrt"}  # extras whose wheels need an NVIDIA GPU
+
+
+def stage_lines(dockerfile: Path, stage: str) -> list[str]:
+    """The instructions of one build stage, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    lines, current = [], None
+    for line in text.splitlines():
+        if m := re.match(r"FROM \S+(?: AS (\S+))?", line):
+            current = m.group(1)
+        elif current == stage and line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def image_recipe(dockerfile: Path, stage: str | None) -> tuple[list[tuple[list[str], str]], list[str], bool]:
+    """(COPY sources and destination, the extras pip installs, editable?) of an image's stage."""
+    lines = stage_lines(dockerfile, stage)
+    copies = []
+    for line in lines:
+        if line.startswith("COPY ") and "--from=" not in line:
+            *sources, dest = line.split()[1:]
+            copies.append((sources, dest))
+    install = next(line for line in lines if re.search(r"pip install .*\.\[", line))
+    extras = re.search(r'(-e )?"\.\[([a-z,]+)\]"', install)
+    return copies, extras.group(2).split(","), bool(extras.group(1))
+
+
+def build_environment(tmp: Path, dockerfile: Path, stage: str | None) -> tuple[Path, Path]:
+    """The image's source tree and a fresh venv with its extras; returns (venv, source)."""
+    copies, extras, editable = image_recipe(dockerfile, stage)
+    source = tmp / "src"
+    for sources, dest in copies:  # Docker's rules: a folder's contents go into dest; a file into dest/ or as dest
+        if dest.startswith("/"):
+            continue  # into the server's own folders (the backend file), not the project
+        for s in sources:
+            src = PROJECT / s
+            if src.is_dir():
+                shutil.copytree(src, source / dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                to = source / dest / src.name if dest.endswith("/") else source / dest
+                to.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, to)
+    wanted = [e for e in extras if e not in GPU_ONLY]
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    spec = f"{source}[{','.join(wanted)}]"
+    cmd = [str(venv / "bin" / "pip"), "install", "-q", *(["-e"] if editable else []), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return venv, source
+
+
+def site_packages(venv: Path) -> str:
+    return sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
+
+
+def test_recipes_are_read_from_the_dockerfiles():
+    copies, extras, editable = image_recipe(DOCKER / "triton.Dockerfile", "triton")
+    assert extras == ["core", "backend", "tensorrt"] and not editable
+    assert (["core/"], "core/") in copies and (["backend/model.py"], "/opt/tritonserver/backends/nanochat/model.py") \
+        in copies
+    copies, extras, editable = image_recipe(DOCKER / "bff.Dockerfile", "build")
+    assert extras == ["bff"] and editable
+    assert (["backend/__init__.py", "backend/protocol.py"], "backend/") in copies
+
+
+@pytest.fixture(scope="module")
+def triton_image_env(tmp_path_factory):
+    return build_environment(tmp_path_factory.mktemp("triton_image"), DOCKER / "triton.Dockerfile", "triton")
+
+
+@pytest.fixture(scope="module")
+def bff_image_env(tmp_path_factory):
+    return build_environment(tmp_path_factory.mktemp("bff_image"), DOCKER / "bff.Dockerfile", "build")
+
+
+def test_the_triton_image_lacks_what_it_does_not_copy(triton_image_env):
+    venv, source = triton_image_env
+    python = str(venv / "bin" / "python")
+    check = "import backend.scheduler, backend.runner, backend.onnx_runner, torch, onnxruntime; import falcon"
+    proc = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd="/")
+    assert "No module named 'falcon'" in proc.stderr  # the serving modules imported; the BFF's deps are absent
+    assert not (source / "bff").exists() and not (source / "export").exists()
+
+
+def test_the_bff_image_has_no_model_dependencies(bff_image_env):
+    venv, _ = bff_image_env
+    python = str(venv / "bin" / "python")
+    for module in ("torch", "onnxruntime", "tiktoken"):
+        proc = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, cwd="/")
+        assert proc.returncode != 0, f"the BFF image's environment has {module}"
+
+
+def test_a_stream_through_both_images_environments(triton_image_env, bff_image_env, oracle_repository,
+                                                   tmp_path):
+    triton_venv, _ = triton_image_env
+    bff_venv, bff_source = bff_image_env
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    (repository / "demo").symlink_to(oracle_repository / "demo")
+    # the backend imports from the Triton image's environment only: not this checkout, not the test's venv
+    with LocalTriton(repository, load=["demo"], sys_path=[site_packages(triton_venv)]) as server:
+        port = free_port()
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("BFF_", "PYTHON"))},
+               "INTERNAL_API_KEY": KEY, "BFF_TRITON_URLS": server.grpc_url, "BFF_TRITON_METRICS_URLS":
+               server.metrics_url, "BFF_MODEL": "demo", "BFF_MODEL_REPOSITORY": str(repository), "BFF_WORKERS": "1"}
+        cmd = [str(bff_venv / "bin" / "gunicorn"), "--config", str(bff_source / "bff" / "gunicorn_conf.py"),
+               "--bind", f"127.0.0.1:{port}", "bff.app:app"]  # the BFF image's CMD
+        proc = subprocess.Popen(cmd, env=env, cwd=bff_source, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: proc.poll() is None and ready(url), "the BFF image's environment did not serve",
+                       timeout=60)
+            assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo"}
+            r, events = generate(url, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+                                       "max_tokens": 8}, headers=AUTH)
+            assert r.status_code == 200 and is_done(events[-1]) and text_of(events)
+        finally:
+            proc.terminate()
+            proc.wait(30)

@@ -1,0 +1,36 @@
+"""
+What the benchmarks and the tests measure with, defined once: percentiles of latency samples and the
+reading of Prometheus text (Triton's /metrics, the BFF's), through prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100, linear interpolation as numpy's default); NaN without samples."""
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def scrape(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def samples(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called `name` whose labels include `labels`. The parser names a
+    counter's samples <family>_total, so a counter exported without that suffix (the backend's
+    inter-token histogram series, x_bucket and x_count) is found by its family's name."""
+    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+            if name in (s.name, family.name if family.type == "counter" else None)
+            and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def metric(text_or_url: str, name: str, **labels: str) -> float:
+    """The sum of those samples (0 when there are none); a URL is scraped first."""
+    text = scrape(text_or_url) if text_or_url.startswith("http") else text_or_url
+    return sum(value for _, value in samples(text, name, **labels))

@@ -1,0 +1,70 @@
+"""
+`python -m tools.serve`: the BFF on 127.0.0.1:8003 in front of Triton, for `make serve` and `make demo`.
+
+Settings come from bff/settings.py (the environment), with the flags below on top. Without --triton-url it
+starts a local Triton (tools.local_triton) over the model repository with the
+model loaded; with it, it uses that server (and loads the model there through the BFF's registry). Ctrl-C
+stops uvicorn, then Triton. Without INTERNAL_API_KEY (and without BFF_RUN_OPEN=1) it makes a random key
+for this run and prints it, so a local server is never open by accident.
+
+    python -m tools.serve --model demo --model-repository model_repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import secrets
+
+import uvicorn
+
+from bff import logs
+from bff.app import create_app
+from bff.settings import MissingKey, from_env
+
+
+def curl_line(port: int, key: str | None) -> str:
+    auth = f" -H 'X-Internal-API-Key: {key}'" if key else ""
+    body = '{"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 64}'
+    return f"curl -N http://127.0.0.1:{port}/generate -H 'Content-Type: application/json'{auth} -d '{body}'"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tools.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model to serve (default: BFF_MODEL)")
+    p.add_argument("--model-repository", help="default: BFF_MODEL_REPOSITORY, else model_repository")
+    p.add_argument("--triton-url", help="use this Triton gRPC endpoint (host:port) instead of a local one")
+    p.add_argument("--host", help="default: BFF_HOST, else 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: BFF_PORT, else 8003")
+    a = p.parse_args(argv)
+    logs.setup()
+
+    given = dict(model=a.model, model_repository=a.model_repository, host=a.host, port=a.port)
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if a.triton_url:
+        overrides["triton_urls"] = (a.triton_url,)
+    try:
+        settings = from_env(**overrides)
+    except MissingKey:
+        settings = from_env(**overrides, api_key=secrets.token_urlsafe(16))
+        print(f"INTERNAL_API_KEY is not set: using {settings.api_key} for this run")
+
+    with contextlib.ExitStack() as stack:
+        if not a.triton_url:
+            from tools.local_triton import LocalTriton
+
+            triton = stack.enter_context(LocalTriton(settings.model_repository,
+                                                     load=[settings.model] if settings.model else []))
+            settings = dataclasses.replace(settings, triton_urls=(triton.grpc_url,),
+                                           triton_metrics_urls=(triton.metrics_url,))
+        key = None if settings.run_open else settings.api_key
+        print(f"BFF on http://{settings.host}:{settings.port} serving "
+              f"{settings.model or '(the model Triton has loaded)'}; try:\n  {curl_line(settings.port, key)}",
+              flush=True)
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                    timeout_graceful_shutdown=settings.graceful_timeout_s)
+
+
+if __name__ == "__main__":
+    main()
