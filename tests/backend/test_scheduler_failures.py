@@ -1,0 +1,186 @@
+"""
+The scheduler's failure paths, each made to happen on purpose with an exact outcome: close() with requests
+running and queued, a runner that raises mid-batch, a queued request cancelled, a send or a cancellation
+check that fails, a metrics export that fails, and a full queue. The runner is the PyTorch core behind a
+gate, so a test decides when a step may run.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from backend.model_config import EngineConfig
+from backend.protocol import QUEUE_FULL, SHUTTING_DOWN
+from backend.scheduler import Scheduler
+from core.generation import SamplingParams
+from core.gpt import TorchRunner
+from tests.backend.schedkit import MAX_SEQ, FakeSink, alone, prompts
+
+GREEDY = SamplingParams(0.0, None, 30, 0)
+
+
+class GatedRunner:
+    """TorchRunner whose forward waits for `gate` (open by default) and raises `fail` when set."""
+
+    def __init__(self, model, max_slots: int) -> None:
+        self.inner = TorchRunner(model, max_slots, MAX_SEQ)
+        self.max_slots, self.max_seq = max_slots, MAX_SEQ
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+        self.fail: Exception | None = None
+        self.calls = 0
+
+    def forward(self, ids, positions, slots):
+        self.calls += 1
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        if self.fail is not None:
+            error, self.fail = self.fail, None
+            raise error
+        return self.inner.forward(ids, positions, slots)
+
+
+def start(demo, max_slots: int = 1, sink=None, **engine) -> tuple[Scheduler, GatedRunner, FakeSink]:
+    model, tok = demo
+    runner, sink = GatedRunner(model, max_slots), sink or FakeSink()
+    return Scheduler(runner, tok, sink, EngineConfig(**engine)), runner, sink
+
+
+def test_close_ends_the_running_and_the_queued_request_with_shutting_down(demo):
+    sched, runner, sink = start(demo)
+    hold_prompt = prompts(demo[1])[1]
+    runner.gate.clear()
+    sched.submit("running", hold_prompt, GREEDY)
+    sched.submit("queued", hold_prompt, GREEDY)
+    assert runner.entered.wait(10)
+    closer = threading.Thread(target=sched.close)
+    closer.start()  # stopping is seen at the next step boundary: after the forward call that is held now
+    runner.gate.set()
+    closer.join(20)
+    sink.wait(2, timeout=5)
+    for handle in ("running", "queued"):
+        _, _, last, error = sink.result(handle)
+        assert last is None and error == f"{SHUTTING_DOWN}; request stopped", (handle, error)
+    assert sched.stats.finished == {"stop": 0, "length": 0, "cancelled": 0, "error": 2}
+
+
+def test_a_runner_failure_ends_the_batch_and_the_queue_goes_on(demo):
+    model, tok = demo
+    sched, runner, sink = start(demo, max_slots=2)
+    p = prompts(tok)
+    runner.gate.clear()
+    sched.submit("a", p[1], GREEDY)
+    sched.submit("b", p[2], GREEDY)
+    assert runner.entered.wait(10)
+    runner.fail = RuntimeError("device lost (injected)")
+    sched.submit("after", p[0], GREEDY)  # waits for a slot, joins after the failure
+    runner.gate.set()
+    sink.wait(3)
+    sched.close()
+    for handle in ("a", "b"):
+        assert sink.result(handle)[3] == "inference failed: RuntimeError: device lost (injected)", handle
+    tokens, _, _, error = sink.result("after")
+    assert error is None and tokens == alone(model, tok, p[0], GREEDY)
+    assert sched.stats.finished["error"] == 2 and sched.stats.active == 0
+
+
+def test_a_queued_request_cancelled_by_its_client_ends_cancelled_without_a_token(demo):
+    model, tok = demo
+    sched, runner, sink = start(demo, max_queue=4)
+    p = prompts(tok)
+    runner.gate.clear()
+    sched.submit("running", p[1], GREEDY)
+    assert runner.entered.wait(10)
+    sched.submit("queued", p[2], GREEDY)
+    sink.cancelled.add("queued")  # the response thread's sweep marks it; the step thread ends it
+    threading.Timer(0.3, runner.gate.set).start()  # a few sweeps (every 50 ms) before the next step
+    sink.wait(2)
+    sched.close()
+    assert sink.responses["queued"] == [(sink.responses["queued"][0][0], None, True)]
+    tokens, _, last, _ = sink.result("queued")
+    assert tokens == [] and last.finish_reason == "cancelled" and last.completion_tokens == 0
+    assert sink.result("running")[0] == alone(model, tok, p[1], GREEDY)
+
+
+class FailingSink(FakeSink):
+    """send() or is_cancelled() raise for the handles named."""
+
+    def __init__(self, send_fails: set = frozenset(), check_fails: set = frozenset()):
+        super().__init__()
+        self.send_fails, self.check_fails = send_fails, check_fails
+
+    def send(self, handle, out, error, final):
+        if handle in self.send_fails:
+            self.responses.setdefault(handle, []).append(("lost", error, final))
+            if final:
+                self.finals.release()
+            raise ConnectionError("client gone (injected)")
+        super().send(handle, out, error, final)
+
+    def is_cancelled(self, handle):
+        if handle in self.check_fails:
+            raise RuntimeError("cannot ask (injected)")
+        return super().is_cancelled(handle)
+
+
+def test_a_failing_send_cancels_only_its_request(demo):
+    model, tok = demo
+    sink = FailingSink(send_fails={"gone"})
+    sched, _, sink = start(demo, max_slots=2, sink=sink)
+    p = prompts(tok)
+    sched.submit("gone", p[1], SamplingParams(0.0, None, 100, 0))
+    sched.submit("fine", p[2], GREEDY)
+    sink.wait(2)
+    sched.close()
+    assert [final for _, _, final in sink.responses["gone"]] == [False, True]  # the first send failed: cancelled
+    assert sched.stats.send_errors == 2 and "client gone (injected)" in sched.stats.last_send_error
+    assert sched.stats.finished["cancelled"] == 1
+    assert sink.result("fine")[0] == alone(model, tok, p[2], GREEDY)
+
+
+def test_a_failing_cancellation_check_counts_as_cancelled(demo):
+    sink = FailingSink(check_fails={"unknowable"})
+    sched, _, sink = start(demo, sink=sink)
+    sched.submit("unknowable", prompts(demo[1])[1], SamplingParams(0.0, None, 100, 0))
+    sink.wait(1)
+    sched.close()
+    tokens, _, last, _ = sink.result("unknowable")
+    assert last.finish_reason == "cancelled" and len(tokens) < 100
+
+
+def test_a_failing_metrics_export_is_counted_and_harms_nothing(demo):
+    model, tok = demo
+
+    class Broken:
+        def export(self, stats):
+            raise ValueError("metrics backend down (injected)")
+
+    runner, sink = GatedRunner(model, 1), FakeSink()
+    sched = Scheduler(runner, tok, sink, exporter=Broken())
+    sched.submit("r", prompts(tok)[0], GREEDY)
+    sink.wait(1)
+    sched.close()
+    assert sink.result("r")[0] == alone(model, tok, prompts(tok)[0], GREEDY)
+    assert sched.stats.export_errors >= 1 and sched.stats.last_export_error == \
+        "ValueError: metrics backend down (injected)"
+
+
+@pytest.mark.parametrize("max_queue", [0, 1])
+def test_a_full_queue_refuses_at_once_and_counts_it(demo, max_queue):
+    sched, runner, sink = start(demo, max_queue=max_queue)
+    p = prompts(demo[1])
+    runner.gate.clear()
+    for i in range(max_queue + 1):
+        sched.submit(f"in{i}", p[1], GREEDY)
+    assert runner.entered.wait(10)
+    sched.submit("refused", p[0], GREEDY)
+    sink.wait(1, timeout=5)  # answered while the slot is still busy: nothing waited
+    error = sink.result("refused")[3]
+    assert error == f"{QUEUE_FULL}1 slots busy and {max_queue} requests waiting; retry later"
+    assert sched.stats.rejected == 1 and sched.stats.finished["error"] == 1
+    runner.gate.set()
+    sink.wait(max_queue + 1)
+    sched.close()
+    assert sched.stats.finished["error"] == 1
