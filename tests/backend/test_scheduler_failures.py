@@ -22,7 +22,7 @@ GREEDY = SamplingParams(0.0, None, 30, 0)
 
 
 class GatedRunner:
-    """TorchRunner whose forward waits for `gate` (open by default) and raises `fail` when set."""
+    """TorchRunner whose forward waits for `gate` (open by default) and raises `fail` in the next call."""
 
     def __init__(self, model, max_slots: int) -> None:
         self.inner = TorchRunner(model, max_slots, MAX_SEQ)
@@ -34,10 +34,10 @@ class GatedRunner:
 
     def forward(self, ids, positions, slots):
         self.calls += 1
+        error, self.fail = self.fail, None  # taken on entry: set while a call is held, it fails the next one
         self.entered.set()
         assert self.gate.wait(30), "the test never opened the gate"
-        if self.fail is not None:
-            error, self.fail = self.fail, None
+        if error is not None:
             raise error
         return self.inner.forward(ids, positions, slots)
 
@@ -68,22 +68,20 @@ def test_close_ends_the_running_and_the_queued_request_with_shutting_down(demo):
 
 def test_a_runner_failure_ends_the_batch_and_the_queue_goes_on(demo):
     model, tok = demo
-    sched, runner, sink = start(demo, max_slots=2)
+    sched, runner, sink = start(demo, max_slots=1, max_queue=4)
     p = prompts(tok)
     runner.gate.clear()
-    sched.submit("a", p[1], GREEDY)
-    sched.submit("b", p[2], GREEDY)
-    assert runner.entered.wait(10)
-    runner.fail = RuntimeError("device lost (injected)")
-    sched.submit("after", p[0], GREEDY)  # waits for a slot, joins after the failure
+    sched.submit("running", p[1], GREEDY)
+    assert runner.entered.wait(10)  # its prefill is held
+    sched.submit("queued", p[0], GREEDY)  # waits for the slot from the next step on
+    runner.fail = RuntimeError("device lost (injected)")  # the next step's decode fails
     runner.gate.set()
-    sink.wait(3)
+    sink.wait(2)
     sched.close()
-    for handle in ("a", "b"):
-        assert sink.result(handle)[3] == "inference failed: RuntimeError: device lost (injected)", handle
-    tokens, _, _, error = sink.result("after")
+    assert sink.result("running")[3] == "inference failed: RuntimeError: device lost (injected)"
+    tokens, _, _, error = sink.result("queued")  # it was waiting in the scheduler's queue, untouched
     assert error is None and tokens == alone(model, tok, p[0], GREEDY)
-    assert sched.stats.finished["error"] == 2 and sched.stats.active == 0
+    assert sched.stats.finished["error"] == 1 and sched.stats.active == 0 and sched.stats.waiting == 0
 
 
 def test_a_queued_request_cancelled_by_its_client_ends_cancelled_without_a_token(demo):

@@ -1,7 +1,7 @@
 """
-Model swaps through the BFF against a Triton server of their own (swaps unload models): a swap while 8
-streams run lets all 8 finish and sends new streams to the new model; a failed load leaves the old model
-serving; the current model is read back from Triton by a restarted BFF.
+Model swaps through the BFF against a Triton server of their own (swaps unload models): a swap while
+streams run on the old model lets them finish on it and sends new streams to the new model; a failed load
+leaves the old model serving; the current model is read back from Triton by a restarted BFF.
 """
 
 from __future__ import annotations
@@ -10,19 +10,21 @@ import asyncio
 
 import httpx
 import pytest
+import tritonclient.grpc.aio as grpcclient
 
 from tests.bff.bffkit import (
     AUTH,
     generate,
     is_done,
-    metric,
     parse_events,
     run_bff,
     text_of,
     triton_settings,
     wait_until,
 )
+from tests.tritonkit import stub_process
 from tools.local_triton import LocalTriton, derive_model
+from tools.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 120}
@@ -39,10 +41,37 @@ def swap_triton(oracle_repository):
         yield server
 
 
-async def _stream(client: httpx.AsyncClient, url: str) -> list[dict]:
+async def _stream(client: httpx.AsyncClient, url: str, on_first_token=None) -> list[dict]:
+    """One generation's events; calls on_first_token() when its first token arrives."""
+    lines = []
     async with client.stream("POST", url + "/generate", json=LONG, headers=AUTH, timeout=120) as r:
         assert r.status_code == 200
-        return parse_events([line async for line in r.aiter_lines()])
+        async for line in r.aiter_lines():
+            lines.append(line)
+            if on_first_token is not None and line.startswith('data: {"token"'):
+                on_first_token()
+                on_first_token = None
+    return parse_events(lines)
+
+
+def _swap(url: str, model: str) -> httpx.Response:
+    return httpx.post(url + "/models/swap", json={"model_tag": model}, headers=AUTH, timeout=60)
+
+
+def _direct_text(server, model: str) -> str:
+    """The model's greedy answer to LONG straight from Triton, without the BFF."""
+
+    async def go():
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            return await stream(client, model, make_inputs(messages=LONG["messages"], temperature=0.0,
+                                                           max_tokens=LONG["max_tokens"]))
+        finally:
+            await client.close()
+
+    result = asyncio.run(go())
+    assert result.error is None, result.error
+    return result.text
 
 
 def _wait_unloaded(server, model: str, timeout: float = 30) -> None:
@@ -50,36 +79,55 @@ def _wait_unloaded(server, model: str, timeout: float = 30) -> None:
                f"{model} was never unloaded", timeout)
 
 
-def test_swap_while_streams_run(swap_triton):
+def test_swap_drains_the_old_models_streams_while_new_ones_get_the_new_model(swap_triton):
+    """Old streams are held open (their model's stub paused from their first token) across the whole swap,
+    so a swap that unloaded the old model at once, or sent them to the new one, fails here; the two models
+    have different weights (the head and orig oracles), so each stream's text says which model made it."""
     with run_bff(**triton_settings(swap_triton, model="demo")) as url:
-        reference = text_of(generate(url, LONG)[1])
+        assert _swap(url, "head").status_code == 202
+        old = text_of(generate(url, LONG)[1])
+        assert old == _direct_text(swap_triton, "head")
+        stub = stub_process(swap_triton, "head")
 
         async def scenario():
-            async with httpx.AsyncClient() as client:
-                streams = [asyncio.create_task(_stream(client, url)) for _ in range(8)]
-                await asyncio.sleep(0.3)  # streams are running (4 slots) or queued in Triton
-                swap = await client.post(url + "/models/swap", json={"model_tag": "demo_b"}, headers=AUTH,
-                                         timeout=60)
-                after = await _stream(client, url)
-                return swap, await asyncio.gather(*streams), after
+            held = asyncio.Event()
+            started = 0
 
-        swap, results, after = asyncio.run(scenario())
-        assert swap.status_code == 202
-        assert swap.json() == {"status": "draining", "current_model": "demo_b"}
-        for events in results:  # every stream on the old model ran to its end, untouched
-            assert is_done(events[-1])
-            assert text_of(events) == reference
-        assert text_of(after) == reference  # same weights under the new name
-        assert metric(swap_triton.metrics_url, "nanochat_generated_tokens_total", model="demo_b") > 0
-        _wait_unloaded(swap_triton, "demo")  # drained, then unloaded
+            def first_token():
+                nonlocal started
+                started += 1
+                if started == 4:  # every old stream is live: pause their model
+                    stub.suspend()
+                    held.set()
+
+            async with httpx.AsyncClient() as client:
+                streams = [asyncio.create_task(_stream(client, url, first_token)) for _ in range(4)]
+                await asyncio.wait_for(held.wait(), 60)
+                try:
+                    swap = await client.post(url + "/models/swap", json={"model_tag": "orig"}, headers=AUTH,
+                                             timeout=60)
+                    after = await _stream(client, url)  # the new model serves while the old streams wait
+                    still_open = sum(not t.done() for t in streams)
+                    state = (await client.get(url + "/stats", headers=AUTH)).json()["swap"]
+                finally:
+                    stub.resume()
+                return swap, after, still_open, state, await asyncio.gather(*streams)
+
+        swap, after, still_open, state, results = asyncio.run(scenario())
+        assert swap.status_code == 202 and swap.json() == {"status": "draining", "current_model": "orig"}
+        assert still_open == 4 and state["state"] == "draining"
+        assert text_of(after) == _direct_text(swap_triton, "orig") != old
+        for events in results:  # every stream on the old model ran to its end, with the old model's text
+            assert is_done(events[-1]) and text_of(events) == old
+        _wait_unloaded(swap_triton, "head")  # drained, then unloaded
         models = httpx.get(url + "/models", headers=AUTH).json()
-        assert models["current_model"] == "demo_b"
-        assert {m["model_tag"]: m["loaded"] for m in models["models"]}["demo"] is False
+        assert models["current_model"] == "orig"
+        assert {m["model_tag"]: m["loaded"] for m in models["models"]}["head"] is False
         assert httpx.get(url + "/stats", headers=AUTH).json()["swap"]["state"] == "idle"
 
     # A restarted BFF (no BFF_MODEL) reads the current model back from Triton.
     with run_bff(**triton_settings(swap_triton)) as url:
-        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo_b"}
+        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "orig"}
 
 
 def test_failed_swap_keeps_the_old_model(swap_triton):
@@ -122,3 +170,50 @@ def test_drain_first_refuses_new_streams_until_the_new_model_is_loaded(swap_trit
         wait_until(lambda: httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": new},
                    "drain-first swap did not finish", timeout=60)
         assert generate(url, LONG)[0].status_code == 200
+
+
+def _loaded(server) -> list[str]:
+    index = httpx.post(f"{server.http_url}/v2/repository/index", json={"ready": True}).json()
+    return sorted(m["name"] for m in index)
+
+
+def test_drain_first_whose_load_fails_brings_the_old_model_back(swap_triton):
+    with run_bff(**triton_settings(swap_triton, swap_strategy="drain-first")) as url:
+        old = httpx.get(url + "/health").json()["current_model"]
+        r = _swap(url, "demo_broken")
+        assert r.status_code == 202 and r.json() == {"status": "draining", "current_model": old}
+        wait_until(lambda: httpx.get(url + "/stats", headers=AUTH).json()["swap"]["state"] == "idle",
+                   "the failed drain-first swap never finished", timeout=60)
+        swap = httpx.get(url + "/stats", headers=AUTH).json()["swap"]
+        assert "loading demo_broken failed" in swap["last_error"] and f"{old} reloaded" in swap["last_error"]
+        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": old}
+        r, events = generate(url, LONG)
+        assert r.status_code == 200 and is_done(events[-1])
+
+
+def test_another_workers_swap_is_seen_after_a_probe(swap_triton):
+    # two BFF processes' views of one Triton (gunicorn workers, or replicas): a swap through one moves the other
+    settings = triton_settings(swap_triton)
+    with run_bff(**settings) as one, run_bff(**settings) as other:
+        before = httpx.get(other + "/health").json()["current_model"]
+        target = "demo" if before != "demo" else "demo_b"
+        assert _swap(one, target).status_code == 202
+        _wait_unloaded(swap_triton, before)
+        wait_until(lambda: httpx.get(other + "/health").json() == {"status": "ok", "ready": True,
+                                                                    "current_model": target},
+                   "the other BFF kept serving the unloaded model", timeout=10)
+        r, events = generate(other, LONG)
+        assert r.status_code == 200 and is_done(events[-1])
+
+
+def test_no_model_loaded_is_a_503_until_a_swap_loads_one(swap_triton):
+    for name in _loaded(swap_triton):
+        httpx.post(f"{swap_triton.http_url}/v2/repository/models/{name}/unload").raise_for_status()
+        _wait_unloaded(swap_triton, name)
+    with run_bff(**triton_settings(swap_triton)) as url:
+        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": False, "current_model": None}
+        r, _ = generate(url, LONG)
+        assert r.status_code == 503 and r.json() == {"detail": "no model is loaded"} and r.headers["retry-after"]
+        assert _swap(url, "demo").json() == {"status": "draining", "current_model": "demo"}
+        r, events = generate(url, LONG)
+        assert r.status_code == 200 and is_done(events[-1])
