@@ -7,6 +7,7 @@ import tritonclient.grpc.aio as grpcclient
 
 from backend import protocol as P
 from backend.protocol import INVALID
+from tests.conftest import DEMO_MAX_SEQ
 from tests.tritonkit import stub_process
 from tools import measure
 from tools.local_triton import derive_model
@@ -202,34 +203,70 @@ def test_soak_500_requests_leaves_no_growth(triton_server):
 
         return await asyncio.gather(*(one(ids) for ids in ids_list))
 
-    run(lambda c: burst(c, prompts[:32]), triton_server)  # warm up: threads and buffers that stay
+    # each distinct prompt alone first: the reference every soak response must equal (and the warm-up)
+    alone = run(lambda c: burst(c, prompts[:50], concurrency=1), triton_server)
+    reference = {tuple(ids): r.token_ids for ids, r in zip(prompts[:50], alone, strict=True)}
     stub = stub_process(triton_server, "demo")
     before = (stub.num_threads(), stub.num_fds())
+    asyncio.run(asyncio.sleep(0.2))  # the warm-up's counters exported
+    counted = measure.scrape(triton_server.metrics_url)
     results = run(lambda c: burst(c, prompts), triton_server, timeout=300)
     assert all(r.error is None and r.finals == 1 for r in results), {r.error for r in results}
+    wrong = [i for i, (ids, r) in enumerate(zip(prompts, results, strict=True)) if r.token_ids != reference[tuple(ids)]]
+    assert wrong == [], f"{len(wrong)} soak responses differ from the prompt's answer alone, e.g. #{wrong[:3]}"
     after = (stub.num_threads(), stub.num_fds())
     assert after[0] <= before[0] and after[1] <= before[1] + 2, (before, after)
     asyncio.run(asyncio.sleep(0.2))  # one metrics export
     text = measure.scrape(triton_server.metrics_url)
+    delta = lambda name, **labels: measure.metric(text, name, model="demo", **labels) - measure.metric(
+        counted, name, model="demo", **labels)
     assert measure.metric(text, P.METRIC_ACTIVE_SLOTS, model="demo") == 0
     assert measure.metric(text, P.METRIC_QUEUE_DEPTH, model="demo") == 0
-    assert measure.metric(text, P.METRIC_GENERATED_TOKENS, model="demo") >= 1500
-    assert measure.samples(text, P.METRIC_TTFT + "_bucket", model="demo")
-    itl_count = measure.metric(text, P.METRIC_ITL + "_count", model="demo")
+    streamed = sum(len(r.token_ids) for r in results)  # stop tokens end a stream and are not streamed
+    stops = sum(r.finish_reason == "stop" for r in results)
+    assert delta(P.METRIC_GENERATED_TOKENS) == streamed + stops
+    assert delta(P.METRIC_PROMPT_TOKENS) == 3 * 500
+    assert {reason: delta(P.METRIC_FINISHED, finish_reason=reason) for reason in P.FINISH_REASONS} == {
+        "stop": stops, "length": 500 - stops, "cancelled": 0, "error": 0}
+    assert delta(P.METRIC_TTFT + "_count") == 500
+    itl_count = delta(P.METRIC_ITL + "_count")
     inf = [v for _, v in measure.samples(text, P.METRIC_ITL + "_bucket", model="demo", le="+Inf")]
-    assert itl_count > 0 and inf == [itl_count]  # +Inf counts every gap
+    assert itl_count == streamed + stops - 500  # a gap before every token but each request's first
+    assert inf == [measure.metric(text, P.METRIC_ITL + "_count", model="demo")]  # +Inf counts every gap
 
 
-def test_unload_while_streaming_never_hangs(triton_server):
+def test_unload_while_streaming_lets_every_stream_finish_first(triton_server):
+    """Triton unloads a model only after its requests in flight have ended: three streams, held mid-answer
+    (the stub paused) while the unload is asked for, each still run to the end of the context, whole; then
+    the model goes. (Nothing hangs: a stuck unload would time out here.)"""
+    stub = stub_process(triton_server, "demo")
+
     async def go(client):
-        streams = [asyncio.create_task(stream(client, "demo", long_prompt())) for _ in range(3)]
-        await asyncio.sleep(0.3)
-        await client.unload_model("demo")
-        results = await asyncio.wait_for(asyncio.gather(*streams), 60)
-        await client.load_model("demo")  # back for any later test
-        return results, await client.is_model_ready("demo")
+        started = asyncio.Event()
 
-    results, ready = run(go, triton_server)
+        def note_first_token(result) -> bool:  # never cancels
+            started.set()
+            return False
+
+        streams = [asyncio.create_task(stream(client, "demo", long_prompt(), cancel_when=note_first_token))
+                   for _ in range(3)]
+        await asyncio.wait_for(started.wait(), 30)
+        stub.suspend()
+        try:
+            unload = asyncio.create_task(client.unload_model("demo"))
+            await asyncio.sleep(0.5)
+            held = sum(not t.done() for t in streams)
+        finally:
+            stub.resume()
+        results = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        await asyncio.wait_for(unload, 60)
+        gone = not await client.is_model_ready("demo")
+        await client.load_model("demo")  # back for any later test
+        return held, results, gone, await client.is_model_ready("demo")
+
+    held, results, gone, ready = run(go, triton_server)
+    assert held == 3  # the unload was asked for while all three were mid-answer
     for r in results:
-        assert r.finals == 1 and (r.error is not None or r.finish_reason in ("stop", "length"))
-    assert ready
+        assert (r.error, r.finals, r.finish_reason) == (None, 1, "length")
+        assert r.completion_tokens == len(r.token_ids) == DEMO_MAX_SEQ - 4  # to the end of the context
+    assert gone and ready

@@ -1,0 +1,56 @@
+"""
+/stats and /metrics of the live BFF after a known workload, read as before/after differences (the session's
+BFF serves other tests too): every figure moves by exactly what the workload did.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.bff.bffkit import AUTH, generate, is_done
+from tools import measure
+
+pytestmark = pytest.mark.triton
+BODY = {"messages": [{"role": "user", "content": "Count to ten."}], "temperature": 0, "max_tokens": 12}
+
+
+def test_stats_and_metrics_count_a_known_workload(bff_url):
+    stats_before = httpx.get(bff_url + "/stats", headers=AUTH).json()
+    metrics_before = httpx.get(bff_url + "/metrics", headers=AUTH).text
+    pieces = 0
+    for _ in range(3):
+        r, events = generate(bff_url, BODY)
+        assert r.status_code == 200 and is_done(events[-1])
+        pieces += len(events) - 1
+    bad, _ = generate(bff_url, {"messages": [], "max_tokens": 1})
+    assert bad.status_code == 400
+    stats = httpx.get(bff_url + "/stats", headers=AUTH).json()
+    metrics = httpx.get(bff_url + "/metrics", headers=AUTH)
+
+    bff, was = stats["bff"], stats_before["bff"]
+    assert bff["streams"]["total"] - was["streams"]["total"] == 3 and bff["streams"]["active"] == 0
+    assert bff["streams"]["ended"]["done"] - was["streams"]["ended"].get("done", 0) == 3
+    assert bff["tokens_streamed"] - was["tokens_streamed"] == pieces
+    assert bff["errors"] == was["errors"]  # a 400 is the client's error, not the service's
+    for series in ("ttft", "inter_token_latency"):
+        p = bff[series]
+        assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] < 60_000, (series, p)
+    assert stats["swap"]["current_model"] == "head" and stats["swap"]["state"] == "idle"
+    (endpoint,) = stats["endpoints"]
+    assert endpoint["up"] and endpoint["active_streams"] == 0
+    model_stats = {m["name"]: m for m in next(iter(stats["triton"]["model_stats"].values()))}
+    assert int(model_stats["head"]["inference_stats"]["success"]["count"]) >= 3
+    backend = next(iter(stats["triton"]["backend"].values()))
+    assert {s["labels"]["model"]: s["value"] for s in backend["nanochat_active_slots"]}["head"] == 0
+
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    moved = lambda name, **labels: measure.metric(metrics.text, name, **labels) - measure.metric(
+        metrics_before, name, **labels)
+    assert moved("bff_requests_total", route="/generate", code="200") == 3
+    assert moved("bff_requests_total", route="/generate", code="400") == 1
+    assert moved("bff_generated_pieces_total") == pieces
+    assert moved("bff_stream_ends_total", reason="done") == 3
+    assert moved("bff_time_to_first_token_seconds_count") == 3
+    assert moved("bff_inter_token_latency_seconds_count") == pieces - 3
+    assert measure.metric(metrics.text, "bff_streams_active") == 0
