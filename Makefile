@@ -46,9 +46,10 @@ docker-down:  ## stop them
 	IMAGE_TAG=$(DOCKER_TAG) $(DOCKER_COMPOSE) down
 
 # --- export: every option of `python -m export` is a make variable of the same name in capitals (MODEL=d20
-#     SOURCE= STEP= CHECKPOINT_DIR= NANOCHAT_BASE_DIR= NAME= MODEL_REPOSITORY= RUNTIME= PRECISION= MAX_SLOTS= MAX_SEQ=
-#     MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL= FORCE=1 VERIFY=0): make puts command-line variables in the
-#     environment, and --env reads them (export/options.py defines them; `.venv/bin/python -m export --help`).
+#     SOURCE= STEP= CHECKPOINT_DIR= NANOCHAT_BASE_DIR= NAME= MODEL_REPOSITORY= RUNTIME= PRECISION= MAX_SLOTS=
+#     MAX_SEQ= MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL= OVERRIDES="softcap=20 ..." FORCE=1 VERIFY=0): make puts
+#     command-line variables in the environment, and --env reads them (export/options.py defines them;
+#     `.venv/bin/python -m export --help` lists them).
 # These run the venv's Python as it is (no reinstall), so an export never touches the environment.
 .PHONY: export bench-export gpu-check
 
@@ -64,25 +65,32 @@ bench-export: $(BIN)/python  ## exported graph on ONNX Runtime vs the PyTorch co
 gpu-check: $(BIN)/python  ## on a GPU: precision agreement, decode speed, MBU
 	$(BIN)/python -m tools.gpu_check $(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)")
 
-# --- the BFF: make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003]; make demo; make bench.
+# --- the BFF: make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003 WORKERS=N (gunicorn, the
+# production server, with N uvicorn workers)]; make demo; make bench.
 # INTERNAL_API_KEY comes from the environment (serve prints a one-run key when it is unset).
 .PHONY: serve demo bench
 
 DEMO_DIR ?= build/demo
 DEMO_REPO := $(DEMO_DIR)/model_repository
 SERVE_ARGS = $(if $(MODEL),--model "$(MODEL)") --model-repository "$(or $(MODEL_REPOSITORY),model_repository)" \
-	$(if $(TRITON_URL),--triton-url "$(TRITON_URL)") $(if $(PORT),--port "$(PORT)")
+	$(if $(TRITON_URL),--triton-url "$(TRITON_URL)") $(if $(PORT),--port "$(PORT)") \
+	$(if $(WORKERS),--workers "$(WORKERS)")
 
 serve: $(BIN)/python  ## Triton + the BFF on :8003 for MODEL
 	$(BIN)/python -m tools.serve $(SERVE_ARGS)
 
-# The demo model from nothing: a G4 checkpoint tagged "demo", exported into $(DEMO_REPO).
-$(DEMO_REPO)/demo/config.pbtxt: | install
-	$(BIN)/python -m core.random_checkpoint --out $(DEMO_DIR)/nanochat
+# The demo model from nothing: a G4 checkpoint tagged "demo", trained for about a minute (tools/train_demo.py),
+# exported into $(DEMO_REPO). Both are files make keeps: a second `make demo` starts at once.
+DEMO_CKPT := $(DEMO_DIR)/nanochat/chatsft_checkpoints/demo/model_000000.pt
+
+$(DEMO_CKPT): tools/train_demo.py tools/data/demo_chats.json core/data/demo_corpus.txt | install
+	$(BIN)/python -m tools.train_demo --out $(DEMO_DIR)/nanochat
+
+$(DEMO_REPO)/demo/config.pbtxt: $(DEMO_CKPT)
 	$(BIN)/python -m export --nanochat-base-dir $(DEMO_DIR)/nanochat --model demo --name demo \
 		--model-repository $(DEMO_REPO) --force
 
-demo: install $(DEMO_REPO)/demo/config.pbtxt  ## from nothing: a demo checkpoint, exported and served on CPU
+demo: install $(DEMO_REPO)/demo/config.pbtxt  ## from nothing: a toy model trained for a minute, exported, served on CPU
 	$(BIN)/python -m tools.serve --model demo --model-repository $(DEMO_REPO) $(if $(PORT),--port "$(PORT)")
 
 # make bench measures the demo checkpoint exported with 16 slots (a repository of its own), so that 16 streams

@@ -47,7 +47,8 @@ INPUTS = (
     Input("messages", "TYPE_STRING", (1,), 'JSON text: [{"role": "system"|"user"|"assistant", "content": "..."}], '
           "rendered with the model's own tokenizer in nanochat's chat format"),
     Input("prompt_ids", "TYPE_INT64", (-1,), "raw prompt token ids instead of `messages`"),
-    Input("temperature", "TYPE_FP32", (1,), "0 is greedy", 0.8, 0.0, 2.0),
+    Input("temperature", "TYPE_FP32", (1,), "0 is greedy; above 0 and below 0.01 samples as 0.01 (as vLLM does)",
+          0.8, 0.0, 2.0),
     Input("top_k", "TYPE_INT32", (1,), "0 means the whole vocabulary", 50, 0, 200),
     Input("max_tokens", "TYPE_INT32", (1,), "tokens to generate at most", 512, 1, 4096),
     Input("seed", "TYPE_INT64", (1,), "default: random; with the same seed a request gets the same tokens",
@@ -58,6 +59,9 @@ INPUTS = (
           "`dropped_turns` says how many went. Without it, a prompt that does not fit is refused", None, 1, 4096),
 )
 INPUT = {i.name: i for i in INPUTS}
+# logits / T overflows for T near 0 (T = 1e-38 makes inf, and sampling fails): a tiny positive temperature
+# samples as this one, which is all but greedy, as vLLM clamps it
+MIN_TEMPERATURE = 0.01
 
 OUTPUTS = (
     Output("text", "TYPE_STRING", (1,), "new text: complete UTF-8 characters only (may be empty)"),

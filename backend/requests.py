@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from backend.protocol import INPUT
+from backend.protocol import INPUT, MIN_TEMPERATURE
 from core.generation import SamplingParams
 from core.tokenizer import ConversationError, Tokenizer
 
@@ -49,7 +49,9 @@ def _number(get: Callable[[str], np.ndarray | None], name: str, kind: type) -> f
 
 def parse_params(get: Callable[[str], np.ndarray | None]) -> SamplingParams:
     seed = _number(get, "seed", int)
-    return SamplingParams(temperature=_number(get, "temperature", float), top_k=_number(get, "top_k", int) or None,
+    temperature = _number(get, "temperature", float)
+    temperature = MIN_TEMPERATURE if 0 < temperature < MIN_TEMPERATURE else temperature
+    return SamplingParams(temperature=temperature, top_k=_number(get, "top_k", int) or None,
                           max_tokens=_number(get, "max_tokens", int),
                           seed=secrets.randbelow(INPUT["seed"].high + 1) if seed is None else seed)
 

@@ -10,7 +10,8 @@ One step thread owns the runner and its KV cache of max_slots rows. Each step:
      costs the others at most one chunk of latency per step instead of its whole length;
   5. samples all rows at once (core.sampling.sample_rows, each row with its own seeded generator)
      and applies each row's core.generation.Sequence rules (forced calculator tokens, stop tokens,
-     limits), so a request's tokens never depend on the rest of the batch.
+     limits), so a request's tokens never depend on the rest of the batch; a row whose draw or rules
+     fail ends with an error of its own while the others go on.
 Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
 bounded queue; one that does not fit is refused at once with an error.
 
@@ -162,7 +163,7 @@ class Scheduler:
             ids = np.array([[r.seq.generated[-1]] for r in decoding], dtype=np.int64)
             logits = self._forward(ids, [r.seq.length - 1 for r in decoding], decoding)
             for req, token in zip(decoding, sample_rows(logits, [r.seq.sampler for r in decoding]), strict=True):
-                self._emit(req, token)
+                self._take(req, token)
         if prefilling:
             T = min(self.prefill_chunk, *(len(r.seq.prompt) - r.prefilled for r in prefilling))
             rows = prefilling[: max(1, self.prefill_chunk // T)]
@@ -174,7 +175,7 @@ class Scheduler:
             tokens = sample_rows(logits[done], [rows[i].seq.sampler for i in done])
             for i, token in zip(done, tokens, strict=True):
                 self.stats.prompt_tokens += rows[i].prefilled
-                self._emit(rows[i], token)
+                self._take(rows[i], token)
 
     def _forward(self, ids: np.ndarray, positions: list[int], rows: list[Request]) -> np.ndarray:
         t0 = time.thread_time()
@@ -182,6 +183,17 @@ class Scheduler:
                                      np.array([r.slot for r in rows], dtype=np.int64))
         self.stats.cpu["model_call"] += time.thread_time() - t0
         return logits
+
+    def _take(self, req: Request, sampled: int | Exception) -> None:
+        """A row's draw into its request. Whatever fails here (the draw, the calculator, detokenizing, the
+        request's rules) is that request's failure alone: it ends with an error, the batch goes on."""
+        try:
+            if isinstance(sampled, Exception):
+                raise sampled
+            self._emit(req, sampled)
+        except Exception as e:
+            if req in self._active:  # not ended by _emit before it failed
+                self._finish(req, error=f"generation failed: {type(e).__name__}: {e}")
 
     def _emit(self, req: Request, sampled: int) -> None:
         """Take a row's token and hand its piece of text to the ResponseThread."""

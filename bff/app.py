@@ -46,6 +46,7 @@ class Service:
         self.registry = Registry(self.settings, self.pool, self.stats)
         self.http = httpx.AsyncClient()
         await self.registry.start()
+        await self.registry.probe()
         self._probe = asyncio.create_task(self._probe_forever())
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
@@ -62,12 +63,13 @@ class Service:
             try:
                 await self.pool.probe()
                 await self.registry.refresh()
+                await self.registry.probe()
             except Exception:  # the probe must outlive any one failure
                 log.exception("endpoint probe failed")
 
 
 def default_pool(settings: Settings) -> TritonPool:
-    return TritonPool(settings.triton_urls, settings.triton_metrics_urls)
+    return TritonPool(settings.triton_urls, settings.triton_metrics_urls, settings.triton_admin_key)
 
 
 def create_app(settings: Settings, pool_factory: Callable[[Settings], TritonPool] = default_pool) -> falcon.asgi.App:

@@ -33,6 +33,13 @@ class UpstreamFailed(falcon.HTTPBadGateway):
         super().__init__(description=detail)
 
 
+class UpstreamTimeout(falcon.HTTPGatewayTimeout):
+    """Triton did not finish in time (a model load past BFF_MODEL_LOAD_TIMEOUT_S)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(description=detail)
+
+
 def serialize(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
     """Every error body is `{"detail": ...}`; the description if there is one, else the status title.
     The detail is kept on the request for its access log line."""

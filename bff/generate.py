@@ -64,6 +64,9 @@ class Generate:
         self.service = service
         self.settings = service.settings
         self.stats = service.stats
+        # Streams admitted, counted at the check (not when the stream starts, after awaits): a burst cannot
+        # pass the limit together. Released when the stream ends or fails to open.
+        self.admitted = 0
 
     @property
     def pool(self) -> TritonPool:
@@ -85,26 +88,31 @@ class Generate:
             max_tokens=s.max_tokens if body.get("max_tokens") is None else int(body["max_tokens"]),
             min_answer_tokens=s.min_answer_tokens,
         )
-        if self.stats.active >= s.max_streams:
+        if self.admitted >= s.max_streams:
             self.stats.error("stream_limit")
             raise Unavailable(f"{s.max_streams} streams are already running", retry_after=1)
-        model = self.registry.serving()
-        started = time.perf_counter()
-        stream, first = await self._open(model, params, req.context.request_id)
+        self.admitted += 1
+        try:
+            model = self.registry.serving()
+            started = time.perf_counter()
+            stream, first = await self._open(model, params, req.context.request_id)
+        except BaseException:
+            self.admitted -= 1
+            raise
         resp.set_header("Cache-Control", "no-cache")
         resp.set_header("X-Accel-Buffering", "no")
         # This model has no web search: a request for one is answered without it, and the log says so.
         resp.sse = self._events(req, stream, first, started, bool(body.get("force_web_search")))
 
     async def _open(self, model: str, params: dict, request_id: str) -> tuple[Stream, object]:
-        """Open the Triton stream and wait briefly for its first response. A dead endpoint is retried on
-        another one: nothing has been sent to the client yet."""
-        for _ in self.pool.endpoints:
-            try:
-                stream = self.pool.open(model, request_id=request_id, **params)
-            except TritonError as exc:
-                self.stats.error(exc.kind)
-                raise http_error(exc) from None
+        """Open the Triton stream and wait briefly for its first response. An endpoint that is dead or does
+        not serve the model (a replica back with only its default) is skipped for another one: nothing has
+        been sent to the client yet. The prober loads the model there (Registry.probe)."""
+        tried: tuple = ()
+        last = TritonError("down", "no Triton endpoint is reachable")
+        while (endpoint := self.pool.pick(model, tried)) is not None:
+            tried += (endpoint,)
+            stream = self.pool.open(endpoint, model, request_id=request_id, **params)
             self.registry.streams[model] += 1
             try:
                 return stream, await stream.next(self.settings.first_response_wait_s)
@@ -113,13 +121,20 @@ class Generate:
             except TritonError as exc:
                 self._release(stream)
                 self.stats.error(exc.kind)
-                if exc.kind != "down":
+                if exc.kind not in ("down", "no_model"):
                     raise http_error(exc) from None
-        raise Unavailable("no Triton endpoint is reachable")
+                endpoint.serving.discard(model)
+                last = exc
+        raise http_error(last)
 
     def _release(self, stream: Stream) -> None:
         stream.close()
         self.registry.streams[stream.model] -= 1
+
+    def _end(self, stream: Stream) -> None:
+        """A stream that was admitted and opened is over."""
+        self._release(stream)
+        self.admitted -= 1
 
     async def _events(self, req: falcon.Request, stream: Stream, pending: object, started: float,
                       web_search: bool):
@@ -128,11 +143,17 @@ class Generate:
         reason, pieces, first_at, last, final, failure = "disconnect", 0, None, None, None, None
         try:
             try:
+                heard = time.monotonic()  # Triton's last response (or the request's start)
                 while True:
                     if pending is _WAITING:
                         try:
                             pending = await stream.next(self.settings.ping_interval_s)
+                            heard = time.monotonic()
                         except TimeoutError:
+                            if time.monotonic() - heard > self.settings.stream_silence_s:
+                                # a hung or unreachable Triton: end the stream (finally cancels it)
+                                raise TritonError("timeout", f"no response from Triton for "
+                                                             f"{self.settings.stream_silence_s:g} s") from None
                             yield None  # `: ping`; also lets Falcon notice a client that left
                             continue
                     piece, pending = pending, _WAITING
@@ -159,7 +180,7 @@ class Generate:
         finally:
             # Runs on normal end, on error, and when the generator is closed after a disconnect or
             # cancelled by a graceful shutdown; never yields, so it is safe during finalization.
-            self._release(stream)
+            self._end(stream)
             stats.stream_ended(reason)
             extra = {"force_web_search": True} if web_search else {}
             if final is not None:

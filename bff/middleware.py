@@ -15,6 +15,7 @@ import falcon
 from bff.stats import BffStats
 
 access = logging.getLogger("bff.access")
+MAX_REQUEST_ID = 128
 
 
 def log_request(req: falcon.Request, status: int | str, **fields) -> None:
@@ -36,7 +37,10 @@ class RequestId:
 
     async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
-        req.context.request_id = req.get_header("X-Request-ID") or uuid.uuid4().hex
+        given = req.get_header("X-Request-ID") or ""
+        # a caller's id is kept when it is a sane one (it goes into every log line and back in the response)
+        sane = 0 < len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable()
+        req.context.request_id = given if sane else uuid.uuid4().hex
 
     async def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
                                req_succeeded: bool) -> None:

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from backend.protocol import CONFIG_FILE, METADATA_FILE
-from bff.errors import NotFound, Unavailable, UpstreamFailed
+from bff.errors import NotFound, Unavailable, UpstreamFailed, UpstreamTimeout
 from bff.settings import Settings
 from bff.stats import BffStats
 from bff.triton import TritonError, TritonPool
@@ -51,6 +51,7 @@ class Registry:
                                  "last_finished": None}
         self._lock = asyncio.Lock()
         self._background: asyncio.Task | None = None
+        self.model_ready = False  # the current model READY on every live endpoint, as the last probe saw it
 
     async def _ready_names(self) -> list[str]:
         return sorted(m["name"] for m in await self.pool.index() if m.get("state") == "READY")
@@ -70,7 +71,7 @@ class Registry:
             log.warning("BFF_MODEL=%s is not loaded; serving %s, which Triton has READY", wanted, ready[0])
         elif wanted:
             try:
-                await self.pool.load(wanted)
+                await self.pool.load(wanted, self.settings.model_load_timeout_s)
                 self.current = wanted
             except TritonError as exc:
                 log.error("loading %s failed: %s", wanted, exc.detail)
@@ -99,8 +100,20 @@ class Registry:
             raise Unavailable("no model is loaded", retry_after=5)
         return self.current
 
-    async def ready(self) -> bool:
-        return self.current is not None and not self.blocked and await self.pool.ready(self.current)
+    async def probe(self) -> None:
+        """Ask Triton whether the current model is READY (the background prober, every probe interval), and
+        load it on any live endpoint that lacks it, unless a swap is moving models right now."""
+        self.model_ready = self.current is not None and await self.pool.ready(self.current)
+        if self.current is not None and not self.model_ready and self.swap_state["state"] == "idle":
+            loaded = await self.pool.reconcile(self.current, self.settings.model_load_timeout_s)
+            if loaded:
+                log.warning("loaded %s on %s, which lacked it", self.current, ", ".join(loaded))
+            self.model_ready = await self.pool.ready(self.current)
+
+    @property
+    def ready(self) -> bool:
+        """Readiness from the last probe: /health must answer at once however busy Triton and the CPU are."""
+        return self.model_ready and self.current is not None and not self.blocked
 
     async def models(self) -> list[dict]:
         """Every model in the repository (Triton's index, else the folder) with its metadata."""
@@ -143,11 +156,13 @@ class Registry:
                 self._background = asyncio.create_task(self._drain_then_load(old, name))
                 return {"status": "draining", "current_model": old}
             try:
-                await self.pool.load(name)
+                await self.pool.load(name, self.settings.model_load_timeout_s)
             except TritonError as exc:
                 self._finish(f"loading {name} failed: {exc.detail}")
-                raise UpstreamFailed(f"loading {name} failed; still serving {old}: {exc.detail}") from None
+                error = UpstreamTimeout if exc.kind == "timeout" else UpstreamFailed
+                raise error(f"loading {name} failed; still serving {old}: {exc.detail}") from None
             self.current = name
+            self.model_ready = True  # loaded on every live endpoint just now
             self.swap_state["state"] = "draining"
             self._background = asyncio.create_task(self._retire(old))
             return {"status": "draining", "current_model": name}
@@ -171,7 +186,7 @@ class Registry:
                 await self._drain(old)
                 self.swap_state["state"] = "unloading"
                 # Triton lets requests still in flight finish before it releases the model.
-                await self.pool.unload(old)
+                await self.pool.unload(old, self.settings.model_load_timeout_s)
             self._finish(None)
         except TritonError as exc:
             self._finish(f"unloading {old} failed: {exc.detail}")
@@ -189,15 +204,16 @@ class Registry:
         try:
             await self._drain(old)
             self.swap_state["state"] = "unloading"
-            await self.pool.unload(old)
+            await self.pool.unload(old, self.settings.model_load_timeout_s)
             await self._gone(old)
             self.swap_state["state"] = "loading"
             try:
-                await self.pool.load(name)
-                self.current = name
+                await self.pool.load(name, self.settings.model_load_timeout_s)
+                self.current, self.model_ready = name, True
                 self._finish(None)
             except TritonError as exc:
-                await self.pool.load(old)  # put the old model back
+                await self.pool.load(old, self.settings.model_load_timeout_s)  # put the old model back
+                self.model_ready = True
                 self._finish(f"loading {name} failed, {old} reloaded: {exc.detail}")
         except TritonError as exc:
             self._finish(f"swap to {name} failed: {exc.detail}")

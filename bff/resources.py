@@ -32,8 +32,8 @@ class Health:
         self.service = service
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        registry = self.service.registry
-        resp.media = {"status": "ok", "ready": await registry.ready(), "current_model": registry.current}
+        registry = self.service.registry  # no call to Triton here: the prober's last answer (bff/app.py)
+        resp.media = {"status": "ok", "ready": registry.ready, "current_model": registry.current}
 
 
 class Models:
@@ -79,6 +79,7 @@ class Stats:
 class Metrics:
     def __init__(self, service) -> None:
         self.service = service
+        self.public = service.settings.metrics_open  # BFF_METRICS_OPEN: Prometheus scrapes without the key
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE_LATEST

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from backend.protocol import INPUT
 
 SWAP_STRATEGIES = ("load-first", "drain-first")
+MIN_KEY_CHARS = 16
 TRUE = ("1", "true", "yes")
 
 
@@ -46,6 +47,10 @@ class Settings:
                                                    "Triton /metrics URLs, same order (default http://host:8002/metrics)")
     api_key: str | None = setting("INTERNAL_API_KEY", None, "shared secret expected in X-Internal-API-Key "
                                                             "(required unless BFF_RUN_OPEN=1)")
+    triton_admin_key: str | None = setting("BFF_TRITON_ADMIN_KEY", None, "key for Triton's restricted "
+                                           "repository API (sent as the triton-admin-key header)")
+    metrics_open: bool = setting("BFF_METRICS_OPEN", False, "1 = /metrics needs no key (for a Prometheus "
+                                 "scraper that reaches the BFF only inside the cluster)")
     run_open: bool = setting("BFF_RUN_OPEN", False, "1 = serve without a key (local development only)")
     model: str | None = setting("BFF_MODEL", None, "model to serve when Triton has none loaded")
     model_repository: str = setting("BFF_MODEL_REPOSITORY", "model_repository", "model repository, for metadata.json")
@@ -62,6 +67,10 @@ class Settings:
     first_response_wait_s: float = setting("BFF_FIRST_RESPONSE_WAIT_S", 0.5, "how long /generate waits for "
                                            "Triton's first answer before committing the 200")
     ping_interval_s: float = setting("BFF_PING_INTERVAL_S", 5.0, "`: ping` comment after this long without a token")
+    stream_silence_s: float = setting("BFF_STREAM_SILENCE_S", 300.0, "a stream whose Triton request has not "
+                                      "answered for this long ends with an error event and is cancelled")
+    model_load_timeout_s: float = setting("BFF_MODEL_LOAD_TIMEOUT_S", 600.0, "bound on one model load or unload "
+                                          "call to Triton (504 past it)")
     swap_strategy: str = setting("BFF_SWAP_STRATEGY", "load-first", "load-first (both models fit) or drain-first")
     drain_timeout_s: float = setting("BFF_DRAIN_TIMEOUT_S", 60.0, "bound on waiting for old streams during a swap")
     probe_interval_s: float = setting("BFF_PROBE_INTERVAL_S", 2.0, "endpoint health probe period")
@@ -83,10 +92,18 @@ class Settings:
                 raise ValueError(f"BFF_{name.upper()} must be in [{spec.low}, {spec.high}], got {value}")
         if self.ping_interval_s <= 0 or self.first_response_wait_s < 0:
             raise ValueError("BFF_PING_INTERVAL_S must be > 0 and BFF_FIRST_RESPONSE_WAIT_S >= 0")
+        if self.stream_silence_s < self.ping_interval_s or self.model_load_timeout_s <= 0:
+            raise ValueError("BFF_STREAM_SILENCE_S must be at least BFF_PING_INTERVAL_S, and "
+                             "BFF_MODEL_LOAD_TIMEOUT_S > 0")
         if self.workers < 0:
             raise ValueError(f"BFF_WORKERS must be >= 0, got {self.workers}")
         if not self.api_key and not self.run_open:
             raise MissingKey("INTERNAL_API_KEY is not set; set it, or BFF_RUN_OPEN=1 for local development")
+        if self.api_key and self.run_open:
+            raise ValueError("BFF_RUN_OPEN=1 would serve without checking the INTERNAL_API_KEY that is set; "
+                             "unset one of them")
+        if self.api_key and len(self.api_key) < MIN_KEY_CHARS:
+            raise ValueError(f"INTERNAL_API_KEY must be at least {MIN_KEY_CHARS} characters")
 
     @property
     def worker_count(self) -> int:
@@ -113,6 +130,18 @@ def from_env(env: dict[str, str] | None = None, **overrides) -> Settings:
     values = {f.name: _parse(f, env[f.metadata["env"]]) for f in dataclasses.fields(Settings)
               if env.get(f.metadata["env"], "") != ""}
     return Settings(**{**values, **overrides})
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that give these settings (for a server started as its own process)."""
+    out = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        out[f.metadata["env"]] = ",".join(value) if isinstance(value, tuple) else (
+            ("1" if value else "0") if isinstance(value, bool) else str(value))
+    return out
 
 
 def table() -> str:

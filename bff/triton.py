@@ -48,6 +48,7 @@ OUTPUTS = ("text", "device_id", "finish_reason", *USAGE_OUTPUTS)
 # without tritonclient's per-request iterator and per-response wrappers (less CPU per request: README,
 # benchmarks). On the wire it is the same HTTP/2 stream.
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+ADMIN_HEADER = "triton-admin-key"  # the header Triton's restricted repository API checks (docker/, k8s)
 
 
 class TritonError(Exception):
@@ -126,6 +127,7 @@ class Endpoint:
             response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
         self.active = 0
         self.opened = 0  # streams ever started here
+        self.serving: set[str] = set()  # the current model when the last probe found it READY here
         self.up = True
         self.why = ""  # what the last failed liveness probe said
 
@@ -243,22 +245,29 @@ class Stream:
 class TritonPool:
     """All Triton endpoints the BFF knows; they serve the same model repository."""
 
-    def __init__(self, urls: tuple[str, ...], metrics_urls: tuple[str, ...]) -> None:
+    def __init__(self, urls: tuple[str, ...], metrics_urls: tuple[str, ...], admin_key: str | None = None) -> None:
         self.endpoints = [Endpoint(u, m) for u, m in zip(urls, metrics_urls, strict=True)]
+        # Triton started with --grpc-restricted-protocol=model-repository:<ADMIN_HEADER>=<key> answers the
+        # repository API (index, load, unload) only to calls that carry the key: only the BFF has it. Over
+        # gRPC Triton reads it from the metadata key prefixed "triton-grpc-protocol-".
+        self.admin = {f"triton-grpc-protocol-{ADMIN_HEADER}": admin_key} if admin_key else None
 
     def live(self) -> list[Endpoint]:
         return [e for e in self.endpoints if e.up]
 
-    def pick(self) -> Endpoint:
-        # With every endpoint marked down, still try them: a probe can be wrong (a slow answer on a busy
-        # host), and a dead server fails fast.
-        return min(self.live() or self.endpoints, key=lambda e: e.active)
+    def pick(self, model: str, exclude: tuple[Endpoint, ...] = ()) -> Endpoint | None:
+        """The least busy live endpoint that serves `model` (as the last probe saw), not one already tried.
+        With every endpoint marked down, still try them: a probe can be wrong (a slow answer on a busy
+        host), and a dead server fails fast."""
+        candidates = [e for e in self.live() or self.endpoints if e not in exclude]
+        serving = [e for e in candidates if model in e.serving] or candidates
+        return min(serving, key=lambda e: e.active) if serving else None
 
-    def open(self, model: str, messages: bytes, temperature: float, top_k: int, max_tokens: int,
-             min_answer_tokens: int, request_id: str) -> Stream:
-        """Start one generation on the least busy live endpoint."""
-        return Stream(self.pick(), model, request_message(model, request_id, messages, temperature, top_k, max_tokens,
-                                                          min_answer_tokens))
+    def open(self, endpoint: Endpoint, model: str, messages: bytes, temperature: float, top_k: int,
+             max_tokens: int, min_answer_tokens: int, request_id: str) -> Stream:
+        """Start one generation on this endpoint."""
+        return Stream(endpoint, model, request_message(model, request_id, messages, temperature, top_k, max_tokens,
+                                                       min_answer_tokens))
 
     async def probe(self) -> None:
         """Mark each endpoint up or down by whether it answers."""
@@ -276,7 +285,8 @@ class TritonPool:
                 endpoint.mark(False, result.message())
         for result in results:
             if isinstance(result, InferenceServerException):
-                raise TritonError("failed", result.message())
+                timed_out = "DEADLINE_EXCEEDED" in str(result.status()) or "Deadline Exceeded" in result.message()
+                raise TritonError("timeout" if timed_out else "failed", result.message())
             if isinstance(result, Exception):
                 raise result
         return results
@@ -285,28 +295,48 @@ class TritonPool:
         """Triton's repository index (name, state, reason) from the first live endpoint."""
         for endpoint in self.live():
             try:
-                index = await endpoint.client.get_model_repository_index(as_json=True,
-                                                                          client_timeout=PROBE_TIMEOUT_S * 5)
+                index = await endpoint.client.get_model_repository_index(
+                    headers=self.admin, as_json=True, client_timeout=PROBE_TIMEOUT_S * 5)
                 return index.get("models", [])
             except InferenceServerException as exc:
                 endpoint.mark(False, f"repository index: {exc.message()}")
         raise NoEndpoint()
 
     async def ready(self, model: str) -> bool:
-        """True when the model is READY on every live endpoint."""
+        """True when the model is READY on every live endpoint; notes on each which serve it."""
+        live = self.live()
         try:
             states = await self._each_live(lambda c: c.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S))
         except TritonError:
             return False
+        for endpoint, state in zip(live, states, strict=True):
+            endpoint.serving = {model} if state else set()
         return all(states)
 
-    async def load(self, model: str) -> None:
-        """Load on every live endpoint; returns when loaded, raises TritonError with Triton's reason."""
-        await self._each_live(lambda c: c.load_model(model))
+    async def reconcile(self, model: str, timeout_s: float) -> list[str]:
+        """Load `model` on every live endpoint that lacks it (a replica that restarted or was added comes
+        back with only its default model); the URLs it loaded it on. Failures wait for the next probe."""
+        loaded = []
+        for endpoint in self.live():
+            if model in endpoint.serving:
+                continue
+            try:
+                if not await endpoint.client.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S):
+                    await endpoint.client.load_model(model, headers=self.admin, client_timeout=timeout_s)
+                    loaded.append(endpoint.url)
+                endpoint.serving = {model}
+            except InferenceServerException as exc:
+                log.warning("loading %s on %s failed: %s", model, endpoint.url, exc.message())
+        return loaded
 
-    async def unload(self, model: str) -> None:
+    async def load(self, model: str, timeout_s: float) -> None:
+        """Load on every live endpoint; returns when loaded, raises TritonError with Triton's reason (kind
+        timeout past timeout_s)."""
+        await self._each_live(lambda c: c.load_model(model, headers=self.admin, client_timeout=timeout_s))
+
+    async def unload(self, model: str, timeout_s: float) -> None:
         """Ask every live endpoint to unload (Triton finishes in-flight requests first, asynchronously)."""
-        await self._each_live(lambda c: c.unload_model(model))
+        await self._each_live(lambda c: c.unload_model(model, headers=self.admin, client_timeout=timeout_s))
 
     async def statistics(self) -> dict[str, list]:
         """Triton's per-model inference statistics, per endpoint."""

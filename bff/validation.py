@@ -25,6 +25,7 @@ OPENAPI_PATH = Path(__file__).parent / "openapi.yaml"
 OPENAPI_TEXT = OPENAPI_PATH.read_text(encoding="utf-8")
 COMPONENTS = yaml.safe_load(OPENAPI_TEXT)["components"]
 MAX_TOTAL_CHARS = 32_000
+MAX_DEPTH = 16  # JSON nesting: the schemas need 4; jsonschema recurses once per level (1,000 levels overflow)
 log = logging.getLogger("bff.validation")
 
 
@@ -57,9 +58,22 @@ async def read_json(req: falcon.Request, max_bytes: int) -> object:
     if not raw:
         raise BadRequest("body: a JSON object is required")
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if _too_deep(body):
+        raise BadRequest(f"body is nested more than {MAX_DEPTH} levels deep")
+    return body
+
+
+def _too_deep(value: object) -> bool:
+    """Whether arrays and objects nest deeper than MAX_DEPTH, found without recursion."""
+    level = [value]
+    for _ in range(MAX_DEPTH + 1):
+        level = [v for x in level if isinstance(x, list | dict) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return False
+    return True
 
 
 def check(validator: Draft202012Validator, body: object) -> None:

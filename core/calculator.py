@@ -1,5 +1,5 @@
 """
-nanochat's calculator tool: the same restricted rules decide what gets evaluated.
+nanochat's calculator tool: the same restricted rules decide what gets evaluated, with bounds on the work.
 
 Two kinds of expression pass: pure arithmetic (digits, + - * / . ( ) and spaces, commas removed,
 no **), and string .count() calls (letters, digits, quotes, parens, '.', '_' and spaces, none of
@@ -7,27 +7,81 @@ nanochat's dangerous words). Anything else, and any evaluation error, gives None
 is forced into the stream.
 
 nanochat bounds evaluation with a 3 s SIGALRM, which only works on the main thread (and silently
-turns every tool call on another thread into None). The rules above already bound the work: no
-power operator, no names, no loops, so the cost grows with the expression's length. We therefore
-evaluate directly, on any thread, with builtins removed as nanochat does.
+turns every tool call on another thread into None); here the step thread of a server evaluates, and
+one request's tool call must not stall or kill the others. So the work is bounded by construction:
+- arithmetic has no power operator and no names, so its cost grows with the expression's length, and a
+  result too long to print (Python refuses ints of more than 4300 digits) is refused;
+- a string expression is walked instead of eval'd, with the same Python operations on the same values
+  (so the same results): string and integer literals, and method calls on strings, where a method that can
+  make a string longer (ljust, replace, join, ...) is refused when its result would pass MAX_STRING
+  characters. `'a'.ljust(10**9)`-style allocations of gigabytes therefore never happen.
 """
 
 from __future__ import annotations
 
+import ast
 import warnings
 
 _MATH_CHARS = set("0123456789*+-/.() ")
 _STRING_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
 _DANGEROUS = ("__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input",
               "globals", "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr")
+MAX_STRING = 100_000  # characters of any string a tool call may build
+
+
+class Refused(Exception):
+    """The expression would do more work than a tool call may."""
 
 
 def _evaluate(expr: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SyntaxWarning)
-            return eval(expr, {"__builtins__": {}}, {})
+            result = eval(expr, {"__builtins__": {}}, {})
+        str(result)  # an int past Python's 4300 digits cannot be printed into the forced tokens
     except Exception:  # wrong calculator usage is expected and ignored, as in nanochat
+        return None
+    return result
+
+
+def _grown(s: str, method: str, args: list) -> int:
+    """An upper bound on the length of getattr(s, method)(*args), computed without building it."""
+    if method in ("ljust", "rjust", "center", "zfill"):
+        return max(len(s), args[0] if args and isinstance(args[0], int) else 0)
+    if method == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        old, new = args[0], args[1]
+        hits = len(s) + 1 if old == "" else s.count(old)
+        return len(s) + hits * max(0, len(new) - len(old))
+    if method == "join" and args and isinstance(args[0], str):
+        return len(args[0]) + len(s) * max(0, len(args[0]) - 1)
+    if method == "expandtabs":
+        return len(s) * max(1, args[0] if args and isinstance(args[0], int) else 8)
+    return 3 * len(s) + 1  # every other str method keeps the length (case changes at most triple it)
+
+
+def _walk(node: ast.AST):
+    """Evaluate a string expression's tree: literals, parentheses, and str method calls."""
+    if isinstance(node, ast.Expression):
+        return _walk(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str | int):
+        return node.value
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and not node.keywords:
+        target = _walk(node.func.value)
+        if not isinstance(target, str) or node.func.attr.startswith("_") or not hasattr(str, node.func.attr):
+            raise Refused("only string methods may be called")
+        args = [_walk(a) for a in node.args]
+        if _grown(target, node.func.attr, args) > MAX_STRING:
+            raise Refused(f"{node.func.attr} would build more than {MAX_STRING} characters")
+        return getattr(target, node.func.attr)(*args)
+    raise Refused(f"{type(node).__name__} is not allowed in a string expression")
+
+
+def _evaluate_string(expr: str):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            return _walk(ast.parse(expr, mode="eval"))
+    except Exception:  # wrong usage or more work than allowed: nanochat's failure, nothing forced
         return None
 
 
@@ -45,4 +99,4 @@ def use_calculator(expr: str):
         return None
     if ".count(" not in expr:
         return None
-    return _evaluate(expr)
+    return _evaluate_string(expr)

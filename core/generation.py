@@ -122,7 +122,10 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params
     one = np.array([slot], dtype=np.int64)
     logits = runner.forward(np.array([prompt_ids], dtype=np.int64), np.array([0], dtype=np.int64), one)
     while True:
-        token, forced = seq.next_token(sample_rows(logits, [seq.sampler])[0])
+        drawn = sample_rows(logits, [seq.sampler])[0]
+        if isinstance(drawn, Exception):
+            raise drawn
+        token, forced = seq.next_token(drawn)
         yield token, forced
         if seq.finished:
             return

@@ -107,14 +107,7 @@ def make_checkpoint(
     orig_mod_prefix: bool = False,
 ) -> Path:
     """Write a checkpoint (and the tokenizer) under `base`; returns the checkpoint directory."""
-    base = Path(base)
-    tok_dir = base / "tokenizer"
-    if (tok_dir / TOKENIZER_FILE).is_file():
-        with open(tok_dir / TOKENIZER_FILE, "rb") as f:
-            enc = pickle.load(f)
-    else:
-        enc = train_tokenizer(vocab_size)
-        write_tokenizer(enc, tok_dir)
+    enc = tokenizer_for(base, vocab_size)
     V = enc.n_vocab  # rustbpe may stop early on a small corpus: always read the size back
     padded = -(-V // 64) * 64 if pad_vocab else V
     mc = model_config_for(generation, depth, n_embd, n_head, n_kv_head or n_head, sequence_len, V, window_pattern)
@@ -123,11 +116,28 @@ def make_checkpoint(
         sd = {k: v.bfloat16() if k.startswith(("transformer.wte", "value_embeds")) else v for k, v in sd.items()}
     if orig_mod_prefix:
         sd = {"_orig_mod." + k: v for k, v in sd.items()}
-    directory = base / SOURCES[source] / tag
+    user = dict(depth=depth, seed=seed, generation=generation, made_by="core.random_checkpoint")
+    return save_checkpoint(base, source, tag, step, mc, sd, user)
+
+
+def tokenizer_for(base: Path, vocab_size: int = 512):
+    """The tokenizer under base/tokenizer, trained and written there first if there is none."""
+    tok_dir = Path(base) / "tokenizer"
+    if (tok_dir / TOKENIZER_FILE).is_file():
+        with open(tok_dir / TOKENIZER_FILE, "rb") as f:
+            return pickle.load(f)
+    enc = train_tokenizer(vocab_size)
+    write_tokenizer(enc, tok_dir)
+    return enc
+
+
+def save_checkpoint(base: str | Path, source: str, tag: str, step: int, model_config: dict, state_dict: dict,
+                    user_config: dict) -> Path:
+    """model_<step>.pt and meta_<step>.json as nanochat's save_checkpoint writes them; returns the folder."""
+    directory = Path(base) / SOURCES[source] / tag
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, directory / f"model_{step:06d}.pt")
-    meta = dict(step=step, val_bpb=None, model_config=mc,
-                user_config=dict(depth=depth, seed=seed, generation=generation, made_by="core.random_checkpoint"))
+    torch.save(state_dict, directory / f"model_{step:06d}.pt")
+    meta = dict(step=step, val_bpb=None, model_config=model_config, user_config=user_config)
     (directory / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return directory
 

@@ -48,11 +48,13 @@ Sampler = tuple[torch.Generator | None, float, int | None]  # a row's generator,
 
 
 @torch.inference_mode()
-def sample_rows(logits: np.ndarray, samplers: list[Sampler]) -> list[int]:
+def sample_rows(logits: np.ndarray, samplers: list[Sampler]) -> list[int | Exception]:
     """One token per row of logits (B, V), each row with its own generator and settings: what
     sample_next_token gives row by row, with the costly parts shared across rows. Greedy rows take
     one numpy argmax (numpy, like torch, returns the first maximal index); sampled rows with the same
-    top_k share one topk call, which over a 65k vocabulary costs more than the rest of a row's work."""
+    top_k share one topk call, which over a 65k vocabulary costs more than the rest of a row's work.
+    A row whose draw fails (logits that are not finite) gets its exception instead of a token, and the
+    other rows their tokens, each generator having drawn exactly once: one row never fails the batch."""
     if any(temperature < 0 for _, temperature, _ in samplers):
         raise ValueError("temperature must be >= 0")
     tokens = logits.argmax(-1).tolist()
@@ -65,5 +67,8 @@ def sample_rows(logits: np.ndarray, samplers: list[Sampler]) -> list[int]:
         vals, idx = torch.topk(table[rows], k, dim=-1) if k else (table[rows], None)
         for j, i in enumerate(rows):
             rng, temperature, _ = samplers[i]
-            tokens[i] = int(_draw(vals[j:j + 1], rng, temperature, None if idx is None else idx[j:j + 1]))
+            try:
+                tokens[i] = int(_draw(vals[j:j + 1], rng, temperature, None if idx is None else idx[j:j + 1]))
+            except RuntimeError as e:  # torch.multinomial on a row of inf/nan probabilities
+                tokens[i] = e
     return tokens

@@ -36,7 +36,7 @@ import psutil
 from bff.settings import Settings
 from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
 
-KEY = "bench"
+KEY = "bench-bff-one-run-key"  # at least 16 characters, as the BFF requires
 PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to code."}]
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from backend.model_config import EngineConfig, config_pbtxt
 from backend.protocol import CONFIG_FILE
+from bff.triton import ADMIN_HEADER
 from tools.paths import PROJECT
 
 BACKEND_SOURCE = PROJECT / "backend" / "model.py"
@@ -108,7 +109,7 @@ class LocalTriton:
     def __init__(self, model_repository: str | Path, load: list[str] = (), http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log_path: str | Path | None = None,
                  startup_timeout: float = 120.0, verbose: bool = False, cpus: set[int] | None = None,
-                 sys_path: list[str] | None = None):
+                 sys_path: list[str] | None = None, admin_key: str | None = None):
         self.model_repository = Path(model_repository).resolve()
         self.load = list(load)
         self.http_port = http_port or free_port()
@@ -119,6 +120,7 @@ class LocalTriton:
         self.verbose = verbose
         self.cpus = cpus  # the CPUs the server and its backend stubs may run on (default: all)
         self.sys_path = sys_path  # where the backend imports from (default: this checkout and this environment)
+        self.admin_key = admin_key  # restricts the repository API (load, unload, index) to calls carrying it
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log = None
@@ -139,8 +141,13 @@ class LocalTriton:
         cmd = [str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
                f"--model-repository={self.model_repository}", f"--backend-directory={backends}",
                "--model-control-mode=explicit", f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+               # this machine only: whoever reaches Triton can load and unload models and bypass the BFF
+               "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
                f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
                "--exit-timeout-secs=3", "--strict-readiness=true", f"--log-verbose={int(self.verbose)}"]
+        if self.admin_key:
+            restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
+            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         return cmd + [f"--load-model={name}" for name in self.load]
 
     def environment(self) -> dict[str, str]:

@@ -15,18 +15,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import uvicorn
 
+import bff
 from bff import logs
 from bff.app import create_app
-from bff.settings import MissingKey, from_env
+from bff.settings import MissingKey, from_env, to_env
+
+README_PROMPT = "Why is the sky blue?"  # the request make serve/demo print, and the README shows
 
 
 def curl_line(port: int, key: str | None) -> str:
-    auth = f" -H 'X-Internal-API-Key: {key}'" if key else ""
-    body = '{"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 64}'
+    """The request to try; `key` is printed as given (a one-run key), or named as a variable (a key of yours)."""
+    auth = f" -H \"X-Internal-API-Key: {key}\"" if key else ""
+    body = json.dumps({"messages": [{"role": "user", "content": README_PROMPT}], "max_tokens": 64})
     return f"curl -N http://127.0.0.1:{port}/generate -H 'Content-Type: application/json'{auth} -d '{body}'"
 
 
@@ -37,18 +47,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--triton-url", help="use this Triton gRPC endpoint (host:port) instead of a local one")
     p.add_argument("--host", help="default: BFF_HOST, else 127.0.0.1")
     p.add_argument("--port", type=int, help="default: BFF_PORT, else 8003")
+    p.add_argument("--workers", type=int, help="run the production server, gunicorn with this many uvicorn "
+                                               "workers (bff/gunicorn_conf.py), instead of one uvicorn process")
     a = p.parse_args(argv)
     logs.setup()
 
-    given = dict(model=a.model, model_repository=a.model_repository, host=a.host, port=a.port)
+    given = dict(model=a.model, model_repository=a.model_repository, host=a.host, port=a.port, workers=a.workers)
     overrides = {k: v for k, v in given.items() if v is not None}
     if a.triton_url:
         overrides["triton_urls"] = (a.triton_url,)
+    shown = "$INTERNAL_API_KEY"  # a key from the environment is never printed
     try:
         settings = from_env(**overrides)
     except MissingKey:
         settings = from_env(**overrides, api_key=secrets.token_urlsafe(16))
-        print(f"INTERNAL_API_KEY is not set: using {settings.api_key} for this run")
+        shown = settings.api_key
+        print(f"INTERNAL_API_KEY is not set: using {shown} for this run")
 
     with contextlib.ExitStack() as stack:
         if not a.triton_url:
@@ -58,12 +72,26 @@ def main(argv: list[str] | None = None) -> None:
                                                      load=[settings.model] if settings.model else []))
             settings = dataclasses.replace(settings, triton_urls=(triton.grpc_url,),
                                            triton_metrics_urls=(triton.metrics_url,))
-        key = None if settings.run_open else settings.api_key
         print(f"BFF on http://{settings.host}:{settings.port} serving "
-              f"{settings.model or '(the model Triton has loaded)'}; try:\n  {curl_line(settings.port, key)}",
-              flush=True)
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                    timeout_graceful_shutdown=settings.graceful_timeout_s)
+              f"{settings.model or '(the model Triton has loaded)'}; try:\n"
+              f"  {curl_line(settings.port, None if settings.run_open else shown)}", flush=True)
+        if a.workers:
+            run_gunicorn(settings)
+        else:
+            uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                        timeout_graceful_shutdown=settings.graceful_timeout_s)
+
+
+def run_gunicorn(settings) -> None:
+    """gunicorn -c bff/gunicorn_conf.py bff.app:app with these settings, until it exits or Ctrl-C."""
+    conf = Path(bff.__file__).parent / "gunicorn_conf.py"
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(conf), "bff.app:app"],
+                            env={**os.environ, **to_env(settings)})
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)  # gunicorn's graceful stop: streams in flight may finish
+        proc.wait()
 
 
 if __name__ == "__main__":

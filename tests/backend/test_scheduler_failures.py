@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from backend.model_config import EngineConfig
@@ -182,3 +183,55 @@ def test_a_full_queue_refuses_at_once_and_counts_it(demo, max_queue):
     sink.wait(max_queue + 1)
     sched.close()
     assert sched.stats.finished["error"] == 1
+
+
+class RowRunner(GatedRunner):
+    """Rewrites the logits of the row in `slot`: NaN (`poison`), or a script of tokens to force, one a call."""
+
+    def __init__(self, model, max_slots: int, slot: int, poison: bool = False, script: list[int] = ()) -> None:
+        super().__init__(model, max_slots)
+        self.slot, self.poison, self.script = slot, poison, list(script)
+
+    def forward(self, ids, positions, slots):
+        logits = super().forward(ids, positions, slots)
+        for row, slot in enumerate(slots.tolist()):
+            if slot == self.slot and self.poison:
+                logits[row] = np.nan
+            elif slot == self.slot and self.script:
+                logits[row] = -30.0
+                logits[row, self.script.pop(0)] = 30.0
+        return logits
+
+
+def run_beside_three(demo, runner, odd: SamplingParams) -> tuple[FakeSink, Scheduler]:
+    """The odd request in slot 0 (it arrives first), three normal ones beside it."""
+    model, tok = demo
+    sink = FakeSink()
+    sched = Scheduler(runner, tok, sink)
+    p = prompts(tok)
+    sched.submit("odd", p[0], odd)
+    for i in (1, 2, 3):
+        sched.submit(f"n{i}", p[i], GREEDY)
+    sink.wait(4)
+    sched.close()
+    for i in (1, 2, 3):  # the others decode on, token for token what they get alone
+        tokens, _, _, error = sink.result(f"n{i}")
+        assert error is None and tokens == alone(model, tok, p[i], GREEDY), i
+    return sink, sched
+
+
+def test_a_row_whose_draw_fails_ends_alone(demo):
+    # not finite logits make torch.multinomial raise: before, the scheduler's catch-all ended the whole batch
+    sink, sched = run_beside_three(demo, RowRunner(demo[0], 4, slot=0, poison=True), SamplingParams(1.0, 50, 30, 1))
+    error = sink.result("odd")[3]
+    assert error.startswith("generation failed: RuntimeError") and "probability tensor" in error
+    assert sched.stats.finished["error"] == 1 and sched.stats.active == 0
+
+
+def test_a_calculator_bomb_forces_nothing_and_harms_no_one(demo):
+    tok = demo[1]
+    bomb = [tok.python_start, *tok.encode("'a'.ljust(1000000000).count(' ')"), tok.python_end, tok.assistant_end]
+    sink, _ = run_beside_three(demo, RowRunner(demo[0], 4, slot=0, script=bomb), SamplingParams(0.0, None, 60, 0))
+    tokens, _, last, error = sink.result("odd")
+    assert error is None and last.finish_reason == "stop"
+    assert tokens == bomb[:-1]  # refused: no <|output_start|> result forced after <|python_end|>

@@ -78,6 +78,22 @@ def test_seeded_sampling_matches_nanochat(triton_server, oracle_references):
     assert run(go, triton_server).token_ids == want["tokens_generate_batch_style"]
 
 
+def test_a_tiny_temperature_harms_no_other_stream(triton_server, oracle_references):
+    """T = 1e-38 passes the range check; logits / T overflowed, sampling raised, and the catch-all ended every
+    stream on the instance. Now it samples as 0.01 (as vLLM clamps), and the four beside it are untouched."""
+    convs = oracle_references["head"]["conversations"][:4]
+
+    async def go(client):
+        tiny = make_inputs(messages=convs[0]["messages"], temperature=1e-38, top_k=50, max_tokens=16, seed=3)
+        return await asyncio.gather(stream(client, "head", tiny), *(
+            stream(client, "head", greedy(messages=c["messages"], max_tokens=16)) for c in convs))
+
+    tiny, *normal = run(go, triton_server)
+    assert tiny.error is None and tiny.finals == 1 and tiny.completion_tokens == 16
+    for conv, r in zip(convs, normal, strict=True):
+        assert r.error is None and r.token_ids == conv["greedy"]["tokens"][:16], conv["name"]
+
+
 def long_history(turns: int) -> list[dict]:
     """A chat whose history is several times head's 512-token context."""
     conv = []

@@ -41,7 +41,7 @@ def test_health_needs_no_key(bff_url):
 @pytest.mark.parametrize("values", [{"ping_interval_s": 0}, {"first_response_wait_s": -1}])
 def test_timings_must_make_sense(values):
     with pytest.raises(ValueError, match="BFF_PING_INTERVAL_S"):
-        from_env({}, api_key="k", **values)
+        from_env({}, api_key="k" * 16, **values)
 
 
 def test_refuses_to_start_without_a_key():
@@ -49,7 +49,37 @@ def test_refuses_to_start_without_a_key():
         from_env({})
 
 
+def test_refuses_a_short_key_and_an_open_switch_beside_a_key():
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        from_env({"INTERNAL_API_KEY": "short-key"})
+    with pytest.raises(ValueError, match="unset one of them"):  # before, the key was silently ignored
+        from_env({"INTERNAL_API_KEY": "k" * 16, "BFF_RUN_OPEN": "1"})
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("given, kept", [("abc-123", True), ("x" * 129, False), ("a\tb", False)])
+def test_the_request_id_is_kept_only_when_sane(bff_url, given, kept):
+    r = httpx.get(bff_url + "/health", headers={"X-Request-ID": given})
+    echoed = r.headers["x-request-id"]
+    assert (echoed == given) == kept and len(echoed) <= 128
+
+
+@pytest.mark.triton
+def test_json_nested_a_thousand_deep_is_a_400_not_a_500(bff_url):
+    body = '{"messages": ' + "[" * 1000 + "]" * 1000 + "}"
+    r = httpx.post(bff_url + "/generate", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json() == {"detail": "body is nested more than 16 levels deep"}
+
+
 def test_runs_open_only_when_told():
     with run_bff(api_key=None, run_open=True, triton_urls=("127.0.0.1:1",)) as url:
         assert httpx.get(url + "/models").status_code == 200
         assert httpx.get(url + "/openapi.yaml").status_code == 200
+
+
+def test_metrics_need_the_key_unless_opened_for_prometheus():
+    with run_bff(triton_urls=("127.0.0.1:1",)) as url:
+        assert httpx.get(url + "/metrics").status_code == 401
+    with run_bff(triton_urls=("127.0.0.1:1",), metrics_open=True) as url:
+        assert httpx.get(url + "/metrics").status_code == 200
+        assert httpx.get(url + "/stats").status_code == 401  # only the scrape path opens

@@ -1,7 +1,8 @@
 """
 Several Triton endpoints behind one BFF (issue 6): streams spread by least active streams; when one
-server dies mid-run, streams on the live one are untouched, no stream started afterwards goes to the
-dead one, and it is used again once it answers.
+server dies mid-run, streams on the live one are untouched and those on the dead one end with an error
+(no done), no stream started afterwards goes to the dead one, and once it answers again, with no model
+loaded, the BFF loads the serving model there and uses it again.
 """
 
 from __future__ import annotations
@@ -89,9 +90,13 @@ def test_dead_endpoint_gets_no_new_streams(oracle_repository):
             assert state[1]["up"] is False and state[1]["streams_total"] == opened_on_b == 2
             b.stop()
 
-            # b comes back on the same port: marked up by the probe, and used again
-            with LocalTriton(oracle_repository, load=["head"], grpc_port=b.grpc_port):
+            # b comes back on the same port with no model loaded (a restarted or new replica): the probe marks
+            # it up, the BFF loads the serving model there before sending it streams, and uses it again
+            with LocalTriton(oracle_repository, load=[], grpc_port=b.grpc_port) as b2:
                 wait_until(lambda: _endpoints(url)[1]["up"], "the endpoint was not marked up again")
+                wait_until(lambda: httpx.get(f"{b2.http_url}/v2/models/head/ready").status_code == 200,
+                           "the BFF did not load the serving model on the replica that lacked it", timeout=30)
+                wait_until(lambda: httpx.get(url + "/health").json()["ready"], "the BFF is not ready again")
 
                 async def again():
                     async with httpx.AsyncClient() as client:

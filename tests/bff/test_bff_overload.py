@@ -83,3 +83,92 @@ def test_an_unreachable_triton_is_a_503_everywhere_and_not_ready():
         assert r.status_code == 503 and events == [] and r.headers["retry-after"]
         swap = httpx.post(url + "/models/swap", json={"model_tag": "head"}, headers=AUTH, timeout=30)
         assert swap.status_code == 503 and "Triton is not reachable" in swap.json()["detail"]
+
+
+LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 200}
+
+
+def test_a_burst_cannot_overshoot_the_stream_limit(triton_server):
+    # the limit was checked before the stream started, after awaits: a burst passed it together
+    with run_bff(**triton_settings(triton_server, model="head", max_streams=2)) as url:
+
+        async def one(client):
+            async with client.stream("POST", url + "/generate", json=LONG, headers=AUTH, timeout=60) as r:
+                return r.status_code, [line async for line in r.aiter_lines()]
+
+        async def burst():
+            async with httpx.AsyncClient() as client:
+                return await asyncio.gather(*(one(client) for _ in range(10)))
+
+        statuses = sorted(code for code, _ in asyncio.run(burst()))
+        assert statuses == [200] * 2 + [503] * 8
+
+
+def test_health_answers_at_once_while_triton_is_frozen(triton_server):
+    import os
+    import signal
+    import time
+
+    with run_bff(**triton_settings(triton_server, model="head")) as url:
+        assert httpx.get(url + "/health").json()["ready"] is True
+        os.kill(triton_server.process.pid, signal.SIGSTOP)  # every call to Triton now hangs
+        try:
+            took = []
+            for _ in range(20):
+                t = time.perf_counter()
+                r = httpx.get(url + "/health", timeout=5)
+                took.append(time.perf_counter() - t)
+            body = r.json()
+        finally:
+            os.kill(triton_server.process.pid, signal.SIGCONT)
+        assert body == {"status": "ok", "ready": True, "current_model": "head"}  # the last probe's answer
+        assert max(took) < 0.5, took  # before: each /health asked Triton, and waited for it
+
+
+def test_a_silent_triton_ends_the_stream_with_an_error_and_cancels_it(triton_server):
+    from tests.bff.bffkit import assert_cancelled_and_freed, finished, parse_events
+    from tests.tritonkit import stub_process
+
+    stub = stub_process(triton_server, "head")
+    settings = triton_settings(triton_server, model="head", stream_silence_s=1.0, ping_interval_s=0.2)
+    with run_bff(**settings) as url:
+        before = finished(triton_server, "head")
+        body = {**LONG, "max_tokens": 4096}
+        lines = []
+        try:
+            with httpx.stream("POST", url + "/generate", json=body, headers=AUTH, timeout=30) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if line.startswith('data: {"token"') and len(lines) == 1:
+                        stub.suspend()  # the model goes silent mid-answer
+        finally:
+            stub.resume()
+        events = parse_events(lines)
+        assert events[-1] == {"error": "timeout", "detail": "no response from Triton for 1 s"}
+        assert not any("done" in e for e in events)  # not a whole answer
+        assert_cancelled_and_freed(triton_server, "head", before)
+
+
+def test_the_repository_api_answers_only_the_bff(oracle_repository, tmp_path):
+    """Triton with its repository API restricted (as the images run it): a client without the key can
+    neither list, load nor unload models; the BFF, given the key, swaps as usual."""
+    from tests.bff.bffkit import KEY
+    from tools.local_triton import LocalTriton
+
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    for name in ("demo", "demo_1slot"):
+        (repository / name).symlink_to(oracle_repository / name)
+    admin = "admin-" + KEY
+    with LocalTriton(repository, load=["demo"], admin_key=admin) as server:
+        for path in ("/v2/repository/index", "/v2/repository/models/demo/unload"):
+            r = httpx.post(server.http_url + path, json={})
+            assert r.status_code != 200, path
+        assert httpx.get(server.http_url + "/v2/models/demo/ready").status_code == 200  # still loaded
+        settings = triton_settings(server, model="demo", triton_admin_key=admin)
+        with run_bff(**settings) as url:
+            assert {m["model_tag"]: m["loaded"] for m in httpx.get(url + "/models", headers=AUTH).json()["models"]} \
+                == {"demo": True, "demo_1slot": False}
+            r = httpx.post(url + "/models/swap", json={"model_tag": "demo_1slot"}, headers=AUTH, timeout=60)
+            assert r.status_code == 202 and r.json()["current_model"] == "demo_1slot"
+            assert generate(url, BODY)[0].status_code == 200

@@ -14,6 +14,7 @@ import sys
 import threading
 
 import httpx
+import psutil
 import pytest
 
 from tests.bff.bffkit import free_port, is_done, parse_events, ready, text_of, wait_until
@@ -22,12 +23,13 @@ from tools.local_triton import session_members
 pytestmark = pytest.mark.triton
 
 
-def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_repository):
+@pytest.mark.parametrize("workers", [None, 2], ids=["uvicorn", "gunicorn-2-workers"])
+def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_repository, workers):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("INTERNAL_API_KEY", "BFF_RUN_OPEN")}
-    proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", "demo", "--model-repository",
-                             str(oracle_repository), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INTERNAL_API_KEY", "BFF_"))}
+    cmd = [sys.executable, "-m", "tools.serve", "--model", "demo", "--model-repository", str(oracle_repository),
+           "--port", str(port), *(["--workers", str(workers)] if workers else [])]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # never blocks on a pipe
     reader.start()
@@ -46,11 +48,14 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
         assert httpx.post(f"http://127.0.0.1:{port}/generate", json=body).status_code == 401
 
         triton = next(json.loads(line)["pid"] for line in list(stderr) if '"triton_started"' in line)
+        servers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "gunicorn" in " ".join(p.cmdline())]
+        assert len(servers) == (1 + workers if workers else 0)  # the master and its workers
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(30) == 0
         reader.join(10)
         assert any('"triton_stopped"' in line for line in stderr)
         assert session_members(triton) == [], "Triton or a backend stub outlived serve"  # Triton leads its session
+        assert not [p for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -91,6 +91,27 @@ def test_calculator_rules(expr, result):
     assert use_calculator(expr) == result
 
 
+@pytest.mark.parametrize("expr, result", [
+    ("'a'.ljust(1000000000).count(' ')", None),  # would allocate a gigabyte on the step thread
+    ("'a'.ljust(99999).ljust(99999).zfill(100001).count('0')", None),
+    ("'x'.center(99999999).count('x')", None),
+    ("9" * 2200 + "*" + "9" * 2200, None),  # 4400 digits: Python cannot print it into the forced tokens
+    ("'a'.ljust(50).count(' ')", 49), ("'ab'.zfill(10).count('0')", 8),  # within the bound: nanochat's result
+    ("('Hello').lower().count('l')", 2), ("'x'.join('abc').count('x')", 2), ("9" * 40 + "*2", int("9" * 40) * 2),
+])
+def test_calculator_work_is_bounded_and_results_are_nanochats(expr, result):
+    import time
+
+    t = time.perf_counter()
+    assert use_calculator(expr) == result
+    assert time.perf_counter() - t < 0.5  # no gigabyte built, no huge int printed
+
+
+def test_a_refused_bomb_forces_nothing(tok):
+    out, _ = run(tok, "'a'.ljust(1000000000).count(' ')", [*tok.encode(" no"), tok.assistant_end])
+    assert not any(f for _, f in out)
+
+
 def test_rejected_expression_forces_nothing(tok):
     out, _ = run(tok, "2**10", [*tok.encode(" no"), tok.assistant_end])
     assert not any(f for _, f in out)

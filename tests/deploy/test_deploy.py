@@ -253,9 +253,13 @@ def test_compose_services():
     assert triton["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert export["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     assert triton["shm_size"] and "models:/models:ro" in triton["volumes"]
-    assert {int(p.split(":")[1]) for p in triton["ports"]} == set(TRITON_PORTS.values())
+    assert "ports" not in triton  # only the BFF reaches Triton, over the compose network
+    restricted = [a for a in triton["command"] if "restricted" in a]
+    assert restricted == [f"--{flag}=model-repository:triton-admin-key=${{TRITON_ADMIN_KEY:?set TRITON_ADMIN_KEY}}"
+                          for flag in ("grpc-restricted-protocol", "http-restricted-api")]
     assert bff["ports"] == [f"{BFF_PORT}:{BFF_PORT}"]
     assert bff["environment"]["INTERNAL_API_KEY"].startswith("${INTERNAL_API_KEY:?")  # required, no default
+    assert bff["environment"]["BFF_TRITON_ADMIN_KEY"].startswith("${TRITON_ADMIN_KEY:?")
     assert bff["environment"]["BFF_TRITON_URLS"] == f"triton:{TRITON_PORTS['grpc']}"
     assert export["profiles"] == ["export"] and export["restart"] == "no"
     assert "models:/models" in export["volumes"]
@@ -333,3 +337,31 @@ def test_make_targets():
     for dockerfile in DOCKERFILES:
         assert f"-f docker/{dockerfile.name}" in run.stdout
     assert "docker compose -f docker/compose.yaml up -d" in run.stdout
+
+
+def test_triton_is_not_a_public_api_in_kubernetes():
+    triton = find("StatefulSet", "triton")["spec"]["template"]["spec"]
+    bff = find("Deployment", "bff")["spec"]["template"]["spec"]
+    (t,), (b,) = triton["containers"], bff["containers"]
+    assert [a for a in t["args"] if "restricted" in a] == [
+        f"--{flag}=model-repository:triton-admin-key=$(TRITON_ADMIN_KEY)"
+        for flag in ("grpc-restricted-protocol", "http-restricted-api")]
+    secret = lambda c, name: next(e for e in c["env"] if e["name"] == name)["valueFrom"]["secretKeyRef"]
+    assert secret(t, "TRITON_ADMIN_KEY") == secret(b, "BFF_TRITON_ADMIN_KEY") == {"name": "nanochat-bff",
+                                                                                   "key": "TRITON_ADMIN_KEY"}
+    assert triton["automountServiceAccountToken"] is False and bff["automountServiceAccountToken"] is False
+    assert t["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert {m["mountPath"] for m in t["volumeMounts"]} >= {"/tmp", "/dev/shm"}  # what the stubs write
+    assert b["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert next(e for e in b["env"] if e["name"] == "BFF_METRICS_OPEN")["value"] == "1"  # annotations scrape
+    policy = find("NetworkPolicy", "triton-ingress")["spec"]
+    assert policy["podSelector"]["matchLabels"] == triton_labels() and policy["policyTypes"] == ["Ingress"]
+    api, metrics = policy["ingress"]
+    assert api["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "bff"}}}]
+    assert {p["port"] for p in api["ports"]} == {TRITON_PORTS["http"], TRITON_PORTS["grpc"]}
+    assert [p["port"] for p in metrics["ports"]] == [TRITON_PORTS["metrics"]]
+
+
+def triton_labels() -> dict:
+    return find("StatefulSet", "triton")["spec"]["template"]["metadata"]["labels"]
