@@ -50,6 +50,8 @@ INPUTS = (
     Input("temperature", "TYPE_FP32", (1,), "0 is greedy; above 0 and below 0.01 samples as 0.01 (as vLLM does)",
           0.8, 0.0, 2.0),
     Input("top_k", "TYPE_INT32", (1,), "0 means the whole vocabulary", 50, 0, 200),
+    Input("top_p", "TYPE_FP32", (1,), "nucleus sampling: draw from the most likely tokens whose probabilities "
+          "reach top_p (after top_k); 1 is off, nanochat's own sampling", 1.0, 0.0, 1.0),
     Input("max_tokens", "TYPE_INT32", (1,), "tokens to generate at most", 512, 1, 4096),
     Input("seed", "TYPE_INT64", (1,), "default: random; with the same seed a request gets the same tokens",
           None, 0, 2**63 - 1),

@@ -52,6 +52,7 @@ def parse_params(get: Callable[[str], np.ndarray | None]) -> SamplingParams:
     temperature = _number(get, "temperature", float)
     temperature = MIN_TEMPERATURE if 0 < temperature < MIN_TEMPERATURE else temperature
     return SamplingParams(temperature=temperature, top_k=_number(get, "top_k", int) or None,
+                          top_p=_number(get, "top_p", float),
                           max_tokens=_number(get, "max_tokens", int),
                           seed=secrets.randbelow(INPUT["seed"].high + 1) if seed is None else seed)
 

@@ -20,9 +20,11 @@ import orjson
 from bff import errors, logs, resources
 from bff.generate import Generate
 from bff.middleware import ApiKey, RequestId
+from bff.openai import ChatCompletions, V1Models
 from bff.registry import Registry
 from bff.settings import Settings, from_env
 from bff.stats import BffStats
+from bff.streaming import Streams
 from bff.triton import TritonPool
 
 log = logging.getLogger("bff")
@@ -36,6 +38,7 @@ class Service:
         self.settings = settings
         self.pool_factory = pool_factory
         self.stats = BffStats()
+        self.streams = Streams(self)
         self.pool: TritonPool
         self.registry: Registry
         self.http: httpx.AsyncClient
@@ -92,6 +95,8 @@ def create_app(settings: Settings, pool_factory: Callable[[Settings], TritonPool
     app.add_route("/stats", resources.Stats(service))
     app.add_route("/metrics", resources.Metrics(service))
     app.add_route("/openapi.yaml", resources.OpenApi())
+    app.add_route("/v1/models", V1Models(service))
+    app.add_route("/v1/chat/completions", ChatCompletions(service))
     return app
 
 

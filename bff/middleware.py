@@ -52,7 +52,8 @@ class RequestId:
 
 
 class ApiKey:
-    """401 unless X-Internal-API-Key matches; resources with `public = True` (/health) are exempt."""
+    """401 unless X-Internal-API-Key, or `Authorization: Bearer <key>` as OpenAI clients send it, matches;
+    resources with `public = True` (/health) are exempt."""
 
     def __init__(self, key: str) -> None:
         self.key = key.encode()
@@ -61,6 +62,9 @@ class ApiKey:
                                params: dict) -> None:
         if getattr(resource, "public", False):
             return
-        given = (req.get_header("X-Internal-API-Key") or "").encode()
-        if not hmac.compare_digest(given, self.key):
-            raise falcon.HTTPUnauthorized(description="missing or invalid X-Internal-API-Key")
+        given = req.get_header("X-Internal-API-Key")
+        if given is None:
+            scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else ""
+        if not hmac.compare_digest(given.encode(), self.key):
+            raise falcon.HTTPUnauthorized(description="missing or invalid X-Internal-API-Key (or Bearer key)")

@@ -149,20 +149,27 @@ class Endpoint:
         await asyncio.gather(self.client.close(), self.channel.close())
 
 
+_PACK = {"FP32": "<f", "INT32": "<i", "INT64": "<q"}  # one element, little-endian, by wire type
+
+
 def request_message(model: str, request_id: str, messages: bytes, temperature: float, top_k: int,
-                    max_tokens: int, min_answer_tokens: int,
-                    outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
+                    max_tokens: int, min_answer_tokens: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, *, outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
     """One generation as Triton's protobuf. Each input is one element in raw little-endian contents
     (a BYTES element is a 4-byte length and the bytes): what tritonclient builds from numpy arrays.
-    min_answer_tokens makes the backend cut a conversation longer than the context (oldest turns first)."""
+    Inputs given as None are not sent (the backend's defaults apply). min_answer_tokens makes the backend
+    cut a conversation longer than the context (oldest turns first)."""
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    for name, raw in (("messages", struct.pack("<I", len(messages)) + messages),
-                      ("temperature", struct.pack("<f", temperature)),
-                      ("top_k", struct.pack("<i", top_k)),
-                      ("max_tokens", struct.pack("<i", max_tokens)),
-                      ("min_answer_tokens", struct.pack("<i", min_answer_tokens))):
-        request.inputs.add(name=name, datatype=wire_type(INPUT[name].triton_type), shape=[1])
-        request.raw_input_contents.append(raw)
+    request.inputs.add(name="messages", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(struct.pack("<I", len(messages)) + messages)
+    scalars = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens, min_answer_tokens=min_answer_tokens,
+                   top_p=top_p, seed=seed)
+    for name, value in scalars.items():
+        if value is None:
+            continue
+        wire = wire_type(INPUT[name].triton_type)
+        request.inputs.add(name=name, datatype=wire, shape=[1])
+        request.raw_input_contents.append(struct.pack(_PACK[wire], value))
     for name in outputs:
         request.outputs.add(name=name)
     return request
@@ -263,11 +270,9 @@ class TritonPool:
         serving = [e for e in candidates if model in e.serving] or candidates
         return min(serving, key=lambda e: e.active) if serving else None
 
-    def open(self, endpoint: Endpoint, model: str, messages: bytes, temperature: float, top_k: int,
-             max_tokens: int, min_answer_tokens: int, request_id: str) -> Stream:
-        """Start one generation on this endpoint."""
-        return Stream(endpoint, model, request_message(model, request_id, messages, temperature, top_k, max_tokens,
-                                                       min_answer_tokens))
+    def open(self, endpoint: Endpoint, model: str, request_id: str, **inputs) -> Stream:
+        """Start one generation on this endpoint; inputs as request_message takes them."""
+        return Stream(endpoint, model, request_message(model, request_id, **inputs))
 
     async def probe(self) -> None:
         """Mark each endpoint up or down by whether it answers."""

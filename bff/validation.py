@@ -37,6 +37,7 @@ def _validator(name: str) -> Draft202012Validator:
 GENERATE = _validator("GenerateRequest")
 GENERATE_FIELDS = frozenset(COMPONENTS["schemas"]["GenerateRequest"]["properties"])
 SWAP = _validator("SwapRequest")
+OPENAI_CHAT = _validator("ChatCompletionRequest")
 _ignored: set[str] = set()  # unknown fields already logged by this process
 MAX_IGNORED = 256  # names a client chooses: the set stays bounded
 
@@ -76,11 +77,19 @@ def _too_deep(value: object) -> bool:
     return True
 
 
+def violation(validator: Draft202012Validator, body: object) -> tuple[str, str | None] | None:
+    """The most relevant schema violation: (message naming where, the top-level field it is in), or None."""
+    error = best_match(validator.iter_errors(body))
+    if error is None:
+        return None
+    field = str(error.absolute_path[0]) if error.absolute_path else None
+    return f"{_location(error.absolute_path)}: {error.message}", field
+
+
 def check(validator: Draft202012Validator, body: object) -> None:
     """Raise BadRequest naming the most relevant schema violation."""
-    error = best_match(validator.iter_errors(body))
-    if error is not None:
-        raise BadRequest(f"{_location(error.absolute_path)}: {error.message}")
+    if (found := violation(validator, body)) is not None:
+        raise BadRequest(found[0])
 
 
 def check_generate(body: object) -> None:

@@ -43,6 +43,7 @@ class SamplingParams:
     top_k: int | None  # None: the whole vocabulary
     max_tokens: int
     seed: int  # drawn from only when temperature > 0
+    top_p: float = 1.0  # 1: off (nanochat has no top_p; with it off sampling is nanochat's to the token)
 
 
 class Sequence:
@@ -81,7 +82,7 @@ class Sequence:
     @property
     def sampler(self) -> Sampler:
         """What sampling.sample_rows needs for this row."""
-        return self.rng, self.params.temperature, self.params.top_k
+        return self.rng, self.params.temperature, self.params.top_k, self.params.top_p
 
     def next_token(self, sampled: int) -> tuple[int, bool]:
         """Take this step's token; `sampled` is the row's draw from sampling.sample_rows. Returns

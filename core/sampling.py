@@ -37,14 +37,22 @@ def sample_next_token(
 
 
 def _draw(logits: torch.Tensor, rng: torch.Generator | None, temperature: float,
-          idx: torch.Tensor | None = None) -> torch.Tensor:
-    """The generator's one draw from softmax(logits / temperature); idx maps top-k columns to token ids."""
+          idx: torch.Tensor | None = None, top_p: float = 1.0) -> torch.Tensor:
+    """The generator's one draw from softmax(logits / temperature); idx maps top-k columns to token ids.
+    With top_p < 1 the draw is from the most likely tokens whose probabilities reach top_p (the most likely
+    one always stays), still one multinomial draw, so the generator advances as nanochat's does."""
     probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        probs, order = torch.sort(probs, dim=-1, descending=True)
+        keep = probs.cumsum(-1) - probs < top_p
+        keep[..., 0] = True
+        probs = probs * keep
+        idx = order if idx is None else idx.gather(1, order)
     choice = torch.multinomial(probs, num_samples=1, generator=rng)
     return choice if idx is None else idx.gather(1, choice)
 
 
-Sampler = tuple[torch.Generator | None, float, int | None]  # a row's generator, temperature, top_k
+Sampler = tuple[torch.Generator | None, float, int | None, float]  # a row's generator, temperature, top_k, top_p
 
 
 @torch.inference_mode()
@@ -55,20 +63,20 @@ def sample_rows(logits: np.ndarray, samplers: list[Sampler]) -> list[int | Excep
     top_k share one topk call, which over a 65k vocabulary costs more than the rest of a row's work.
     A row whose draw fails (logits that are not finite) gets its exception instead of a token, and the
     other rows their tokens, each generator having drawn exactly once: one row never fails the batch."""
-    if any(temperature < 0 for _, temperature, _ in samplers):
+    if any(sampler[1] < 0 for sampler in samplers):
         raise ValueError("temperature must be >= 0")
     tokens = logits.argmax(-1).tolist()
     by_k: dict[int, list[int]] = {}
-    for i, (_, temperature, top_k) in enumerate(samplers):
+    for i, (_, temperature, top_k, _) in enumerate(samplers):
         if temperature > 0:
             by_k.setdefault(min(top_k, logits.shape[-1]) if top_k else 0, []).append(i)
     table = torch.from_numpy(logits)
     for k, rows in by_k.items():
         vals, idx = torch.topk(table[rows], k, dim=-1) if k else (table[rows], None)
         for j, i in enumerate(rows):
-            rng, temperature, _ = samplers[i]
+            rng, temperature, _, top_p = samplers[i]
             try:
-                tokens[i] = int(_draw(vals[j:j + 1], rng, temperature, None if idx is None else idx[j:j + 1]))
+                tokens[i] = int(_draw(vals[j:j + 1], rng, temperature, None if idx is None else idx[j:j + 1], top_p))
             except RuntimeError as e:  # torch.multinomial on a row of inf/nan probabilities
                 tokens[i] = e
     return tokens

@@ -66,7 +66,7 @@ class Run:
 async def direct_request(triton: Endpoint, model: str, max_tokens: int, run: Run, count_tokens: bool = False) -> int:
     """One stream asking for the outputs the BFF asks for (and token_ids, INT64, when counting tokens)."""
     request = request_message(model, "", orjson.dumps(PROMPT), 0.0, 0, max_tokens, Settings.min_answer_tokens,
-                              (*OUTPUTS, "token_ids") if count_tokens else OUTPUTS)
+                              outputs=(*OUTPUTS, "token_ids") if count_tokens else OUTPUTS)
     stamps, tokens = [], 0
     start = time.perf_counter()
     async for response in triton.stream_infer(request):

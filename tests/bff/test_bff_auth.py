@@ -1,4 +1,5 @@
-"""X-Internal-API-Key: every protected route, every way of getting it wrong, and the run-open switch."""
+"""X-Internal-API-Key (or, as OpenAI clients send it, Authorization: Bearer): every protected route, every way
+of getting it wrong, and the run-open switch."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ PROTECTED = [("POST", "/generate", {"messages": [{"role": "user", "content": "hi
              ("GET", "/metrics", None), ("GET", "/openapi.yaml", None)]
 WRONG = {"missing": {}, "wrong": {"X-Internal-API-Key": "nope"}, "empty": {"X-Internal-API-Key": ""},
          "prefix": {"X-Internal-API-Key": KEY[:-1]}, "longer": {"X-Internal-API-Key": KEY + "x"},
-         "other case": {"X-Internal-API-Key": KEY.upper()}, "other header": {"Authorization": f"Bearer {KEY}"}}
+         "other case": {"X-Internal-API-Key": KEY.upper()}, "wrong bearer": {"Authorization": f"Bearer {KEY}x"},
+         "other scheme": {"Authorization": f"Basic {KEY}"}, "header wins": {"X-Internal-API-Key": "nope",
+                                                                            "Authorization": f"Bearer {KEY}"}}
 
 
 @pytest.mark.triton
@@ -22,7 +25,17 @@ WRONG = {"missing": {}, "wrong": {"X-Internal-API-Key": "nope"}, "empty": {"X-In
 def test_protected_routes_need_the_key(bff_url, method, path, body, case):
     r = httpx.request(method, bff_url + path, json=body, headers=WRONG[case])
     assert r.status_code == 401
-    assert r.json() == {"detail": "missing or invalid X-Internal-API-Key"}
+    assert r.json() == {"detail": "missing or invalid X-Internal-API-Key (or Bearer key)"}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("path", ["/v1/models", "/models"])
+def test_a_bearer_key_opens_them_and_openais_routes_answer_401_in_openais_shape(bff_url, path):
+    assert httpx.get(bff_url + path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    r = httpx.get(bff_url + path)
+    assert r.status_code == 401
+    if path.startswith("/v1/"):
+        assert r.json()["error"]["type"] == "authentication_error"
 
 
 @pytest.mark.triton

@@ -3,7 +3,7 @@
 import grpc
 import pytest
 
-from bff.generate import http_error
+from bff.streaming import http_error
 from bff.triton import TritonError, error_kind
 
 

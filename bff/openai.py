@@ -1,0 +1,188 @@
+"""
+OpenAI's chat API beside the contract, for the clients of vLLM, SGLang and trtllm-serve (the openai SDK,
+LangChain, AIPerf): GET /v1/models and POST /v1/chat/completions, answered as OpenAI answers them: ids,
+`created`, `model`, `choices` with `message` or `delta`, finish reasons `stop` and `length`, `usage`; a stream
+of `chat.completion.chunk` events ending in `data: [DONE]`; errors as {"error": {message, type, param, code}}.
+Same process and key as the contract (X-Internal-API-Key, or `Authorization: Bearer <key>` as OpenAI clients
+send it).
+
+Unlike /generate, a conversation is sent as given (no repair, no cut): a prompt longer than the context is
+OpenAI's `context_length_exceeded` 400, as vLLM answers. `stop` strings are matched here, on the text: the
+stream holds back any tail that could still become one, ends at the first, and cancels the rest in Triton.
+Beyond OpenAI's fields, `top_k` is taken as vLLM takes it (0 or -1: the whole vocabulary).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import falcon
+import orjson
+
+from bff.errors import OpenAIError
+from bff.generate import Event, stream_headers
+from bff.streaming import Generation
+from bff.triton import TritonError
+from bff.validation import OPENAI_CHAT, read_json, violation
+
+DONE = Event(b"data: [DONE]\n\n")
+
+
+def content_text(content) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text parts carry text."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+class StopMatcher:
+    """Finds the first stop string in a stream of text pieces, holding back what could begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text that is safe to send now, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        cut = max(0, len(self.pending) - self.hold)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class V1Models:
+    """GET /v1/models: the served model first, then the repository's others."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        registry = self.service.registry
+        names = [m["model_tag"] for m in await registry.models()]
+        names.sort(key=lambda n: n != registry.current)
+        created = int(self.service.stats.started)
+        resp.media = {"object": "list", "data": [{"id": n, "object": "model", "created": created,
+                                                  "owned_by": "nanochat-triton"} for n in names]}
+
+
+class ChatCompletions:
+    def __init__(self, service) -> None:
+        self.service = service
+        self.settings = service.settings
+
+    async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = await read_json(req, self.settings.max_body_bytes)
+        if (found := violation(OPENAI_CHAT, body)) is not None:
+            raise OpenAIError(falcon.HTTP_400, found[0], param=found[1])
+        model = self.service.registry.serving()
+        if body["model"] != model:
+            raise OpenAIError(falcon.HTTP_404, f"The model `{body['model']}` does not exist or is not the one "
+                              f"served; this server serves `{model}` (GET /v1/models)", param="model",
+                              code="model_not_found")
+        s = self.settings
+        top_k = body.get("top_k")
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        params = dict(
+            messages=orjson.dumps([{"role": "system" if m["role"] == "developer" else m["role"],
+                                    "content": content_text(m["content"])} for m in body["messages"]]),
+            temperature=s.temperature if body.get("temperature") is None else float(body["temperature"]),
+            top_k=s.top_k if top_k is None else max(0, int(top_k)),
+            max_tokens=s.max_tokens if max_tokens is None else int(max_tokens),
+            min_answer_tokens=None, top_p=body.get("top_p"), seed=body.get("seed"),
+        )
+        stops = body.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        g = await self.service.streams.open(req, params)
+        g.log["surface"] = "openai"
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model}
+        if body.get("stream"):
+            stream_headers(resp)
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            resp.sse = self._chunks(g, head, StopMatcher(stops), include_usage)
+        else:
+            resp.media = await self._whole(g, head, StopMatcher(stops))
+
+    async def _run(self, g: Generation, stops: StopMatcher):
+        """(text to send, finish_reason or None) as the generation goes; the stream ends at a stop string."""
+        async for piece in self.service.streams.pieces(g):
+            if piece is None:
+                yield None, None
+                continue
+            text, stopped = stops.feed(piece.text)
+            if stopped:
+                yield text, "stop"
+                return
+            if piece.final:
+                yield text + stops.flush(), "length" if piece.finish_reason == "length" else "stop"
+                return
+            if text:
+                yield text, None
+
+    def _usage(self, g: Generation, completion_text: str) -> dict:
+        usage = g.final.usage if g.final is not None else {}
+        completion = usage.get("completion_tokens", g.pieces)
+        prompt = usage.get("prompt_tokens", 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def _whole(self, g: Generation, head: dict, stops: StopMatcher) -> dict:
+        streams, text, finish, reason, failure = self.service.streams, [], "stop", "disconnect", None
+        try:
+            async for chunk, finished in self._run(g, stops):
+                text.append(chunk or "")
+                finish = finished or finish
+            reason = "done"
+        except TritonError as exc:
+            reason, failure = "error", exc.detail
+            streams.stats.error(exc.kind)
+            raise OpenAIError(falcon.HTTP_502, f"the generation failed: {exc.detail}", kind="server_error") from None
+        finally:
+            streams.end(g, reason, failure)
+        content = "".join(text)
+        return {**head, "object": "chat.completion", "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                             "finish_reason": finish}],
+                "usage": self._usage(g, content)}
+
+    async def _chunks(self, g: Generation, head: dict, stops: StopMatcher, include_usage: bool):
+        streams = self.service.streams
+        streams.stats.stream_started()
+        chunk = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
+
+        def event(delta: dict, finish: str | None, **extra) -> Event:
+            return Event({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                "finish_reason": finish}], **extra})
+
+        reason, failure, sent = "disconnect", None, []
+        try:
+            try:
+                yield event({"role": "assistant", "content": ""}, None)
+                async for text, finish in self._run(g, stops):
+                    if text is None and finish is None:
+                        yield None  # `: ping` (SSE comment lines are skipped by OpenAI clients)
+                        continue
+                    if text:
+                        sent.append(text)
+                        yield event({"content": text}, None)
+                    if finish:
+                        yield event({}, finish)
+                reason = "done"
+                if include_usage:
+                    yield Event({**chunk, "choices": [], "usage": self._usage(g, "".join(sent))})
+                yield DONE
+            except TritonError as exc:
+                reason, failure = "error", exc.detail
+                streams.stats.error(exc.kind)
+                yield Event({"error": {"message": f"the generation failed: {exc.detail}", "type": "server_error",
+                                       "param": None, "code": exc.kind}})
+        finally:
+            streams.end(g, reason, failure)

@@ -1,0 +1,96 @@
+"""
+The OpenAI surface (bff/openai.py) with the official `openai` client against the live BFF and the real
+Triton, serving the head oracle: answers are nanochat's greedy references, streamed and whole, with stop
+strings, seeds, usage, and OpenAI's error shapes.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.bff.bffkit import AUTH, KEY
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="module")
+def client(bff_url):
+    return openai.OpenAI(base_url=bff_url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def conversation(oracle_references, i: int = 0) -> dict:
+    return oracle_references["head"]["conversations"][i]
+
+
+def test_models_lists_the_served_model_first(client):
+    models = client.models.list().data
+    assert models[0].id == "head" and models[0].object == "model"
+    assert {"head", "orig", "demo"} <= {m.id for m in models}
+
+
+def test_a_whole_completion_is_nanochats_greedy_answer(client, oracle_references):
+    conv = conversation(oracle_references)
+    r = client.chat.completions.create(model="head", messages=conv["messages"], temperature=0, max_tokens=32)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "head" and r.created > 0
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == conv["greedy"]["text"]
+    assert choice.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (conv["prompt_len"], 32)
+    assert r.usage.total_tokens == conv["prompt_len"] + 32
+
+
+def test_a_streamed_completion_has_openais_chunks_and_usage(client, oracle_references):
+    conv = conversation(oracle_references, 1)
+    chunks = list(client.chat.completions.create(model="head", messages=conv["messages"], temperature=0,
+                                                 max_completion_tokens=32, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == conv["greedy"]["text"]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 32
+
+
+def test_stop_strings_end_the_answer_before_them(client, oracle_references):
+    conv = conversation(oracle_references)
+    full = conv["greedy"]["text"]
+    stop = full[len(full) // 2: len(full) // 2 + 3]  # three characters from the middle of the answer
+    cut = full[: full.index(stop)]
+    whole = client.chat.completions.create(model="head", messages=conv["messages"], temperature=0, max_tokens=32,
+                                           stop=[stop, "never-appears"])
+    assert whole.choices[0].message.content == cut and whole.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="head", messages=conv["messages"], temperature=0, max_tokens=32,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut
+
+
+def test_a_seed_gives_nanochats_seeded_answer(client, oracle_references):
+    conv = conversation(oracle_references)
+    want = conv["sampled_t1_k50_seed42"]
+    p = want["params"]
+    answers = [client.chat.completions.create(model="head", messages=conv["messages"], temperature=p["temperature"],
+                                              max_tokens=p["max_tokens"], seed=p["seed"],
+                                              extra_body={"top_k": p["top_k"]}).choices[0].message.content
+               for _ in range(2)]
+    assert answers[0] == answers[1] == want["text"]  # nanochat's own seeded sample, top_k as vLLM takes it
+
+
+def test_errors_are_openais(client, bff_url):
+    with pytest.raises(openai.BadRequestError) as e:  # a prompt longer than the context, as vLLM answers it
+        client.chat.completions.create(model="head", messages=[{"role": "user", "content": "word " * 1500}])
+    assert e.value.code == "context_length_exceeded" and "context" in e.value.message
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="head", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert e.value.param == "n"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=bff_url + "/v1", api_key="wrong-key-of-16-chars", max_retries=0).models.list()
+    # the contract's header works here too, and the contract's routes keep their own error shape
+    assert httpx.get(bff_url + "/v1/models", headers=AUTH).status_code == 200
+    assert httpx.post(bff_url + "/generate", json={}, headers=AUTH).json()["detail"]
