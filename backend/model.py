@@ -39,7 +39,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from backend.metrics import TritonMetrics  # noqa: E402
 from backend.model_config import EngineConfig, ModelShape  # noqa: E402
 from backend.protocol import METADATA_FILE, PIECE_OUTPUTS, TOKENIZER_FILE, USAGE_OUTPUTS  # noqa: E402
-from backend.requests import RequestError, parse_request  # noqa: E402
+from backend.requests import RequestError, parse_request, parse_stream  # noqa: E402
 from backend.responses import OUTPUT_ARRAYS, Output  # noqa: E402
 from backend.runner import make_runner  # noqa: E402
 from backend.scheduler import Scheduler  # noqa: E402
@@ -107,10 +107,11 @@ class TritonPythonModel:
 
             try:
                 prompt, params, dropped_turns = parse_request(get, self.tokenizer, self.max_seq)
+                stream = parse_stream(get)
             except RequestError as e:
                 self.scheduler.reject(handle, e)
                 continue
-            self.scheduler.submit(handle, prompt, params, dropped_turns)
+            self.scheduler.submit(handle, prompt, params, dropped_turns, stream)
         return None
 
     def finalize(self) -> None:

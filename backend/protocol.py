@@ -47,6 +47,10 @@ INPUTS = (
     Input("messages", "TYPE_STRING", (1,), 'JSON text: [{"role": "system"|"user"|"assistant", "content": "..."}], '
           "rendered with the model's own tokenizer in nanochat's chat format"),
     Input("prompt_ids", "TYPE_INT64", (-1,), "raw prompt token ids instead of `messages`"),
+    Input("text_input", "TYPE_STRING", (1,), "a raw prompt instead of `messages`: <|bos|> and the text in the "
+          "model's tokenizer, no chat template (what Triton's generate extension and genai-perf send)"),
+    Input("stream", "TYPE_BOOL", (1,), "true: pieces as they come (the first token at once); false: one response "
+          "with the whole answer, as Triton's /generate expects", False),
     Input("temperature", "TYPE_FP32", (1,), "0 is greedy; above 0 and below 0.01 samples as 0.01 (as vLLM does)",
           0.8, 0.0, 2.0),
     Input("top_k", "TYPE_INT32", (1,), "0 means the whole vocabulary", 50, 0, 200),
@@ -67,6 +71,8 @@ MIN_TEMPERATURE = 0.01
 
 OUTPUTS = (
     Output("text", "TYPE_STRING", (1,), "new text: complete UTF-8 characters only (may be empty)"),
+    Output("text_output", "TYPE_STRING", (1,), "the same as `text`, under the name Triton's generate extension "
+           "and genai-perf read"),
     Output("token_ids", "TYPE_INT64", (-1,), "the token ids behind this piece"),
     Output("device_id", "TYPE_INT32", (1,), "the device that produced it (GPU index; 0 on CPU)"),
     Output("finish_reason", "TYPE_STRING", (1,), "empty until the last response: stop, length, cancelled or error"),

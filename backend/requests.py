@@ -78,9 +78,17 @@ def parse_prompt(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer, 
                  cut: bool) -> tuple[list[int], int]:
     """The prompt's ids and how many of the conversation's oldest turns were dropped to fit max_prompt
     tokens (only when `cut`; otherwise a prompt that does not fit is refused)."""
-    messages, prompt_ids = get("messages"), get("prompt_ids")
-    if (messages is None) == (prompt_ids is None):
-        raise RequestError("give exactly one of messages and prompt_ids")
+    messages, prompt_ids, text = get("messages"), get("prompt_ids"), get("text_input")
+    if sum(x is not None for x in (messages, prompt_ids, text)) != 1:
+        raise RequestError("give exactly one of messages, prompt_ids and text_input")
+    if text is not None:
+        if text.size != 1:
+            raise RequestError("text_input must be one string")
+        raw = text.reshape(-1)[0]
+        try:
+            return [tokenizer.bos, *tokenizer.encode(raw.decode() if isinstance(raw, bytes) else str(raw))], 0
+        except UnicodeDecodeError as e:
+            raise RequestError(f"text_input is not UTF-8: {e}") from e
     if prompt_ids is not None:
         ids = [int(t) for t in prompt_ids.reshape(-1)]
         if not ids:
@@ -98,6 +106,12 @@ def parse_prompt(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer, 
         return tokenizer.render_for_completion(conversation), 0
     except ConversationError as e:
         raise RequestError(str(e)) from e
+
+
+def parse_stream(get: Callable[[str], np.ndarray | None]) -> bool:
+    """Whether the client wants pieces as they come (true) or one response with the whole answer."""
+    value = _scalar(get, "stream")
+    return INPUT["stream"].default if value is None else bool(value)
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer,

@@ -41,6 +41,7 @@ class Output:
 # Each output's array from the Output of one response, keyed by the protocol's output names.
 OUTPUT_ARRAYS = {
     "text": lambda o: np.array([o.text.encode()], dtype=np.object_),
+    "text_output": lambda o: np.array([o.text.encode()], dtype=np.object_),
     "token_ids": lambda o: np.array(o.token_ids, dtype=np.int64),
     "device_id": lambda o: np.array([o.device_id], dtype=np.int32),
     "finish_reason": lambda o: np.array([o.finish_reason.encode()], dtype=np.object_),

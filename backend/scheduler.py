@@ -57,6 +57,7 @@ class Request:
     unsent_text: str = ""  # streamed tokens held back until stream_interval of them are ready
     unsent_ids: list[int] = field(default_factory=list)
     dropped_turns: int = 0  # reported in the outputs: the conversation was cut to fit the context
+    stream: bool = True  # false: no response before the final one, which carries the whole answer
 
 
 class Scheduler:
@@ -81,14 +82,15 @@ class Scheduler:
 
     # --- called from Triton's execute() thread ---
 
-    def submit(self, handle: object, prompt_ids: list[int], params: SamplingParams, dropped_turns: int = 0) -> None:
+    def submit(self, handle: object, prompt_ids: list[int], params: SamplingParams, dropped_turns: int = 0,
+               stream: bool = True) -> None:
         """Queue a request; any problem is answered with a final error response, never raised."""
         try:
             seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq)
         except ValueError as e:
             self.reject(handle, e)
             return
-        req = Request(handle, seq, Detokenizer(self.tok), time.monotonic(), dropped_turns=dropped_turns)
+        req = Request(handle, seq, Detokenizer(self.tok), time.monotonic(), dropped_turns=dropped_turns, stream=stream)
         with self._cv:
             if self._stopping:
                 refusal = SHUTTING_DOWN
@@ -214,7 +216,7 @@ class Scheduler:
         req.unsent_ids.append(token)
         if seq.finished:
             self._finish(req, finish_reason=seq.finish_reason, text=req.detok.flush())
-        elif req.emitted == 1 or len(req.unsent_ids) >= self.stream_interval:
+        elif req.stream and (req.emitted == 1 or len(req.unsent_ids) >= self.stream_interval):
             self.responses.put(req, req.handle, self._output(req, req.unsent_text, req.unsent_ids, ""), None)
             req.unsent_text, req.unsent_ids = "", []
 

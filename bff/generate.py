@@ -72,7 +72,6 @@ class Generate:
 
     async def _events(self, g: Generation):
         streams = self.service.streams
-        streams.stats.stream_started()
         reason, failure = "disconnect", None
         try:
             try:

@@ -155,7 +155,6 @@ class ChatCompletions:
 
     async def _chunks(self, g: Generation, head: dict, stops: StopMatcher, include_usage: bool):
         streams = self.service.streams
-        streams.stats.stream_started()
         chunk = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
 
         def event(delta: dict, finish: str | None, **extra) -> Event:

@@ -70,6 +70,7 @@ class Streams:
         except BaseException:
             self.admitted -= 1
             raise
+        self.stats.stream_started()  # end() counts it ended, whichever surface relays it
         return Generation(req, stream, first, started)
 
     async def _open(self, model: str, params: dict, request_id: str) -> tuple[Stream, object]:

@@ -149,7 +149,7 @@ class Endpoint:
         await asyncio.gather(self.client.close(), self.channel.close())
 
 
-_PACK = {"FP32": "<f", "INT32": "<i", "INT64": "<q"}  # one element, little-endian, by wire type
+_PACK = {"FP32": "<f", "INT32": "<i", "INT64": "<q", "BOOL": "<?"}  # one element, little-endian, by wire type
 
 
 def request_message(model: str, request_id: str, messages: bytes, temperature: float, top_k: int,
@@ -163,7 +163,7 @@ def request_message(model: str, request_id: str, messages: bytes, temperature: f
     request.inputs.add(name="messages", datatype="BYTES", shape=[1])
     request.raw_input_contents.append(struct.pack("<I", len(messages)) + messages)
     scalars = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens, min_answer_tokens=min_answer_tokens,
-                   top_p=top_p, seed=seed)
+                   top_p=top_p, seed=seed, stream=True)
     for name, value in scalars.items():
         if value is None:
             continue

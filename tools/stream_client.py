@@ -19,7 +19,7 @@ import tritonclient.grpc.aio as grpcclient
 
 from backend.protocol import INPUT, wire_type
 
-DTYPES = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64}  # numpy's for each wire type
+DTYPES = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}  # numpy's by wire type
 
 
 @dataclass
@@ -43,7 +43,9 @@ class StreamResult:
 
 
 def make_inputs(messages: list[dict] | None = None, prompt_ids: list[int] | None = None,
-                raw_messages: str | None = None, **params) -> list[grpcclient.InferInput]:
+                raw_messages: str | None = None, stream: bool = True, **params) -> list[grpcclient.InferInput]:
+    """A request's inputs; pieces stream as they come unless stream=False (one response, the whole answer)."""
+    params["stream"] = stream
     inputs = []
     if messages is not None or raw_messages is not None:
         text = raw_messages if raw_messages is not None else json.dumps(messages)

@@ -172,7 +172,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(triton_server):
         "top_k must be in": make_inputs(messages=user, top_k=201),
         "max_tokens must be in": make_inputs(messages=user, max_tokens=0),
         "seed must be in": make_inputs(messages=user, seed=-1),
-        "exactly one of messages and prompt_ids": make_inputs(messages=user, prompt_ids=[1, 2]),
+        "exactly one of messages, prompt_ids and text_input": make_inputs(messages=user, prompt_ids=[1, 2]),
         "outside the vocabulary": make_inputs(prompt_ids=[1, 10**6]),
         "last message must be from the user": make_inputs(messages=[{"role": "assistant", "content": "hi"}]),
         "min_answer_tokens must be in": make_inputs(messages=user, min_answer_tokens=0),
@@ -286,3 +286,29 @@ def test_unload_while_streaming_lets_every_stream_finish_first(triton_server):
         assert (r.error, r.finals, r.finish_reason) == (None, 1, "length")
         assert r.completion_tokens == len(r.token_ids) == DEMO_MAX_SEQ - 4  # to the end of the context
     assert gone and ready
+
+
+def test_tritons_generate_extension_answers_text_input(triton_server, oracle_references):
+    """curl's call from vllm_backend's and tensorrtllm_backend's READMEs: /generate with text_input answers
+    once with the whole text_output; generate_stream with "stream": true streams it. The prompt is <|bos|>
+    and the text, as a raw prompt_ids request gives it."""
+    import httpx
+    import orjson
+
+    from core.tokenizer import Tokenizer
+    from tests.oracles import oracle_tokenizer
+
+    tok = Tokenizer.load(oracle_tokenizer())
+    text = "The capital of France is"
+    want = run(lambda c: stream(c, "head", greedy(prompt_ids=[tok.bos, *tok.encode(text)], max_tokens=16)),
+               triton_server)
+    body = {"text_input": text, "max_tokens": 16, "temperature": 0.0}
+    whole = httpx.post(f"{triton_server.http_url}/v2/models/head/generate", json=body, timeout=60)
+    assert whole.status_code == 200, whole.text
+    answer = whole.json()
+    assert answer["text_output"] == want.text and answer["finish_reason"] == "length"
+    assert answer["completion_tokens"] == 16
+    with httpx.stream("POST", f"{triton_server.http_url}/v2/models/head/generate_stream",
+                      json={**body, "stream": True}, timeout=60) as r:
+        events = [orjson.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) > 1 and "".join(e["text_output"] for e in events) == want.text

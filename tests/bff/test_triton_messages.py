@@ -14,7 +14,8 @@ def test_request_message_is_what_tritonclient_builds():
                                ("temperature", np.array([0.7], dtype=np.float32), "FP32"),
                                ("top_k", np.array([50], dtype=np.int32), "INT32"),
                                ("max_tokens", np.array([512], dtype=np.int32), "INT32"),
-                               ("min_answer_tokens", np.array([128], dtype=np.int32), "INT32")):
+                               ("min_answer_tokens", np.array([128], dtype=np.int32), "INT32"),
+                               ("stream", np.array([True], dtype=np.bool_), "BOOL")):
         x = InferInput(name, [1], dtype)
         x.set_data_from_numpy(value)
         inputs.append(x)
