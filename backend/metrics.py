@@ -26,6 +26,8 @@ from backend import protocol as P
 from backend.protocol import FINISH_REASONS
 
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+E2E_BUCKETS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+LENGTH_BUCKETS = [1, 8, 32, 128, 512, 1024, 2048, 4096, 8192]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 
@@ -42,6 +44,9 @@ class EngineStats:
         self.active = 0  # slots in use
         self.waiting = 0  # requests queued for a slot
         self.ttft: collections.deque[float] = collections.deque()  # seconds, drained by the exporter
+        # per request, drained by the exporter: (e2e seconds, queue seconds, prompt tokens, streamed tokens)
+        self.requests: collections.deque[tuple[float, float, int, int]] = collections.deque()
+        self.max_slots = 0  # for the usage ratio
         self.itl: collections.deque[float] = collections.deque()
         self.cpu = {"step": 0.0, "model_call": 0.0, "send": 0.0}
 
@@ -75,6 +80,19 @@ class TritonMetrics:
         self.cpu = {part: cpu.Metric(labels={**labels, "part": part}) for part in ("schedule", "model_call", "send")}
         self.ttft = family(P.METRIC_TTFT, "Time from arrival to the first token",
                            F.HISTOGRAM).Metric(labels=labels, buckets=TTFT_BUCKETS)
+        # one sample each per finished request (not per token): an IPC call each is affordable here
+        self.per_request = [
+            family(P.METRIC_E2E, "Time from arrival to the final response", F.HISTOGRAM).Metric(
+                labels=labels, buckets=E2E_BUCKETS),
+            family(P.METRIC_QUEUE_TIME, "Time from arrival to a KV-cache slot", F.HISTOGRAM).Metric(
+                labels=labels, buckets=E2E_BUCKETS),
+            family(P.METRIC_REQUEST_PROMPT, "Prompt tokens of a request", F.HISTOGRAM).Metric(
+                labels=labels, buckets=LENGTH_BUCKETS),
+            family(P.METRIC_REQUEST_GENERATION, "Tokens streamed to a request", F.HISTOGRAM).Metric(
+                labels=labels, buckets=LENGTH_BUCKETS),
+        ]
+        self.usage = family(P.METRIC_SLOT_USAGE, "KV-cache slots in use, as a fraction of all",
+                            F.GAUGE).Metric(labels=labels)
         itl = P.METRIC_ITL
         about = "Time between a request's tokens (a histogram's series, exported as counters)"
         buckets = family(itl + "_bucket", about, F.COUNTER)
@@ -105,6 +123,13 @@ class TritonMetrics:
                 self._last["gauge_" + key] = value
         while stats.ttft:
             self.ttft.observe(stats.ttft.popleft())
+        while stats.requests:
+            for metric, value in zip(self.per_request, stats.requests.popleft(), strict=True):
+                metric.observe(value)
+        ratio = stats.active / stats.max_slots if stats.max_slots else 0.0
+        if ratio != self._last.get("usage"):
+            self.usage.set(ratio)
+            self._last["usage"] = ratio
         if stats.itl:
             cumulative, total = bucket_counts(stats.itl, ITL_BUCKETS)
             for metric, count in zip(self.itl, cumulative, strict=True):

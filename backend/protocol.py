@@ -108,6 +108,11 @@ METRIC_QUEUE_DEPTH = "nanochat_queue_depth"
 METRIC_CPU = "nanochat_cpu_seconds_total"
 METRIC_TTFT = "nanochat_time_to_first_token_seconds"
 METRIC_ITL = "nanochat_inter_token_latency_seconds"
+METRIC_E2E = "nanochat_e2e_request_latency_seconds"  # arrival to the final response, per request
+METRIC_QUEUE_TIME = "nanochat_request_queue_time_seconds"  # arrival to a KV-cache slot
+METRIC_REQUEST_PROMPT = "nanochat_request_prompt_tokens"  # prompt length, per request
+METRIC_REQUEST_GENERATION = "nanochat_request_generation_tokens"  # tokens streamed, per request
+METRIC_SLOT_USAGE = "nanochat_kv_slots_usage_ratio"  # slots in use / slots
 METRIC_PREFIX = "nanochat_"
 
 # The model folder: <repository>/<name>/config.pbtxt and the version folder with the artifacts.

@@ -58,6 +58,7 @@ class Request:
     unsent_ids: list[int] = field(default_factory=list)
     dropped_turns: int = 0  # reported in the outputs: the conversation was cut to fit the context
     stream: bool = True  # false: no response before the final one, which carries the whole answer
+    slotted: float = 0.0  # when it got its KV-cache slot (0: never)
 
 
 class Scheduler:
@@ -69,6 +70,7 @@ class Scheduler:
         self.stream_interval = engine.stream_interval
         self.device_id = device_id
         self.stats = stats or EngineStats()
+        self.stats.max_slots = self.max_slots
         self.responses = ResponseThread(sink, self.stats, exporter=exporter)
         self._cv = threading.Condition()
         self._inbox: list[Request] = []
@@ -157,6 +159,7 @@ class Scheduler:
         while self._free and self._waiting:
             req = self._waiting.popleft()
             req.slot = self._free.pop()
+            req.slotted = time.monotonic()
             self._active.append(req)
         self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)
         decoding = [r for r in self._active if r.prefilled == len(r.seq.prompt)]
@@ -233,6 +236,9 @@ class Scheduler:
             self._waiting.remove(req)
         out = None if error else self._output(req, req.unsent_text + text, req.unsent_ids, finish_reason)
         self.responses.put(req, req.handle, out, error, final=True)
+        now = time.monotonic()
+        queued = (req.slotted or now) - req.arrived
+        self.stats.requests.append((now - req.arrived, queued, len(req.seq.prompt), req.emitted))
         with self._cv:
             self.stats.finished["error" if error else finish_reason] += 1
             self._outstanding -= 1

@@ -245,6 +245,11 @@ def test_soak_500_requests_leaves_no_growth(triton_server):
     assert {reason: delta(P.METRIC_FINISHED, finish_reason=reason) for reason in P.FINISH_REASONS} == {
         "stop": stops, "length": 500 - stops, "cancelled": 0, "error": 0}
     assert delta(P.METRIC_TTFT + "_count") == 500
+    for per_request in (P.METRIC_E2E, P.METRIC_QUEUE_TIME, P.METRIC_REQUEST_PROMPT, P.METRIC_REQUEST_GENERATION):
+        assert delta(per_request + "_count") == 500, per_request
+    assert delta(P.METRIC_REQUEST_PROMPT + "_sum") == 3 * 500
+    assert delta(P.METRIC_REQUEST_GENERATION + "_sum") == streamed
+    assert measure.metric(text, P.METRIC_SLOT_USAGE, model="demo") == 0
     itl_count = delta(P.METRIC_ITL + "_count")
     inf = [v for _, v in measure.samples(text, P.METRIC_ITL + "_bucket", model="demo", le="+Inf")]
     assert itl_count == streamed + stops - 500  # a gap before every token but each request's first

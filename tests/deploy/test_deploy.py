@@ -32,8 +32,10 @@ DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 KUBERNETES_VERSION = "1.34.0"  # the oldest minor we claim to support; strict mode rejects unknown fields
 # The TensorRT inside each Triton release we may pin (NGC release notes); the Python package must match it.
 TENSORRT_OF_TRITON = {"25.01": "10.8.0.43"}
-# Manifests deliberately outside kustomization.yaml (a one-shot Job; a rule for the adapter's own install).
-NOT_IN_KUSTOMIZATION = {"export-job.yaml", "prometheus-adapter-rules.yaml"}
+# Manifests deliberately outside kustomization.yaml (a one-shot Job; what belongs to the monitoring install).
+NOT_IN_KUSTOMIZATION = {"export-job.yaml", "prometheus-adapter-rules.yaml", "prometheus-vllm-rules.yaml",
+                        "grafana-dashboard.yaml", "podmonitor.yaml"}
+OPERATOR_API = "monitoring.coreos.com/"  # the Prometheus Operator's CRDs: not in kubernetes-validate's schemas
 BFF_PORT = 8003
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
@@ -146,6 +148,9 @@ def test_compose_schema_rejects_a_broken_file():
 @pytest.mark.parametrize("name", sorted(manifests()))
 def test_kubernetes_manifest_validates(name):
     for doc in manifests()[name]:
+        if doc["apiVersion"].startswith(OPERATOR_API):
+            assert doc["kind"] == "PodMonitor" and doc["spec"]["podMetricsEndpoints"]  # structure only
+            continue
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
@@ -365,3 +370,33 @@ def test_triton_is_not_a_public_api_in_kubernetes():
 
 def triton_labels() -> dict:
     return find("StatefulSet", "triton")["spec"]["template"]["metadata"]["labels"]
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the backend and the BFF export (histograms as their _bucket/_sum/_count series)."""
+    from bff.stats import BffStats
+
+    names = set()
+    for key, name in vars(protocol).items():
+        if key.startswith("METRIC_") and key != "METRIC_PREFIX":
+            names |= {name, name + "_bucket", name + "_sum", name + "_count"}
+    for family in BffStats().registry.collect():
+        names |= {sample.name for sample in family.samples} | {family.name + s for s in ("", "_total", "_bucket",
+                                                                                        "_count", "_sum")}
+    return names
+
+
+def test_dashboard_and_vllm_rules_name_only_metrics_we_export():
+    import json
+
+    dashboard = json.loads(find("ConfigMap", "nanochat-grafana-dashboard")["data"]["nanochat-triton.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load(find("ConfigMap", "nanochat-vllm-rules")["data"]["nanochat-vllm.rules.yaml"])
+    records = [r for g in rules["groups"] for r in g["rules"]]
+    used = {m for e in exprs + [r["expr"] for r in records] for m in re.findall(r"\b(?:nanochat|bff)_\w+", e)}
+    assert used and used <= exported_metric_names(), used - exported_metric_names()
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for what in ("first token", "inter-token", "throughput", "queue", "slots", "finish reason"):
+        assert what in titles, what
+    assert {r["record"] for r in records} >= {"vllm:num_requests_running", "vllm:num_requests_waiting",
+                                               "vllm:time_to_first_token_seconds_bucket", "vllm:gpu_cache_usage_perc"}
