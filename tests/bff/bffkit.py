@@ -71,6 +71,19 @@ def generate(url: str, body: dict, headers: dict = AUTH, timeout: float = 60) ->
         return r, []
 
 
+async def stream_events(client: httpx.AsyncClient, url: str, body: dict, on_first_token=None) -> list[dict]:
+    """One /generate's events, read as the gateway reads them; calls on_first_token() at its first token."""
+    lines = []
+    async with client.stream("POST", url + "/generate", json=body, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            lines.append(line)
+            if on_first_token is not None and line.startswith('data: {"token"'):
+                on_first_token()
+                on_first_token = None
+    return parse_events(lines)
+
+
 def is_done(event: dict) -> bool:
     """The BFF's done event: the answer is whole, with the finish reason and counts the backend gave."""
     return (event.get("done") is True and event.get("finish_reason") in ("stop", "length")

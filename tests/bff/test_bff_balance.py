@@ -15,7 +15,7 @@ import httpx
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from tests.bff.bffkit import AUTH, is_done, parse_events, run_bff, text_of, wait_until
+from tests.bff.bffkit import AUTH, is_done, run_bff, stream_events, text_of, wait_until
 from tools.local_triton import LocalTriton
 from tools.stream_client import make_inputs, stream
 
@@ -24,17 +24,8 @@ pytestmark = pytest.mark.triton
 BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 400}
 
 
-async def _stream(client: httpx.AsyncClient, url: str, on_first_token=None) -> list[dict]:
-    """One generation's events; calls on_first_token() when its first token arrives."""
-    lines = []
-    async with client.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=120) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            lines.append(line)
-            if on_first_token is not None and line.startswith('data: {"token"'):
-                on_first_token()
-                on_first_token = None
-    return parse_events(lines)
+def _stream(client: httpx.AsyncClient, url: str, on_first_token=None):
+    return stream_events(client, url, BODY, on_first_token)
 
 
 async def _warm_up(server: LocalTriton) -> None:

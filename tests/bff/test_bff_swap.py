@@ -16,8 +16,8 @@ from tests.bff.bffkit import (
     AUTH,
     generate,
     is_done,
-    parse_events,
     run_bff,
+    stream_events,
     text_of,
     triton_settings,
     wait_until,
@@ -41,17 +41,8 @@ def swap_triton(oracle_repository):
         yield server
 
 
-async def _stream(client: httpx.AsyncClient, url: str, on_first_token=None) -> list[dict]:
-    """One generation's events; calls on_first_token() when its first token arrives."""
-    lines = []
-    async with client.stream("POST", url + "/generate", json=LONG, headers=AUTH, timeout=120) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            lines.append(line)
-            if on_first_token is not None and line.startswith('data: {"token"'):
-                on_first_token()
-                on_first_token = None
-    return parse_events(lines)
+def _stream(client: httpx.AsyncClient, url: str, on_first_token=None):
+    return stream_events(client, url, LONG, on_first_token)
 
 
 def _swap(url: str, model: str) -> httpx.Response:
