@@ -35,6 +35,7 @@ import psutil
 
 from bff.settings import Settings
 from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
+from tools.measure import percentile
 
 KEY = "bench-bff-one-run-key"  # at least 16 characters, as the BFF requires
 PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to code."}]
@@ -56,8 +57,7 @@ class Run:
             self.itl.extend(np.diff(stamps).tolist())
 
     def row(self, tokens_per_request: int) -> dict:
-        def pct(xs, q):
-            return float(np.percentile(xs, q) * 1000) if xs else float("nan")
+        pct = lambda xs, q: percentile(xs, q) * 1000
 
         return {"ttft_p50": pct(self.ttft, 50), "ttft_p95": pct(self.ttft, 95), "itl_p50": pct(self.itl, 50),
                 "itl_p95": pct(self.itl, 95), "tok_s": self.requests * tokens_per_request / self.wall}
