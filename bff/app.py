@@ -65,7 +65,6 @@ class Service:
             await asyncio.sleep(self.settings.probe_interval_s)
             try:
                 await self.pool.probe()
-                await self.registry.refresh()
                 await self.registry.probe()
             except Exception:  # the probe must outlive any one failure
                 log.exception("endpoint probe failed")

@@ -77,12 +77,9 @@ class Registry:
                 log.error("loading %s failed: %s", wanted, exc.detail)
         log.info("current model: %s", self.current)
 
-    async def refresh(self) -> None:
-        """Re-read the current model from Triton when ours is not READY (a restart, another worker's swap)."""
-        if self.swap_state["state"] != "idle":
-            return
-        if self.current is not None and await self.pool.ready(self.current):
-            return
+    async def _adopt(self) -> None:
+        """Re-read the current model from what Triton serves (ours is not READY: a restart, another worker's
+        swap)."""
         try:
             ready = await self._ready_names()
         except TritonError:
@@ -101,10 +98,13 @@ class Registry:
         return self.current
 
     async def probe(self) -> None:
-        """Ask Triton whether the current model is READY (the background prober, every probe interval), and
-        load it on any live endpoint that lacks it, unless a swap is moving models right now."""
+        """The background prober, every probe interval: is the current model READY on every live endpoint? If
+        not, and no swap is moving models, adopt what Triton serves and load it on any endpoint that lacks it."""
         self.model_ready = self.current is not None and await self.pool.ready(self.current)
-        if self.current is not None and not self.model_ready and self.swap_state["state"] == "idle":
+        if self.model_ready or self.swap_state["state"] != "idle":
+            return
+        await self._adopt()
+        if self.current is not None:
             loaded = await self.pool.reconcile(self.current, self.settings.model_load_timeout_s)
             if loaded:
                 log.warning("loaded %s on %s, which lacked it", self.current, ", ".join(loaded))
