@@ -128,7 +128,8 @@ class ChatCompletions:
             if text:
                 yield text, None
 
-    def _usage(self, g: Generation, completion_text: str) -> dict:
+    def _usage(self, g: Generation) -> dict:
+        """The backend's counts; a stream ended at a stop string has no final response: its pieces count."""
         usage = g.final.usage if g.final is not None else {}
         completion = usage.get("completion_tokens", g.pieces)
         prompt = usage.get("prompt_tokens", 0)
@@ -147,21 +148,20 @@ class ChatCompletions:
             raise OpenAIError(falcon.HTTP_502, f"the generation failed: {exc.detail}", kind="server_error") from None
         finally:
             streams.end(g, reason, failure)
-        content = "".join(text)
         return {**head, "object": "chat.completion", "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
                              "finish_reason": finish}],
-                "usage": self._usage(g, content)}
+                "usage": self._usage(g)}
 
     async def _chunks(self, g: Generation, head: dict, stops: StopMatcher, include_usage: bool):
         streams = self.service.streams
         chunk = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
 
-        def event(delta: dict, finish: str | None, **extra) -> Event:
+        def event(delta: dict, finish: str | None) -> Event:
             return Event({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                "finish_reason": finish}], **extra})
+                                                "finish_reason": finish}]})
 
-        reason, failure, sent = "disconnect", None, []
+        reason, failure = "disconnect", None
         try:
             try:
                 yield event({"role": "assistant", "content": ""}, None)
@@ -170,13 +170,12 @@ class ChatCompletions:
                         yield None  # `: ping` (SSE comment lines are skipped by OpenAI clients)
                         continue
                     if text:
-                        sent.append(text)
                         yield event({"content": text}, None)
                     if finish:
                         yield event({}, finish)
                 reason = "done"
                 if include_usage:
-                    yield Event({**chunk, "choices": [], "usage": self._usage(g, "".join(sent))})
+                    yield Event({**chunk, "choices": [], "usage": self._usage(g)})
                 yield DONE
             except TritonError as exc:
                 reason, failure = "error", exc.detail

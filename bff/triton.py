@@ -97,11 +97,11 @@ class Piece:
         """Each output here is one element, so a BYTES tensor is a 4-byte length and the bytes, an INT32
         four bytes (per piece this is several times cheaper than tritonclient's InferResult.as_numpy)."""
         raw = raw_outputs(response)
-        final = response.parameters.get("triton_final_response")
-        usage = {name: _int32(raw[name]) for name in USAGE_OUTPUTS if name in raw}
+        flag = response.parameters.get("triton_final_response")
+        final = flag is not None and flag.bool_param
+        usage = {name: _int32(raw[name]) for name in USAGE_OUTPUTS if name in raw} if final else {}
         return cls(text=raw["text"][4:].decode("utf-8"), gpu=_int32(raw["device_id"]),
-                   finish_reason=raw["finish_reason"][4:].decode("utf-8"), final=final is not None and final.bool_param,
-                   usage=usage)
+                   finish_reason=raw["finish_reason"][4:].decode("utf-8"), final=final, usage=usage)
 
 
 def _int32(raw: bytes) -> int:
