@@ -68,7 +68,11 @@ def parse_options(argv: list[str] | None = None, env: dict[str, str] | None = No
     return options(**given)
 
 
+_terminated = []  # set by SIGTERM: torch may wrap the KeyboardInterrupt raised below in its own errors
+
+
 def _terminate(signum, frame):
+    _terminated.append(signum)
     raise KeyboardInterrupt  # so the staging folder is removed on `kill` as on Ctrl-C
 
 
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not (_terminated or isinstance(e, KeyboardInterrupt)):
+            raise
         print("export: interrupted; the model repository is unchanged", file=sys.stderr)
         return 130
     return 0
