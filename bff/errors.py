@@ -26,6 +26,13 @@ class NotFound(falcon.HTTPNotFound):
         super().__init__(description=detail)
 
 
+class Conflict(falcon.HTTPConflict):
+    """A swap that a newer one (another worker's or replica's) won over."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(description=detail)
+
+
 class UpstreamFailed(falcon.HTTPBadGateway):
     """Triton answered with a failure the client cannot fix (e.g. a model load error)."""
 

@@ -1,15 +1,19 @@
 """
 Which model the BFF serves, what the repository holds, and model swaps.
 
-The current model lives in Triton, not here: at start (and whenever it stops being READY, e.g. another
-worker swapped it) it is read back from Triton's repository index, so it survives BFF restarts and all
-gunicorn workers converge on it. Swaps are serialized by one lock; streams are counted per model so the
-old model can be drained before it is unloaded.
+Triton is the only shared state, so every gunicorn worker and every replica reads the same answer from it:
+the model served is the one READY in Triton, and when several are (a swap elsewhere is still draining, or
+two swaps raced), the one the newest swap loaded. A swap loads its model with the swap's wall-clock time as
+a config.pbtxt parameter (EPOCH_PARAMETER, through the config override of Triton's load call), so "newest"
+is read back from Triton's model config; a swap that finds a newer one beside its model when its load ends
+unloads its own and answers 409. Within one process swaps are serialized by a lock; streams are counted per
+model so the old model can be drained before it is unloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -17,13 +21,14 @@ from collections import Counter
 from pathlib import Path
 
 from backend.protocol import CONFIG_FILE, METADATA_FILE
-from bff.errors import NotFound, Unavailable, UpstreamFailed, UpstreamTimeout
+from bff.errors import Conflict, NotFound, Unavailable, UpstreamFailed, UpstreamTimeout
 from bff.settings import Settings
 from bff.stats import BffStats
-from bff.triton import TritonError, TritonPool
+from bff.triton import Endpoint, TritonError, TritonPool
 
 log = logging.getLogger("bff.registry")
 POLL_S = 0.05
+EPOCH_PARAMETER = "bff_swap_epoch"  # the backend ignores config parameters it does not know
 
 
 def read_metadata(repository: Path, name: str) -> dict:
@@ -36,6 +41,30 @@ def read_metadata(repository: Path, name: str) -> dict:
         return json.loads(versions[-1].read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def epoch_config(repository: Path, name: str, epoch: float) -> str | None:
+    """The model's config.pbtxt as the JSON that Triton's load call takes, stamped with a swap's epoch; None
+    when the BFF cannot read it (the model then loads as configured, with epoch 0)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        config = text_format.Parse((repository / name / CONFIG_FILE).read_text(encoding="utf-8"),
+                                   model_config_pb2.ModelConfig())
+    except (OSError, text_format.ParseError) as exc:
+        log.warning("cannot read %s's %s (%s): loading it without a swap epoch", name, CONFIG_FILE, exc)
+        return None
+    config.parameters[EPOCH_PARAMETER].string_value = repr(epoch)
+    return json_format.MessageToJson(config, preserving_proto_field_name=True)
+
+
+def epoch_of(config: dict) -> float:
+    """The swap epoch in a model config as Triton returns it (JSON); 0 for a model no swap loaded."""
+    try:
+        return float(config.get("parameters", {}).get(EPOCH_PARAMETER, {}).get("string_value") or 0)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 class Registry:
@@ -53,41 +82,57 @@ class Registry:
         self._background: asyncio.Task | None = None
         self.model_ready = False  # the current model READY on every live endpoint, as the last probe saw it
 
-    async def _ready_names(self) -> list[str]:
-        return sorted(m["name"] for m in await self.pool.index() if m.get("state") == "READY")
-
     async def start(self) -> None:
         """Adopt what Triton serves; load the configured model if Triton serves nothing."""
         try:
-            ready = await self._ready_names()
+            ready = await self.pool.ready_models()
         except TritonError as exc:
             log.warning("Triton not reachable at start (%s); will retry", exc.detail)
             return
-        wanted = self.settings.model
-        if wanted in ready or (ready and wanted is None):
-            self.current = wanted or ready[0]
-        elif ready:
-            self.current = ready[0]
-            log.warning("BFF_MODEL=%s is not loaded; serving %s, which Triton has READY", wanted, ready[0])
-        elif wanted:
+        if ready:
+            self.current = (await self._winner(ready))[0]
+            if self.settings.model not in (None, self.current):
+                log.warning("BFF_MODEL=%s is not what Triton serves; serving %s", self.settings.model, self.current)
+        elif self.settings.model:
             try:
-                await self.pool.load(wanted, self.settings.model_load_timeout_s)
-                self.current = wanted
+                # no epoch: loaded at start, like Triton's --load-model, so any deliberate swap outranks it
+                await self.pool.load(self.settings.model, self.settings.model_load_timeout_s)
+                self.current = self.settings.model
             except TritonError as exc:
-                log.error("loading %s failed: %s", wanted, exc.detail)
+                log.error("loading %s failed: %s", self.settings.model, exc.detail)
         log.info("current model: %s", self.current)
 
-    async def _adopt(self) -> None:
-        """Re-read the current model from what Triton serves (ours is not READY: a restart, another worker's
-        swap)."""
-        try:
-            ready = await self._ready_names()
-        except TritonError:
+    async def _winner(self, ready: dict[str, list[Endpoint]]) -> tuple[str, float]:
+        """Of the READY models, the one every worker and replica serves, and its epoch: the newest swap's;
+        among equals (none was swapped in), the one READY on more endpoints, then BFF_MODEL, then by name."""
+        epochs = {name: 0.0 for name in ready}
+        if list(ready) != [self.current]:  # else (the steady state) nothing to compare
+            names = list(ready)
+            configs = await asyncio.gather(*(self.pool.config(n, ready[n][0]) for n in names), return_exceptions=True)
+            epochs = {n: 0.0 if isinstance(c, BaseException) else epoch_of(c)
+                      for n, c in zip(names, configs, strict=True)}
+        name = max(ready, key=lambda n: (epochs[n], len(ready[n]), n == self.settings.model, n))
+        return name, epochs[name]
+
+    async def _adopt(self, ready: dict[str, list[Endpoint]]) -> None:
+        """Serve what Triton serves (another worker's or replica's swap). A current model that is READY nowhere
+        while only unswapped models are (a restarted Triton back with its default) is kept: the probe loads it
+        again."""
+        if not ready:
+            if self.current is None and self.settings.model is not None:
+                await self.start()
             return
-        if ready and self.current not in ready:
-            self.current = ready[0]
-        elif self.current is None and self.settings.model is not None:
-            await self.start()
+        name, epoch = await self._winner(ready)
+        if name != self.current and (self.current is None or self.current in ready or epoch > 0):
+            log.warning("now serving %s (was %s): what Triton serves", name, self.current)
+            self.current = name
+
+    async def refresh(self) -> str | None:
+        """Re-read from Triton which model to serve (unless a swap here is moving models); the current model."""
+        if self.swap_state["state"] == "idle":
+            with contextlib.suppress(TritonError):
+                await self._adopt(await self.pool.ready_models())
+        return self.current
 
     def serving(self) -> str:
         """The model new streams go to, or 503."""
@@ -98,17 +143,32 @@ class Registry:
         return self.current
 
     async def probe(self) -> None:
-        """The background prober, every probe interval: is the current model READY on every live endpoint? If
-        not, and no swap is moving models, adopt what Triton serves and load it on any endpoint that lacks it."""
-        self.model_ready = self.current is not None and await self.pool.ready(self.current)
-        if self.model_ready or self.swap_state["state"] != "idle":
+        """The background prober, every probe interval: adopt what Triton serves (unless a swap here is moving
+        models), note whether it is READY on every live endpoint, and load it on any endpoint that lacks it
+        (a replica that restarted or was added) with the config, and so the epoch, it has elsewhere."""
+        try:
+            ready = await self.pool.ready_models()
+        except TritonError:
+            self.model_ready = False
             return
-        await self._adopt()
-        if self.current is not None:
-            loaded = await self.pool.reconcile(self.current, self.settings.model_load_timeout_s)
-            if loaded:
-                log.warning("loaded %s on %s, which lacked it", self.current, ", ".join(loaded))
-            self.model_ready = await self.pool.ready(self.current)
+        idle = self.swap_state["state"] == "idle"
+        if idle:
+            await self._adopt(ready)
+        current = self.current
+        self.model_ready = current in ready and len(ready[current]) == len(self.pool.live())
+        if self.model_ready or not idle or current is None:
+            return
+        if current in ready:
+            try:
+                config = json.dumps(await self.pool.config(current, ready[current][0]))
+            except TritonError:
+                return
+        else:  # READY nowhere (Triton restarted): load it as a swap would, to outrank the default it came back with
+            config = epoch_config(self.repository, current, time.time())
+        loaded = await self.pool.reconcile(current, self.settings.model_load_timeout_s, config)
+        if loaded:
+            log.warning("loaded %s on %s, which lacked it", current, ", ".join(loaded))
+        self.model_ready = await self.pool.ready(current)
 
     @property
     def ready(self) -> bool:
@@ -140,6 +200,7 @@ class Registry:
         async with self._lock:
             if self._background is not None:
                 await self._background  # the previous swap's drain/unload
+            await self.refresh()  # another worker or replica may have swapped since the last probe
             if name == self.current:
                 return {"status": "unchanged", "current_model": name}
             try:
@@ -148,24 +209,40 @@ class Registry:
                 raise Unavailable(f"Triton is not reachable: {exc.detail}") from None
             if name not in known:
                 raise NotFound(f"no model {name!r} in the repository")
-            old = self.current
+            old, config = self.current, epoch_config(self.repository, name, time.time())
             self.swap_state.update(state="loading", to=name, last_error=None, **{"from": old})
             if self.settings.swap_strategy == "drain-first" and old is not None:
                 self.blocked = True
                 self.swap_state["state"] = "draining"
-                self._background = asyncio.create_task(self._drain_then_load(old, name))
+                self._background = asyncio.create_task(self._drain_then_load(old, name, config))
                 return {"status": "draining", "current_model": old}
             try:
-                await self.pool.load(name, self.settings.model_load_timeout_s)
+                await self.pool.load(name, self.settings.model_load_timeout_s, config)
+                newer = await self._superseded(name)
             except TritonError as exc:
                 self._finish(f"loading {name} failed: {exc.detail}")
                 error = UpstreamTimeout if exc.kind == "timeout" else UpstreamFailed
                 raise error(f"loading {name} failed; still serving {old}: {exc.detail}") from None
+            if newer is not None:
+                raise Conflict(f"a newer swap to {newer!r} (another worker or replica) won over this one; "
+                               f"serving {newer}")
             self.current = name
             self.model_ready = True  # loaded on every live endpoint just now
             self.swap_state["state"] = "draining"
             self._background = asyncio.create_task(self._retire(old))
             return {"status": "draining", "current_model": name}
+
+    async def _superseded(self, name: str) -> str | None:
+        """After loading `name`: the model a newer swap elsewhere loaded, if there is one; `name` is then unloaded
+        and that one served. None when `name` is the newest."""
+        ready = await self.pool.ready_models()
+        winner, _ = await self._winner(ready) if ready else (name, 0.0)
+        if winner == name:
+            return None
+        await self.pool.unload(name, self.settings.model_load_timeout_s)
+        self.current = winner
+        self._finish(f"swap to {name} superseded by a newer swap to {winner}")
+        return winner
 
     def _finish(self, error: str | None) -> None:
         self.swap_state.update(state="idle", last_error=error, last_finished=time.time())
@@ -184,12 +261,21 @@ class Registry:
         try:
             if old is not None:
                 await self._drain(old)
-                self.swap_state["state"] = "unloading"
-                # Triton lets requests still in flight finish before it releases the model.
-                await self.pool.unload(old, self.settings.model_load_timeout_s)
+            self.swap_state["state"] = "unloading"
+            await self._unload_others()
             self._finish(None)
         except TritonError as exc:
             self._finish(f"unloading {old} failed: {exc.detail}")
+
+    async def _unload_others(self) -> None:
+        """Unload every READY model but the one served: the old one, and any that a swap which lost a race
+        left behind. Triton lets requests still in flight finish before it releases a model."""
+        ready = await self.pool.ready_models()
+        if ready:
+            winner, _ = await self._winner(ready)
+            for model in ready:
+                if model != winner:
+                    await self.pool.unload(model, self.settings.model_load_timeout_s)
 
     async def _gone(self, model: str) -> None:
         """Wait (bounded) until Triton has really released the model, so its memory is free."""
@@ -200,7 +286,7 @@ class Registry:
                 return
             await asyncio.sleep(POLL_S)
 
-    async def _drain_then_load(self, old: str, name: str) -> None:
+    async def _drain_then_load(self, old: str, name: str, config: str | None) -> None:
         try:
             await self._drain(old)
             self.swap_state["state"] = "unloading"
@@ -208,13 +294,16 @@ class Registry:
             await self._gone(old)
             self.swap_state["state"] = "loading"
             try:
-                await self.pool.load(name, self.settings.model_load_timeout_s)
-                self.current, self.model_ready = name, True
-                self._finish(None)
+                await self.pool.load(name, self.settings.model_load_timeout_s, config)
             except TritonError as exc:
                 await self.pool.load(old, self.settings.model_load_timeout_s)  # put the old model back
                 self.model_ready = True
                 self._finish(f"loading {name} failed, {old} reloaded: {exc.detail}")
+                return
+            if await self._superseded(name) is None:
+                self.current, self.model_ready = name, True
+                await self._unload_others()
+                self._finish(None)
         except TritonError as exc:
             self._finish(f"swap to {name} failed: {exc.detail}")
         finally:

@@ -64,9 +64,15 @@ class Streams:
             raise Unavailable(f"{s.max_streams} streams are already running", retry_after=1)
         self.admitted += 1
         try:
-            model = model or self.service.registry.serving()
+            chosen = model or self.service.registry.serving()
             started = time.perf_counter()
-            stream, first = await self._open(model, params, req.context.request_id)
+            try:
+                stream, first = await self._open(chosen, params, req.context.request_id)
+            except Unavailable:
+                # every endpoint lacks the model: another worker or replica swapped it since the last probe
+                if model is not None or await self.service.registry.refresh() in (None, chosen):
+                    raise
+                stream, first = await self._open(self.service.registry.serving(), params, req.context.request_id)
         except BaseException:
             self.admitted -= 1
             raise

@@ -127,7 +127,7 @@ class Endpoint:
             response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
         self.active = 0
         self.opened = 0  # streams ever started here
-        self.serving: set[str] = set()  # the current model when the last probe found it READY here
+        self.serving: set[str] = set()  # the models READY here when the last probe looked
         self.up = True
         self.why = ""  # what the last failed liveness probe said
 
@@ -307,6 +307,27 @@ class TritonPool:
                 endpoint.mark(False, f"repository index: {exc.message()}")
         raise NoEndpoint()
 
+    async def ready_models(self) -> dict[str, list[Endpoint]]:
+        """Each model READY on a live endpoint -> those endpoints, from every live endpoint's repository index;
+        notes on each endpoint what it serves."""
+        live = self.live()
+        indexes = await self._each_live(lambda c: c.get_model_repository_index(
+            headers=self.admin, as_json=True, client_timeout=PROBE_TIMEOUT_S))
+        out: dict[str, list[Endpoint]] = {}
+        for endpoint, index in zip(live, indexes, strict=True):
+            endpoint.serving = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+            for name in endpoint.serving:
+                out.setdefault(name, []).append(endpoint)
+        return out
+
+    async def config(self, model: str, endpoint: Endpoint) -> dict:
+        """The model's config as `endpoint` loaded it (JSON)."""
+        try:
+            answer = await endpoint.client.get_model_config(model, as_json=True, client_timeout=PROBE_TIMEOUT_S)
+        except InferenceServerException as exc:
+            raise TritonError("failed", exc.message()) from None
+        return answer.get("config", {})
+
     async def ready(self, model: str) -> bool:
         """True when the model is READY on every live endpoint; notes on each which serve it."""
         live = self.live()
@@ -315,29 +336,32 @@ class TritonPool:
         except TritonError:
             return False
         for endpoint, state in zip(live, states, strict=True):
-            endpoint.serving = {model} if state else set()
+            (endpoint.serving.add if state else endpoint.serving.discard)(model)
         return all(states)
 
-    async def reconcile(self, model: str, timeout_s: float) -> list[str]:
-        """Load `model` on every live endpoint that lacks it (a replica that restarted or was added comes
-        back with only its default model); the URLs it loaded it on. Failures wait for the next probe."""
+    async def reconcile(self, model: str, timeout_s: float, config: str | None = None) -> list[str]:
+        """Load `model` (with `config`, the JSON of Triton's config override) on every live endpoint that lacks
+        it (a replica that restarted or was added comes back with only its default model); the URLs it loaded
+        it on. Failures wait for the next probe."""
         loaded = []
         for endpoint in self.live():
             if model in endpoint.serving:
                 continue
             try:
                 if not await endpoint.client.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S):
-                    await endpoint.client.load_model(model, headers=self.admin, client_timeout=timeout_s)
+                    await endpoint.client.load_model(model, headers=self.admin, config=config,
+                                                     client_timeout=timeout_s)
                     loaded.append(endpoint.url)
-                endpoint.serving = {model}
+                endpoint.serving.add(model)
             except InferenceServerException as exc:
                 log.warning("loading %s on %s failed: %s", model, endpoint.url, exc.message())
         return loaded
 
-    async def load(self, model: str, timeout_s: float) -> None:
-        """Load on every live endpoint; returns when loaded, raises TritonError with Triton's reason (kind
-        timeout past timeout_s)."""
-        await self._each_live(lambda c: c.load_model(model, headers=self.admin, client_timeout=timeout_s))
+    async def load(self, model: str, timeout_s: float, config: str | None = None) -> None:
+        """Load on every live endpoint (with `config`, the JSON of Triton's config override); returns when
+        loaded, raises TritonError with Triton's reason (kind timeout past timeout_s)."""
+        await self._each_live(lambda c: c.load_model(model, headers=self.admin, config=config,
+                                                      client_timeout=timeout_s))
 
     async def unload(self, model: str, timeout_s: float) -> None:
         """Ask every live endpoint to unload (Triton finishes in-flight requests first, asynchronously)."""
