@@ -41,6 +41,7 @@ class EngineStats:
         self.last_send_error = ""
         self.export_errors = 0
         self.last_export_error = ""
+        self.healthy = 1  # 0 while the runner has failed unhealthy_after steps in a row
         self.active = 0  # slots in use
         self.waiting = 0  # requests queued for a slot
         self.ttft: collections.deque[float] = collections.deque()  # seconds, drained by the exporter
@@ -75,6 +76,8 @@ class TritonMetrics:
         self.gauges = {
             "active": family(P.METRIC_ACTIVE_SLOTS, "KV-cache rows in use", F.GAUGE).Metric(labels=labels),
             "waiting": family(P.METRIC_QUEUE_DEPTH, "Requests waiting for a slot", F.GAUGE).Metric(labels=labels),
+            "healthy": family(P.METRIC_HEALTHY, "1, or 0 after repeated runner failures until a step succeeds",
+                              F.GAUGE).Metric(labels=labels),
         }
         cpu = family(P.METRIC_CPU, "CPU time of the backend's threads by part", F.COUNTER)
         self.cpu = {part: cpu.Metric(labels={**labels, "part": part}) for part in ("schedule", "model_call", "send")}

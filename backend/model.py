@@ -114,6 +114,11 @@ class TritonPythonModel:
             self.scheduler.submit(handle, prompt, params, dropped_turns, stream)
         return None
 
+    def is_ready(self) -> bool:
+        """Triton asks this for the model's readiness where its Python backend supports user-defined readiness
+        (python_backend#430); on older releases the BFF reads the nanochat_healthy gauge instead."""
+        return self.scheduler.healthy
+
     def finalize(self) -> None:
         self.scheduler.close()
         stats = self.scheduler.stats

@@ -113,6 +113,7 @@ METRIC_QUEUE_TIME = "nanochat_request_queue_time_seconds"  # arrival to a KV-cac
 METRIC_REQUEST_PROMPT = "nanochat_request_prompt_tokens"  # prompt length, per request
 METRIC_REQUEST_GENERATION = "nanochat_request_generation_tokens"  # tokens streamed, per request
 METRIC_SLOT_USAGE = "nanochat_kv_slots_usage_ratio"  # slots in use / slots
+METRIC_HEALTHY = "nanochat_healthy"  # 0 after unhealthy_after runner failures in a row, 1 again after a good step
 METRIC_PREFIX = "nanochat_"
 
 # The model folder: <repository>/<name>/config.pbtxt and the version folder with the artifacts.

@@ -67,7 +67,8 @@ class Scheduler:
         self.runner, self.tok = runner, tokenizer
         engine = engine or EngineConfig()
         self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, engine.max_queue, engine.prefill_chunk
-        self.stream_interval = engine.stream_interval
+        self.stream_interval, self.unhealthy_after = engine.stream_interval, engine.unhealthy_after
+        self.failed_steps = 0  # runner failures in a row
         self.device_id = device_id
         self.stats = stats or EngineStats()
         self.stats.max_slots = self.max_slots
@@ -81,6 +82,13 @@ class Scheduler:
         self._free = list(range(self.max_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._thread = threading.Thread(target=self._run, name="nanochat-step", daemon=True)
         self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        """False after unhealthy_after runner failures in a row (a broken device, a corrupt engine): the model
+        then reports not ready, so traffic goes elsewhere; requests that still come are tried, and the first
+        step that succeeds makes it healthy again."""
+        return self.failed_steps < self.unhealthy_after
 
     # --- called from Triton's execute() thread ---
 
@@ -146,7 +154,10 @@ class Scheduler:
                 return
             try:
                 self._step()
+                self.failed_steps, self.stats.healthy = 0, 1
             except Exception as e:  # a runner failure ends the requests in flight, not the backend
+                self.failed_steps += 1
+                self.stats.healthy = int(self.healthy)
                 for req in list(self._active):
                     self._finish(req, error=f"inference failed: {type(e).__name__}: {e}")
             now = time.thread_time()

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import falcon
 import falcon.asgi
 import falcon.media
-import httpx
 import orjson
 
 from bff import errors, logs, resources
@@ -41,13 +40,11 @@ class Service:
         self.streams = Streams(self)
         self.pool: TritonPool
         self.registry: Registry
-        self.http: httpx.AsyncClient
         self._probe: asyncio.Task | None = None
 
     async def process_startup(self, scope: dict, event: dict) -> None:
         self.pool = self.pool_factory(self.settings)
         self.registry = Registry(self.settings, self.pool, self.stats)
-        self.http = httpx.AsyncClient()
         await self.registry.start()
         await self.registry.probe()
         self._probe = asyncio.create_task(self._probe_forever())
@@ -58,7 +55,6 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
         await self.pool.close()
-        await self.http.aclose()
 
     async def _probe_forever(self) -> None:
         while True:

@@ -81,6 +81,7 @@ class Registry:
         self._lock = asyncio.Lock()
         self._background: asyncio.Task | None = None
         self.model_ready = False  # the current model READY on every live endpoint, as the last probe saw it
+        self._sick: list[str] = []  # endpoints whose current model reports repeated runner failures
 
     async def start(self) -> None:
         """Adopt what Triton serves; load the configured model if Triton serves nothing."""
@@ -155,6 +156,9 @@ class Registry:
         if idle:
             await self._adopt(ready)
         current = self.current
+        if current in ready and not await self._healthy_somewhere(current, ready[current]):
+            self.model_ready = False  # loaded, but failing wherever it is: nothing to reload
+            return
         self.model_ready = current in ready and len(ready[current]) == len(self.pool.live())
         if self.model_ready or not idle or current is None:
             return
@@ -169,6 +173,17 @@ class Registry:
         if loaded:
             log.warning("loaded %s on %s, which lacked it", current, ", ".join(loaded))
         self.model_ready = await self.pool.ready(current)
+
+    async def _healthy_somewhere(self, model: str, endpoints: list[Endpoint]) -> bool:
+        """Route around endpoints whose model reports repeated runner failures; False if that is all of them."""
+        sick = await self.pool.unhealthy(model, endpoints)
+        for endpoint in sick:
+            endpoint.serving.discard(model)
+        urls = sorted(e.url for e in sick)
+        if urls != self._sick:
+            log.warning("%s failing on %s", model, ", ".join(urls)) if urls else log.warning("%s healthy again", model)
+            self._sick = urls
+        return len(sick) < len(endpoints)
 
     @property
     def ready(self) -> bool:

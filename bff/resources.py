@@ -62,7 +62,7 @@ class Stats:
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         svc = self.service
-        metrics = await svc.pool.metrics_text(svc.http)
+        metrics = await svc.pool.metrics_text()
         resp.media = {
             "bff": svc.stats.snapshot(),
             "swap": {**svc.registry.swap_state, "current_model": svc.registry.current,

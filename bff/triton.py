@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from backend.protocol import INPUT, INVALID, QUEUE_FULL, SHUTTING_DOWN, USAGE_OUTPUTS, wire_type
+from backend.protocol import INPUT, INVALID, METRIC_HEALTHY, QUEUE_FULL, SHUTTING_DOWN, USAGE_OUTPUTS, wire_type
 
 log = logging.getLogger("bff.triton")
 
@@ -254,6 +255,7 @@ class TritonPool:
 
     def __init__(self, urls: tuple[str, ...], metrics_urls: tuple[str, ...], admin_key: str | None = None) -> None:
         self.endpoints = [Endpoint(u, m) for u, m in zip(urls, metrics_urls, strict=True)]
+        self.http = httpx.AsyncClient()  # Triton's metrics ports
         # Triton started with --grpc-restricted-protocol=model-repository:<ADMIN_HEADER>=<key> answers the
         # repository API (index, load, unload) only to calls that carry the key: only the BFF has it. Over
         # gRPC Triton reads it from the metadata key prefixed "triton-grpc-protocol-".
@@ -379,16 +381,24 @@ class TritonPool:
                 out[endpoint.url] = [{"error": exc.message()}]
         return out
 
-    async def metrics_text(self, http: httpx.AsyncClient) -> dict[str, str]:
-        """The raw Prometheus text of each live endpoint's /metrics."""
-        out = {}
-        for endpoint in self.live():
+    async def metrics_text(self, endpoints: list[Endpoint] | None = None) -> dict[str, str]:
+        """The raw Prometheus text of each endpoint's /metrics (default: the live ones); "" where it fails."""
+        async def one(endpoint: Endpoint) -> str:
             try:
-                response = await http.get(endpoint.metrics_url, timeout=PROBE_TIMEOUT_S)
-                out[endpoint.url] = response.text
+                return (await self.http.get(endpoint.metrics_url, timeout=PROBE_TIMEOUT_S)).text
             except httpx.HTTPError:
-                out[endpoint.url] = ""
-        return out
+                return ""
+
+        endpoints = self.live() if endpoints is None else endpoints
+        texts = await asyncio.gather(*(one(e) for e in endpoints))
+        return {e.url: text for e, text in zip(endpoints, texts, strict=True)}
+
+    async def unhealthy(self, model: str, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """Of `endpoints`, those where `model` reports METRIC_HEALTHY 0: its runner failed step after step. Its
+        is_ready() says so to Triton releases that ask the Python backend; this works on every release."""
+        texts = await self.metrics_text(endpoints)
+        sick = re.compile(rf'^{METRIC_HEALTHY}{{[^}}]*model="{re.escape(model)}"[^}}]*}} 0(\.0)?$', re.M)
+        return [e for e in endpoints if sick.search(texts[e.url])]
 
     async def close(self) -> None:
-        await asyncio.gather(*(e.close() for e in self.endpoints), return_exceptions=True)
+        await asyncio.gather(*(e.close() for e in self.endpoints), self.http.aclose(), return_exceptions=True)

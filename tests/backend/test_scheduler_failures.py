@@ -85,6 +85,24 @@ def test_a_runner_failure_ends_the_batch_and_the_queue_goes_on(demo):
     assert sched.stats.finished["error"] == 1 and sched.stats.active == 0 and sched.stats.waiting == 0
 
 
+def test_repeated_runner_failures_make_it_unhealthy_until_a_step_succeeds(demo):
+    model, tok = demo
+    sched, runner, sink = start(demo, unhealthy_after=2)
+    p = prompts(tok)
+    for n, handle in enumerate(("first", "second"), start=1):
+        runner.fail = RuntimeError("device lost (injected)")
+        sched.submit(handle, p[0], GREEDY)
+        sink.wait(1)
+        assert sink.result(handle)[3].startswith("inference failed")
+        assert sched.healthy == (n < 2) and sched.stats.healthy == int(n < 2)
+    sched.submit("recovered", p[0], GREEDY)  # an unhealthy model still tries what reaches it
+    sink.wait(1)
+    sched.close()
+    tokens, _, _, error = sink.result("recovered")
+    assert error is None and tokens == alone(model, tok, p[0], GREEDY)
+    assert sched.healthy and sched.stats.healthy == 1
+
+
 def test_a_queued_request_cancelled_by_its_client_ends_cancelled_without_a_token(demo):
     model, tok = demo
     sched, runner, sink = start(demo, max_queue=4)
