@@ -129,6 +129,8 @@ class ResponseThread:
             self.stats.last_export_error = f"{type(e).__name__}: {e}"
 
     def _send(self, req, handle, out, error, final) -> None:
+        if req is not None and req.cancelled and not final:
+            return  # its client is gone (a send failed) or cancelled: only the final response is still due
         try:
             self.sink.send(handle, out, error, final)
         except Exception as e:  # the client is gone or the server refused; nothing left to tell it

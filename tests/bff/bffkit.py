@@ -6,13 +6,20 @@ and SSE reading the way the gateway does it: `data:` lines, JSON, token pieces c
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import orjson
+import psutil
 import uvicorn
 
+import bff
 from backend.protocol import FINISH_REASONS, METRIC_ACTIVE_SLOTS, METRIC_FINISHED
 from bff.app import create_app
 from bff.settings import from_env
@@ -120,3 +127,31 @@ def ready(url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(url + "/health", timeout=2).json()["ready"]
     return False
+
+
+@contextlib.contextmanager
+def gunicorn(server, model: str = "head", workers: int = 1, graceful_s: float = 30, **env):
+    """gunicorn -c bff/gunicorn_conf.py bff.app:app (the production server) with `workers` uvicorn workers,
+    serving `model`; `env`: more BFF_* variables. Yields (process, url); process.log_tail() is its log's end."""
+    port = free_port()
+    env = {**os.environ, "INTERNAL_API_KEY": KEY, "BFF_TRITON_URLS": server.grpc_url,
+           "BFF_TRITON_METRICS_URLS": server.metrics_url, "BFF_MODEL": model,
+           "BFF_MODEL_REPOSITORY": str(server.model_repository), "BFF_HOST": "127.0.0.1", "BFF_PORT": str(port),
+           "BFF_WORKERS": str(workers), "BFF_GRACEFUL_TIMEOUT_S": str(graceful_s), **env}
+    conf = Path(bff.__file__).parent / "gunicorn_conf.py"
+    # its log goes to a file: a pipe that nobody reads fills after a few hundred requests' access lines and
+    # then blocks every worker that logs
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(conf), "bff.app:app"], env=env,
+                                stderr=log, text=True)
+        proc.log_tail = lambda chars=3000: (log.seek(0), log.read()[-chars:])[1]
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: proc.poll() is None and ready(url), "gunicorn did not serve the BFF", timeout=60)
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                for worker in psutil.Process(proc.pid).children(recursive=True):  # a killed master leaves them
+                    worker.kill()
+                proc.kill()
+            proc.wait(10)

@@ -11,27 +11,20 @@ request reaches the stub meanwhile (Triton declares a stopped stub unhealthy whe
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
-import bff
 from tests.bff.bffkit import (
     AUTH,
-    KEY,
     assert_cancelled_and_freed,
     finished,
-    free_port,
     generate,
+    gunicorn,
     is_done,
     parse_events,
-    ready,
     text_of,
     wait_until,
 )
@@ -39,27 +32,6 @@ from tests.tritonkit import stub_process
 
 pytestmark = pytest.mark.triton
 BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 64}
-
-
-@contextlib.contextmanager
-def gunicorn(server, graceful_s: float):
-    """gunicorn -c bff/gunicorn_conf.py bff.app:app, one worker, serving head; yields (process, url)."""
-    port = free_port()
-    env = {**os.environ, "INTERNAL_API_KEY": KEY, "BFF_TRITON_URLS": server.grpc_url,
-           "BFF_TRITON_METRICS_URLS": server.metrics_url, "BFF_MODEL": "head",
-           "BFF_MODEL_REPOSITORY": str(server.model_repository), "BFF_HOST": "127.0.0.1", "BFF_PORT": str(port),
-           "BFF_WORKERS": "1", "BFF_GRACEFUL_TIMEOUT_S": str(graceful_s)}
-    conf = Path(bff.__file__).parent / "gunicorn_conf.py"
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(conf), "bff.app:app"], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: proc.poll() is None and ready(url), "gunicorn did not serve the BFF", timeout=60)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 def refuses_connections(url: str) -> bool:
@@ -87,7 +59,7 @@ def test_sigterm_lets_a_live_stream_finish(triton_server):
                 lines.extend(stream)
         finally:
             stub.resume()
-        assert proc.wait(30) == 0, proc.stderr.read()[-3000:]
+        assert proc.wait(30) == 0, proc.log_tail()
     events = parse_events(lines)
     assert is_done(events[-1]) and not any("error" in e for e in events)
     assert text_of(events) == text_of(reference)  # greedy: the whole answer, not a cut one
@@ -106,7 +78,7 @@ def test_a_stream_past_the_graceful_bound_is_cut_and_its_request_cancelled(trito
                 proc.send_signal(signal.SIGTERM)
                 with contextlib.suppress(httpx.HTTPError):  # the server closes the connection mid-body
                     lines.extend(stream)
-            assert proc.wait(30) == 0, proc.stderr.read()[-3000:]
+            assert proc.wait(30) == 0, proc.log_tail()
         finally:
             stub.resume()
         assert not any("done" in e for e in parse_events(lines))

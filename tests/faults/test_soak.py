@@ -1,0 +1,126 @@
+"""
+Load that leaves nothing behind, through the production server (gunicorn, two uvicorn workers) and the real
+Triton: 1,000 short requests with a quarter of the clients gone mid-stream, and a client that reads a few
+bytes at a time while others stream. Growth is measured after the first 100 requests (allocators and caches
+warm up there): KV slots in use back to 0, no more backend threads, BFF and stub RSS within 10%.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import psutil
+import pytest
+
+from backend.protocol import METRIC_ACTIVE_SLOTS
+from tests.bff.bffkit import AUTH, finished, gunicorn, is_done, parse_events, text_of, wait_until
+from tests.tritonkit import stub_process
+from tools.measure import metric
+
+pytestmark = pytest.mark.triton
+MODEL = "demo"
+TOTAL, WARM, CONCURRENCY = 1000, 100, 8
+
+
+def rss(proc: psutil.Process) -> int:
+    """The process and its children (gunicorn's workers)."""
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def body(i: int, max_tokens: int = 8) -> dict:
+    return {"messages": [{"role": "user", "content": f"Count to {i % 50}."}], "temperature": 0,
+            "max_tokens": max_tokens}
+
+
+async def request(client: httpx.AsyncClient, url: str, i: int) -> str:
+    """One request; every fourth client asks for a longer answer and leaves after its first token. What happened:
+    done, left or a failure."""
+    leaves = i % 4 == 3
+    async with client.stream("POST", url + "/generate", json=body(i, 64 if leaves else 8), headers=AUTH) as r:
+        if r.status_code != 200:
+            return f"status {r.status_code}"
+        lines = []
+        async for line in r.aiter_lines():
+            lines.append(line)
+            if leaves and line.startswith("data:"):
+                return "left"
+        events = parse_events(lines)
+        return "done" if events and is_done(events[-1]) else f"no done: {events[-1:]}"
+
+
+def burst(url: str, indices: range) -> list[str]:
+    async def go():
+        sem = asyncio.Semaphore(CONCURRENCY)
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one(i):
+                async with sem:
+                    try:
+                        return await request(client, url, i)
+                    except httpx.HTTPError as exc:
+                        return f"{type(exc).__name__}: {exc}"
+            return await asyncio.gather(*(one(i) for i in indices))
+    return asyncio.run(go())
+
+
+def idle(server) -> None:
+    wait_until(lambda: metric(server.metrics_url, METRIC_ACTIVE_SLOTS, model=MODEL) == 0,
+               "KV slots still in use after the load", timeout=30)
+
+
+def test_1000_requests_a_quarter_disconnected_leave_no_growth(triton_server):
+    stub = stub_process(triton_server, MODEL)
+    with gunicorn(triton_server, model=MODEL, workers=2) as (proc, url):
+        bff = psutil.Process(proc.pid)
+        first = burst(url, range(WARM))
+        idle(triton_server)
+        before = rss(bff), stub.memory_info().rss, stub.num_threads()
+        ended = finished(triton_server, MODEL)
+        rest = burst(url, range(WARM, TOTAL))
+        idle(triton_server)
+        after = rss(bff), stub.memory_info().rss, stub.num_threads()
+        cancelled = finished(triton_server, MODEL)["cancelled"] - ended["cancelled"]
+    outcomes = first + rest
+    expected = ["left" if i % 4 == 3 else "done" for i in range(TOTAL)]
+    wrong = [(i, o) for i, (o, e) in enumerate(zip(outcomes, expected, strict=True)) if o != e]
+    assert not wrong, wrong[:5]
+    assert after[0] <= before[0] * 1.1, f"BFF RSS {before[0] >> 20} -> {after[0] >> 20} MiB"
+    assert after[1] <= before[1] * 1.1, f"stub RSS {before[1] >> 20} -> {after[1] >> 20} MiB"
+    assert after[2] <= before[2], f"backend threads {before[2]} -> {after[2]}"
+    assert cancelled > 0, "no client that left was cancelled in Triton: they left after their answers"
+
+
+def test_a_slow_reader_harms_no_other_stream_and_holds_no_memory(triton_server):
+    long = body(7, max_tokens=200)
+    with gunicorn(triton_server, model=MODEL, workers=1) as (proc, url):
+        worker = psutil.Process(proc.pid)
+        reference = [burst_text(url, body(i, 40)) for i in range(3)]  # each alone
+        before = rss(worker)
+        host, port = url.removeprefix("http://").split(":")
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # the kernel buffers little for it
+        slow.connect((host, int(port)))
+        payload = httpx.Request("POST", url + "/generate", json=long, headers=AUTH)
+        head = "".join(f"{k}: {v}\r\n" for k, v in payload.headers.items())
+        slow.sendall(f"POST /generate HTTP/1.1\r\n{head}\r\n".encode() + payload.read())
+        slow.settimeout(5)
+        received = slow.recv(64)  # the response has started: its stream runs in Triton
+        assert received.startswith(b"HTTP/1.1 200"), received
+        others = [burst_text(url, body(i, 40)) for i in range(3)]  # while it trickles
+        for _ in range(20):
+            received += slow.recv(64)  # a few bytes a second
+            time.sleep(0.05)
+        grown = rss(worker) - before
+        slow.close()  # gone mid-stream: the BFF cancels its Triton request
+        idle(triton_server)
+    assert others == reference
+    assert grown < 20 << 20, f"the BFF grew {grown >> 20} MiB while one client read slowly"
+
+
+def burst_text(url: str, request_body: dict) -> str:
+    with httpx.stream("POST", url + "/generate", json=request_body, headers=AUTH, timeout=60) as r:
+        events = parse_events(r.iter_lines())
+    assert is_done(events[-1]), events[-1:]
+    return text_of(events)
