@@ -14,6 +14,10 @@ The BFF runs in its own process (uvicorn), as in production, and its CPU time pe
 On a machine without a GPU the model's work is CPU work, and every CPU cycle the BFF (or a client) spends is
 taken from it. --triton-cpus keeps the local Triton on some CPUs and the BFF and the clients on the others,
 as on a GPU node; without it, all of them share every CPU.
+
+While each level runs, a thread of its own GETs /health every 20 ms (as Kubernetes' probes do) and the
+latency of those answers is printed beside the table: /health answers from the prober's state, never from a
+call to Triton, so it must stay in milliseconds however busy the model keeps the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,6 +134,33 @@ class Route:
         return row
 
 
+class HealthProbe:
+    """GET /health every 20 ms from a thread of its own (not the benchmark's busy event loop), as Kubernetes'
+    probes do while the streams run: it must answer at once however busy the model keeps the CPU."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.ms = url + "/health", []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while True:  # one probe at least, however short the level
+                start = time.perf_counter()
+                client.get(self.url).raise_for_status()
+                self.ms.append((time.perf_counter() - start) * 1000)
+                if self._stop.wait(0.02):
+                    return
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 def cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
@@ -149,10 +181,12 @@ async def measure(bff_url: str, bff_pid: int, grpc_url: str, model: str, levels:
         for c in levels:
             direct = Route(lambda run: direct_request(triton, model, max_tokens, run))
             through = Route(lambda run: bff_request(http, bff_url, max_tokens, run), bff_pid)
-            for i in range(rounds):
-                for route in (direct, through) if i % 2 == 0 else (through, direct):
-                    await route.level(c, per_client)
-            rows.append({"concurrency": c, "direct": direct.row(tokens), "bff": through.row(tokens)})
+            with HealthProbe(bff_url) as health:
+                for i in range(rounds):
+                    for route in (direct, through) if i % 2 == 0 else (through, direct):
+                        await route.level(c, per_client)
+            rows.append({"concurrency": c, "direct": direct.row(tokens), "bff": through.row(tokens),
+                         "health_ms": (percentile(health.ms, 50), percentile(health.ms, 99), len(health.ms))})
     await triton.close()
     return tokens, rows
 
@@ -173,6 +207,9 @@ def table(rows: list[dict]) -> str:
                      f"{b['ttft_p95'] - d['ttft_p95']:+.2f} | {b['itl_p50'] - d['itl_p50']:+.2f} | "
                      f"{b['itl_p95'] - d['itl_p95']:+.2f} | {100 * (b['tok_s'] / d['tok_s'] - 1):+.1f}% | | "
                      f"{b['client_us'] - d['client_us']:+.0f} |")
+    lines.append("\n| streams | GET /health p50 ms | p99 ms | probes |\n|---:|---:|---:|---:|")
+    lines += [f"| {r['concurrency']} | {r['health_ms'][0]:.2f} | {r['health_ms'][1]:.2f} | {r['health_ms'][2]} |"
+              for r in rows]
     return "\n".join(lines)
 
 

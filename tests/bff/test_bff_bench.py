@@ -23,7 +23,9 @@ def test_bench_measures_both_paths(triton_server, tmp_path):
          "--port", str(free_port()), "--plot", str(plot)],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    tables = [[line.split("|")[1:-1] for line in block.splitlines() if line.startswith("| ") and "---" not in line]
+              for block in run.stdout.split("\n\n")]
+    rows, health = [t for t in tables if t]
     assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
         (c, path) for c in ("1", "2") for path in ("Triton gRPC", "BFF SSE", "BFF cost")]
     for streams, path, *figures in rows[1:]:
@@ -33,6 +35,9 @@ def test_bench_measures_both_paths(triton_server, tmp_path):
             assert tokens_per_s > 0 and float(figures[0]) > 0, (streams, path, figures)  # TTFT p50, tokens/s
     assert "BFF CPU" in rows[0][7] and rows[2][7].strip().isdigit(), "the BFF's CPU per token is reported"
     assert plot.stat().st_size > 0
+    assert "GET /health" in health[0][1] and [r[0].strip() for r in health[1:]] == ["1", "2"]
+    for _, p50, p99, probes in health[1:]:  # /health probed all along, answered in well under a second
+        assert int(probes) > 0 and 0 < float(p50) <= float(p99) < 1000, (p50, p99, probes)
 
 
 def test_bench_refuses_to_place_a_remote_triton():
