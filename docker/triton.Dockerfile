@@ -4,17 +4,19 @@
 #   docker build -f docker/triton.Dockerfile --target triton -t nanochat-triton:latest .
 #   docker build -f docker/triton.Dockerfile --target export -t nanochat-export:latest .
 #
-# Why 25.01: its Python backend has decoupled-model cancellation (since 23.10) and numpy 2 support (pybind11
-# 2.12, since 24.11); we still install numpy 1.26.4 because the project pins numpy<2. It ships Ubuntu 24.04 with
-# Python 3.12 (the stub's Python, so packages go into that interpreter), CUDA 12.8 (runs on R560+ drivers, or
-# R535/R545 data-center drivers with forward compatibility) and TensorRT 10.8.0.43, which is the version pinned
-# for the `tensorrt` Python package below: the engine is built and served by the same TensorRT.
+# Why 25.04: the first release with the fix for the server crash when gRPC streams are cancelled (the BFF
+# cancels on every client disconnect; 25.01 crashed under such storms, docker/README.md), with decoupled-model
+# cancellation (since 23.10) and numpy 2 support (since 24.11); we still install numpy 1.26.4 because the project
+# pins numpy<2. It ships Ubuntu 24.04 with Python 3.12 (the stub's Python, so packages go into that
+# interpreter), CUDA 12.9 (R575+ drivers, or older data-center drivers with forward compatibility) and TensorRT
+# 10.9.0.34, which is the version pinned for the `tensorrt` Python package below: the engine is built and served
+# by the same TensorRT.
 # Bumping TRITON_RELEASE means bumping the tensorrt* pins in docker/constraints-gpu.txt to that release's TensorRT.
-ARG TRITON_RELEASE=25.01
+ARG TRITON_RELEASE=25.04
 
 FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3 AS triton
 
-# The libs/bindings wheels of TensorRT 10.8 are published on NVIDIA's index only.
+# NVIDIA's index as well as PyPI, for TensorRT's libs/bindings wheels.
 # PIP_BREAK_SYSTEM_PACKAGES: the Python backend stub embeds the system Python 3.12, so the project is
 # installed into that interpreter (Ubuntu 24.04 marks it externally managed).
 ENV PIP_NO_CACHE_DIR=1 \
@@ -35,7 +37,7 @@ COPY backend/ backend/
 # The smoke step imports what tritonserver's stub imports: the scheduler and both runners.
 # hadolint ignore=DL3013
 RUN pip install --constraint docker/constraints-gpu.txt ".[core,backend,tensorrt]" \
-    && python3 -c "import numpy, tensorrt, torch, backend.scheduler, backend.runner, backend.onnx_runner, backend.trt_runner; assert numpy.__version__.startswith('1.'), numpy.__version__; assert tensorrt.__version__ == '10.8.0.43', tensorrt.__version__"
+    && python3 -c "import numpy, tensorrt, torch, backend.scheduler, backend.runner, backend.onnx_runner, backend.trt_runner; assert numpy.__version__.startswith('1.'), numpy.__version__; assert tensorrt.__version__ == '10.9.0.34', tensorrt.__version__"
 
 # A Python-based backend: every model whose config.pbtxt says `backend: "nanochat"` is served by this file.
 COPY backend/model.py /opt/tritonserver/backends/nanochat/model.py
@@ -65,7 +67,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
 
 
-# `make export` on the GPU node: the same image (same TensorRT 10.8.0.43, same torch), plus ONNX for tracing.
+# `make export` on the GPU node: the same image (same TensorRT 10.9.0.34, same torch), plus ONNX for tracing.
 FROM triton AS export
 
 USER 0:0

@@ -31,7 +31,7 @@ K8S = DOCKER / "k8s"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 KUBERNETES_VERSION = "1.34.0"  # the oldest minor we claim to support; strict mode rejects unknown fields
 # The TensorRT inside each Triton release we may pin (NGC release notes); the Python package must match it.
-TENSORRT_OF_TRITON = {"25.01": "10.8.0.43"}
+TENSORRT_OF_TRITON = {"25.04": "10.9.0.34"}
 # Manifests deliberately outside kustomization.yaml (a one-shot Job; what belongs to the monitoring install).
 NOT_IN_KUSTOMIZATION = {"export-job.yaml", "prometheus-adapter-rules.yaml", "prometheus-vllm-rules.yaml",
                         "grafana-dashboard.yaml", "podmonitor.yaml"}
