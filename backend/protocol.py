@@ -98,6 +98,14 @@ INVALID = "invalid request: "  # the client's fault: bad input, a prompt longer 
 QUEUE_FULL = "queue full: "  # every slot busy and the queue full; try again later
 SHUTTING_DOWN = "model is shutting down"  # the instance is being unloaded; try again (another model)
 
+# gRPC keepalive between the BFF and Triton: the BFF pings every KEEPALIVE_MS (a partitioned or hung server
+# is noticed within KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS instead of never), and Triton must accept pings that
+# often, also while no stream runs and no data flows (a long prefill); by default it allows one per 5 minutes
+# and drops the connection, with every stream on it, at the second early ping.
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000
+TRITON_KEEPALIVE_FLAGS = ("--grpc-keepalive-permit-without-calls=1",
+                          f"--grpc-http2-min-recv-ping-interval-without-data={KEEPALIVE_MS // 2}")
+
 # Metrics on Triton's /metrics, labelled model, version, device.
 METRIC_GENERATED_TOKENS = "nanochat_generated_tokens_total"
 METRIC_PROMPT_TOKENS = "nanochat_prompt_tokens_total"

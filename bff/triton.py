@@ -21,7 +21,17 @@ from tritonclient.grpc import service_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from backend.protocol import INPUT, INVALID, METRIC_HEALTHY, QUEUE_FULL, SHUTTING_DOWN, USAGE_OUTPUTS, wire_type
+from backend.protocol import (
+    INPUT,
+    INVALID,
+    KEEPALIVE_MS,
+    KEEPALIVE_TIMEOUT_MS,
+    METRIC_HEALTHY,
+    QUEUE_FULL,
+    SHUTTING_DOWN,
+    USAGE_OUTPUTS,
+    wire_type,
+)
 
 log = logging.getLogger("bff.triton")
 
@@ -39,6 +49,10 @@ CHANNEL_ARGS = [
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),  # Triton accepts these: TRITON_KEEPALIVE_FLAGS
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 _END = object()
 # Only what the SSE events need: three small tensors per piece, and the usage outputs, which the backend

@@ -55,11 +55,14 @@ EXPOSE 8000 8001 8002
 
 # Explicit model control: the BFF loads and swaps models through the repository API. Extra arguments (CMD,
 # compose `command`, Kubernetes `args`) are appended, e.g. --load-model=d20 so a fresh replica comes up serving.
-# --exit-timeout-secs: on SIGTERM Triton waits this long for in-flight streams before exiting.
+# --exit-timeout-secs: on SIGTERM Triton waits this long for in-flight streams before exiting. The two gRPC
+# flags accept the BFF's keepalive pings (backend/protocol.py TRITON_KEEPALIVE_FLAGS).
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver", \
             "--model-repository=/models", \
             "--model-control-mode=explicit", \
-            "--exit-timeout-secs=60"]
+            "--exit-timeout-secs=60", \
+            "--grpc-keepalive-permit-without-calls=1", \
+            "--grpc-http2-min-recv-ping-interval-without-data=10000"]
 CMD []
 
 # python3 is in the image (the stub needs it); curl may not be.

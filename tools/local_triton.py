@@ -40,7 +40,7 @@ import urllib.request
 from pathlib import Path
 
 from backend.model_config import EngineConfig, config_pbtxt
-from backend.protocol import CONFIG_FILE
+from backend.protocol import CONFIG_FILE, TRITON_KEEPALIVE_FLAGS
 from bff.triton import ADMIN_HEADER
 from tools.paths import PROJECT
 
@@ -144,7 +144,8 @@ class LocalTriton:
                # this machine only: whoever reaches Triton can load and unload models and bypass the BFF
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
                f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
-               "--exit-timeout-secs=3", "--strict-readiness=true", f"--log-verbose={int(self.verbose)}"]
+               "--exit-timeout-secs=3", "--strict-readiness=true", f"--log-verbose={int(self.verbose)}",
+               *TRITON_KEEPALIVE_FLAGS]
         if self.admin_key:
             restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
             cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
