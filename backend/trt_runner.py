@@ -24,6 +24,21 @@ import numpy as np
 
 from backend import protocol as P
 
+# TensorRT's tensor types by name -> torch's. Not trt.nptype: numpy has no bf16, and TensorRT 10 raises
+# TypeError for it there, so a bf16 engine would export and then fail to load.
+TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
+                "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+def torch_dtype(trt_dtype):
+    """The torch dtype of a TensorRT tensor type (trt.DataType)."""
+    import torch
+
+    name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1]
+    if name not in TORCH_DTYPES:
+        raise EngineMismatch(f"the engine has a tensor of type {name}, which this runner cannot bind")
+    return getattr(torch, TORCH_DTYPES[name])
+
 
 class EngineMismatch(RuntimeError):
     """The plan was built for another GPU or another TensorRT version."""
@@ -79,7 +94,7 @@ class TrtRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
-        dtype = lambda n: getattr(torch, np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))).name)
+        dtype = lambda n: torch_dtype(self.engine.get_tensor_dtype(n))
         self.n_layer = sum(n.startswith(P.CACHE_PREFIXES[0]) for n in self.inputs)
         k_shape = tuple(self.engine.get_tensor_shape(P.k_cache(0)))
         self.cache_dtype = dtype(P.k_cache(0))

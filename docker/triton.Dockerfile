@@ -99,5 +99,5 @@ ENV VENV=/opt/venv \
 # The model repository and the checkpoints are mounted; arguments are make variables: MODEL=d20 PRECISION=fp16 ...
 # (NANOCHAT_BASE_DIR and MODEL_REPOSITORY come from the environment above; make passes them to the CLI).
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "make", "VENV=/opt/venv", "export"]
-CMD ["RUNTIME=tensorrt", "PRECISION=fp16", "MODEL_REPOSITORY=/models"]
+CMD ["RUNTIME=tensorrt", "PRECISION=auto", "MODEL_REPOSITORY=/models"]
 HEALTHCHECK NONE

@@ -38,8 +38,9 @@ class ExportOptions:
     model_repository: str = option("model_repository", "Triton model repository to write into")
     runtime: str = option("auto", "auto: tensorrt where a GPU and TensorRT are present, else onnx (ONNX Runtime)",
                           choices=EXPORT_RUNTIMES)
-    precision: str = option("fp32", "graph precision; fp16/bf16 keep norms, softmax and softcap in fp32",
-                            choices=PRECISIONS)
+    precision: str = option("auto", "graph precision; fp16/bf16 keep norms, softmax and softcap in fp32. auto: bf16 "
+                                    "for TensorRT on GPUs with bf16 (compute capability 8.0+), fp16 on older GPUs "
+                                    "and for ONNX Runtime's CUDA provider, fp32 on CPU", choices=("auto", *PRECISIONS))
     max_slots: int = option(_SHAPE["max_slots"].default, _SHAPE["max_slots"].metadata["doc"],
                             range=_SHAPE["max_slots"].metadata["range"])
     max_seq: int | None = option(None, "context per row; default: the checkpoint's sequence_len",

@@ -11,6 +11,7 @@ once under ONNX Runtime against the model core, build a TensorRT engine on GPU n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -78,6 +79,17 @@ def choose_runtime(runtime: str, log: Callable[[str], None]) -> str:
     return runtime
 
 
+def choose_precision(precision: str, runtime: str, kind: str, capability: str | None) -> str:
+    """The graph's precision for PRECISION=auto (else the one asked for): nanochat trains in bf16, so bf16 where
+    the runtime runs it on this GPU, fp16 on other GPUs, fp32 on CPU, where neither is faster."""
+    if precision != "auto":
+        return precision
+    if kind == "KIND_CPU":
+        return "fp32"
+    major = int((capability or "0").split(".")[0])
+    return "bf16" if runtime == "tensorrt" and major >= 8 else "fp16"
+
+
 def instance_kind(runtime: str) -> str:
     if runtime == "tensorrt":
         return "KIND_GPU"
@@ -132,9 +144,18 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
     t0 = time.perf_counter()
     o = options
     runtime = choose_runtime(o.runtime, log)
-    if runtime == "onnx" and o.precision == "bf16" and instance_kind("onnx") == "KIND_CPU":
-        raise ExportError("PRECISION=bf16 needs a GPU runtime: ONNX Runtime has no bf16 kernels on CPU; "
-                          "use fp32 or fp16 here")
+    kind = instance_kind(runtime)
+    capability = None
+    if kind == "KIND_GPU" and o.precision == "auto":
+        from export.tensorrt_build import compute_capability
+
+        with contextlib.suppress(Exception):  # torch without CUDA beside ONNX Runtime's CUDA provider: fp16
+            capability = compute_capability()
+    o = o.replace(precision=choose_precision(o.precision, runtime, kind, capability))
+    log(f"precision: {o.precision}{' (auto)' if options.precision == 'auto' else ''}")
+    if runtime == "onnx" and o.precision == "bf16":
+        # the ONNX Runtime runner keeps the KV cache in numpy, which has no bf16 (and ORT has no bf16 CPU kernels)
+        raise ExportError("PRECISION=bf16 needs RUNTIME=tensorrt: the ONNX Runtime runner serves fp32 and fp16 only")
     try:
         ref = resolve_checkpoint(o.model, o.source, o.step, o.checkpoint_dir, o.nanochat_base_dir, log)
     except CheckpointError as e:
@@ -202,7 +223,7 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
             )
             (vdir / protocol.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             (stage / protocol.CONFIG_FILE).write_text(
-                config_pbtxt(name, instance_kind(runtime), o.engine), encoding="utf-8")
+                config_pbtxt(name, kind, o.engine), encoding="utf-8")
             repository.check_target(target, meta["checkpoint_path"], o.force)  # another export may have finished
             repository.install(stage, target)
     except repository.RepositoryError as e:

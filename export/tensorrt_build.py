@@ -110,6 +110,8 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
     precision = graph_precision(onnx_path)
     if not strongly_typed and precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    if precision == "fp32":  # fp32 means fp32: TensorRT would run matmuls in TF32 by default on Ampere and later
+        config.clear_flag(trt.BuilderFlag.TF32)
     if hasattr(config, "progress_monitor"):
         config.progress_monitor = _progress_monitor(trt, log)
 

@@ -139,11 +139,8 @@ def test_bad_options_exit_2(capsys, tmp_path, demo_base):
     assert run_cli(capsys, *base, "--max-slots", "0")[0] == 2
     rc, err, _ = run_cli(capsys, *base, "--max-seq", "99999")
     assert rc == 2 and "MAX_SEQ must be" in err
-    from export.pipeline import instance_kind
-
-    if instance_kind("onnx") == "KIND_CPU":
-        rc, err, _ = run_cli(capsys, *base, "--runtime", "onnx", "--precision", "bf16")
-        assert rc == 2 and "bf16 needs a GPU runtime" in err
+    rc, err, _ = run_cli(capsys, *base, "--runtime", "onnx", "--precision", "bf16")
+    assert rc == 2 and "bf16 needs RUNTIME=tensorrt" in err
 
 
 def test_other_model_needs_force(tmp_path, demo_base, demo_exports):
@@ -222,6 +219,35 @@ def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]
     meta = json.loads((again / "1" / "metadata.json").read_text())
     assert meta["content_hash"] == json.loads(before["1/metadata.json"])["content_hash"]
+
+
+@pytest.mark.parametrize("asked, runtime, kind, capability, chosen", [
+    ("auto", "onnx", "KIND_CPU", None, "fp32"),
+    ("auto", "tensorrt", "KIND_GPU", "9.0", "bf16"),  # H100: nanochat's own training dtype
+    ("auto", "tensorrt", "KIND_GPU", "8.0", "bf16"),
+    ("auto", "tensorrt", "KIND_GPU", "7.5", "fp16"),  # T4: no bf16
+    ("auto", "onnx", "KIND_GPU", "9.0", "fp16"),  # ONNX Runtime's runner serves fp32 and fp16 only
+    ("auto", "onnx", "KIND_GPU", None, "fp16"),
+    ("fp32", "tensorrt", "KIND_GPU", "9.0", "fp32"),  # asked for: kept
+])
+def test_auto_precision_follows_the_runtime_and_the_gpu(asked, runtime, kind, capability, chosen):
+    from export.pipeline import choose_precision
+
+    assert choose_precision(asked, runtime, kind, capability) == chosen
+
+
+def test_tensorrt_types_map_to_torch_without_numpy():
+    """bf16 has no numpy type (trt.nptype raises for it in TensorRT 10): the runner maps TensorRT's type names."""
+    import enum
+
+    import torch
+
+    from backend.trt_runner import EngineMismatch, torch_dtype
+
+    DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT64 FP8")  # trt.DataType members carry these names
+    assert [torch_dtype(t) for t in list(DataType)[:4]] == [torch.float32, torch.float16, torch.bfloat16, torch.int64]
+    with pytest.raises(EngineMismatch, match="type FP8"):
+        torch_dtype(DataType.FP8)
 
 
 def test_engine_mismatch_is_refused_with_a_clear_message():
