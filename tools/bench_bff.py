@@ -15,7 +15,7 @@ On a machine without a GPU the model's work is CPU work, and every CPU cycle the
 taken from it. --triton-cpus keeps the local Triton on some CPUs and the BFF and the clients on the others,
 as on a GPU node; without it, all of them share every CPU.
 
-While each level runs, a thread of its own GETs /health every 20 ms (as Kubernetes' probes do) and the
+While each level runs, a process of its own GETs /health every 20 ms (as Kubernetes' probes do) and the
 latency of those answers is printed beside the table: /health answers from the prober's state, never from a
 call to Triton, so it must stay in milliseconds however busy the model keeps the CPU.
 """
@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -134,31 +134,37 @@ class Route:
         return row
 
 
+def _probe_health(url: str, stop, out) -> None:
+    """The HealthProbe's process: GET `url` every 20 ms until `stop`; puts the latencies (ms) on `out`."""
+    ms = []
+    with httpx.Client(timeout=30) as client:
+        while True:  # one probe at least, however short the level
+            start = time.perf_counter()
+            client.get(url).raise_for_status()
+            ms.append((time.perf_counter() - start) * 1000)
+            if stop.wait(0.02):
+                break
+    out.put(ms)
+
+
 class HealthProbe:
-    """GET /health every 20 ms from a thread of its own (not the benchmark's busy event loop), as Kubernetes'
-    probes do while the streams run: it must answer at once however busy the model keeps the CPU."""
+    """GET /health every 20 ms from a process of its own (this one's GIL is busy with the streams' clients), as
+    Kubernetes' probes do while the streams run: it must answer at once however busy the model keeps the CPU."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.ms = url + "/health", []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while True:  # one probe at least, however short the level
-                start = time.perf_counter()
-                client.get(self.url).raise_for_status()
-                self.ms.append((time.perf_counter() - start) * 1000)
-                if self._stop.wait(0.02):
-                    return
+        ctx = multiprocessing.get_context("spawn")  # not fork: gRPC's threads are running here
+        self._stop, self._out = ctx.Event(), ctx.Queue()
+        self._process = ctx.Process(target=_probe_health, args=(url + "/health", self._stop, self._out), daemon=True)
+        self.ms: list[float] = []
 
     def __enter__(self) -> HealthProbe:
-        self._thread.start()
+        self._process.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(30)
+        self.ms = self._out.get(timeout=60)
+        self._process.join(30)
 
 
 def cpu_seconds(pid: int) -> float:
