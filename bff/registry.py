@@ -233,11 +233,13 @@ class Registry:
                 return {"status": "draining", "current_model": old}
             try:
                 await self.pool.load(name, self.settings.model_load_timeout_s, config)
-                newer = await self._superseded(name)
             except TritonError as exc:
                 self._finish(f"loading {name} failed: {exc.detail}")
                 error = UpstreamTimeout if exc.kind == "timeout" else UpstreamFailed
                 raise error(f"loading {name} failed; still serving {old}: {exc.detail}") from None
+            newer = None
+            with contextlib.suppress(TritonError):  # if Triton cannot say now, the probe converges on its answer
+                newer = await self._superseded(name)
             if newer is not None:
                 raise Conflict(f"a newer swap to {newer!r} (another worker or replica) won over this one; "
                                f"serving {newer}")

@@ -68,11 +68,15 @@ class Streams:
             started = time.perf_counter()
             try:
                 stream, first = await self._open(chosen, params, req.context.request_id)
-            except Unavailable:
+            except TritonError as exc:  # no endpoint could take it
                 # every endpoint lacks the model: another worker or replica swapped it since the last probe
-                if model is not None or await self.service.registry.refresh() in (None, chosen):
-                    raise
-                stream, first = await self._open(self.service.registry.serving(), params, req.context.request_id)
+                if exc.kind != "no_model" or model is not None or await self.service.registry.refresh() in (
+                        None, chosen):
+                    raise http_error(exc) from None
+                try:
+                    stream, first = await self._open(self.service.registry.serving(), params, req.context.request_id)
+                except TritonError as again:
+                    raise http_error(again) from None
         except BaseException:
             self.admitted -= 1
             raise
@@ -82,7 +86,8 @@ class Streams:
     async def _open(self, model: str, params: dict, request_id: str) -> tuple[Stream, object]:
         """Open the Triton stream and wait briefly for its first response. An endpoint that is dead or does
         not serve the model (a replica back with only its default) is skipped for another one: nothing has
-        been sent to the client yet. The prober loads the model there (Registry.probe)."""
+        been sent to the client yet. The prober loads the model there (Registry.probe). When no endpoint could
+        take it, raises the last TritonError (kind down or no_model)."""
         pool, registry = self.service.pool, self.service.registry
         tried: tuple = ()
         last = TritonError("down", "no Triton endpoint is reachable")
@@ -101,7 +106,7 @@ class Streams:
                     raise http_error(exc) from None
                 endpoint.serving.discard(model)
                 last = exc
-        raise http_error(last)
+        raise last
 
     def _release(self, stream: Stream) -> None:
         stream.close()
