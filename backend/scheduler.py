@@ -154,7 +154,8 @@ class Scheduler:
                 return
             try:
                 self._step()
-                self.failed_steps, self.stats.healthy = 0, 1
+                if self.failed_steps:  # healthy again (nothing to do on the every-step path)
+                    self.failed_steps, self.stats.healthy = 0, 1
             except Exception as e:  # a runner failure ends the requests in flight, not the backend
                 self.failed_steps += 1
                 self.stats.healthy = int(self.healthy)
