@@ -64,30 +64,21 @@ class Streams:
             raise Unavailable(f"{s.max_streams} streams are already running", retry_after=1)
         self.admitted += 1
         try:
-            chosen = model or self.service.registry.serving()
             started = time.perf_counter()
-            try:
-                stream, first = await self._open(chosen, params, req.context.request_id)
-            except TritonError as exc:  # no endpoint could take it
-                # every endpoint lacks the model: another worker or replica swapped it since the last probe
-                if exc.kind != "no_model" or model is not None or await self.service.registry.refresh() in (
-                        None, chosen):
-                    raise http_error(exc) from None
-                try:
-                    stream, first = await self._open(self.service.registry.serving(), params, req.context.request_id)
-                except TritonError as again:
-                    raise http_error(again) from None
+            stream, first = await self._open(model or self.service.registry.serving(), params,
+                                             req.context.request_id, follow_swaps=model is None)
         except BaseException:
             self.admitted -= 1
             raise
         self.stats.stream_started()  # end() counts it ended, whichever surface relays it
         return Generation(req, stream, first, started)
 
-    async def _open(self, model: str, params: dict, request_id: str) -> tuple[Stream, object]:
+    async def _open(self, model: str, params: dict, request_id: str, follow_swaps: bool) -> tuple[Stream, object]:
         """Open the Triton stream and wait briefly for its first response. An endpoint that is dead or does
         not serve the model (a replica back with only its default) is skipped for another one: nothing has
-        been sent to the client yet. The prober loads the model there (Registry.probe). When no endpoint could
-        take it, raises the last TritonError (kind down or no_model)."""
+        been sent to the client yet. The prober loads the model there (Registry.probe). When no endpoint has
+        the model and `follow_swaps`, another worker or replica swapped it since the last probe: Triton is
+        read again and the stream goes to the model it serves now."""
         pool, registry = self.service.pool, self.service.registry
         tried: tuple = ()
         last = TritonError("down", "no Triton endpoint is reachable")
@@ -106,7 +97,9 @@ class Streams:
                     raise http_error(exc) from None
                 endpoint.serving.discard(model)
                 last = exc
-        raise last
+        if last.kind == "no_model" and follow_swaps and (now := await registry.refresh()) not in (None, model):
+            return await self._open(now, params, request_id, follow_swaps=False)
+        raise http_error(last)
 
     def _release(self, stream: Stream) -> None:
         stream.close()

@@ -70,3 +70,20 @@ def test_two_swaps_at_once_on_two_bffs_end_with_one_model_everywhere(race_triton
             with httpx.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=60) as r:
                 assert r.status_code == 200
                 assert any('"done"' in line for line in r.iter_lines())
+
+
+def test_a_stream_whose_model_another_bff_swapped_away_goes_to_the_new_one(race_triton):
+    """The other BFF's prober is far from its next look (60 s), so only the stream itself can find out: every
+    endpoint answers that its model is gone, it reads Triton again and streams from what Triton serves."""
+    settings = triton_settings(race_triton, drain_timeout_s=20)
+    with run_bff(**settings) as one, run_bff(**{**settings, "probe_interval_s": 60}) as other:
+        start = httpx.get(other + "/health").json()["current_model"]
+        target = next(m for m in MODELS if m != start)
+        assert httpx.post(one + "/models/swap", json={"model_tag": target}, headers=AUTH,
+                          timeout=60).status_code == 202
+        wait_until(lambda: loaded(race_triton) == [target], f"{start} was not unloaded", timeout=30)
+        assert httpx.get(other + "/health").json()["current_model"] == start  # it has not looked yet
+        with httpx.stream("POST", other + "/generate", json=BODY, headers=AUTH, timeout=60) as r:
+            assert r.status_code == 200, r.read()
+            assert any('"done"' in line for line in r.iter_lines())
+        assert httpx.get(other + "/health").json()["current_model"] == target
