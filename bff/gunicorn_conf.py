@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from uvicorn_worker import UvicornWorker
 
-from bff.logs import FORMATTERS, HANDLER
+from bff.logs import FORMATTERS, HANDLER, QUIET
 from bff.settings import from_env
 
 SETTINGS = from_env()
@@ -49,5 +49,6 @@ logconfig_dict = {
     "loggers": {
         "gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
         "gunicorn.access": {"handlers": [], "level": "INFO", "propagate": False},
+        **QUIET,
     },
 }

@@ -26,9 +26,12 @@ class JsonFormatter(logging.Formatter):
 # gunicorn's logconfig_dict (bff/gunicorn_conf.py) and setup() share these definitions.
 FORMATTERS = {"json": {"()": JsonFormatter}}
 HANDLER = {"class": "logging.StreamHandler", "formatter": "json"}
+# httpx logs each request at info: the prober reads Triton's metrics every probe interval, a line each time.
+QUIET = {"httpx": {"level": "WARNING"}}
 
 
 def setup(level: str = "INFO") -> None:
     """JSON lines on stderr for the root logger (uvicorn's own access log stays off: the BFF writes its own)."""
     logging.config.dictConfig({"version": 1, "disable_existing_loggers": False, "formatters": FORMATTERS,
-                               "handlers": {"stderr": HANDLER}, "root": {"handlers": ["stderr"], "level": level}})
+                               "handlers": {"stderr": HANDLER}, "root": {"handlers": ["stderr"], "level": level},
+                               "loggers": QUIET})
