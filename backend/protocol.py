@@ -42,6 +42,8 @@ class Output:
     final_only: bool = False  # describes the whole request: sent in its final response only
 
 
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # the `stop` input's bounds: matching costs each piece of text this much
+
 # Ranges and defaults are nanochat chat_web's; values outside a range are refused, not clamped.
 INPUTS = (
     Input("messages", "TYPE_STRING", (1,), 'JSON text: [{"role": "system"|"user"|"assistant", "content": "..."}], '
@@ -59,6 +61,12 @@ INPUTS = (
     Input("max_tokens", "TYPE_INT32", (1,), "tokens to generate at most", 512, 1, 4096),
     Input("seed", "TYPE_INT64", (1,), "default: random; with the same seed a request gets the same tokens",
           None, 0, 2**63 - 1),
+    Input("stop", "TYPE_STRING", (-1,), "strings that end the answer where one first appears in its text, which "
+          f"is cut just before it (finish_reason stop); at most {MAX_STOPS} of up to {MAX_STOP_CHARS} characters each"),
+    Input("return_num_input_tokens", "TYPE_BOOL", (1,), "vLLM's backend's flag: send `num_input_tokens` also when "
+          "the request names its outputs", False),
+    Input("return_num_output_tokens", "TYPE_BOOL", (1,), "vLLM's backend's flag: send `num_output_tokens` also "
+          "when the request names its outputs", False),
     Input("min_answer_tokens", "TYPE_INT32", (1,),
           "a `messages` conversation longer than the context loses its oldest whole turns (the system message "
           "and the last user message stay) until min(max_tokens, min_answer_tokens) tokens of answer fit; "
@@ -76,6 +84,10 @@ OUTPUTS = (
     Output("token_ids", "TYPE_INT64", (-1,), "the token ids behind this piece"),
     Output("device_id", "TYPE_INT32", (1,), "the device that produced it (GPU index; 0 on CPU)"),
     Output("finish_reason", "TYPE_STRING", (1,), "empty until the last response: stop, length, cancelled or error"),
+    Output("num_input_tokens", "TYPE_UINT32", (1,), "prompt length (after any cut), in every response, as vLLM's "
+           "backend sends it"),
+    Output("num_output_tokens", "TYPE_UINT32", (1,), "the tokens behind this response's text, as vLLM's backend "
+           "sends it"),
     Output("prompt_tokens", "TYPE_INT32", (1,), "prompt length (after any cut)", final_only=True),
     Output("completion_tokens", "TYPE_INT32", (1,), "tokens generated (forced tool tokens included)",
            final_only=True),
@@ -85,6 +97,9 @@ OUTPUTS = (
 OUTPUT = {o.name: o for o in OUTPUTS}
 PIECE_OUTPUTS = tuple(o.name for o in OUTPUTS if not o.final_only)
 USAGE_OUTPUTS = tuple(o.name for o in OUTPUTS if o.final_only)
+# vLLM's backend sends these outputs only when a flag input asks; here they come also when named, or when the
+# request names no outputs (Triton's generate endpoint), like every other output
+RETURN_FLAGS = {"return_num_input_tokens": "num_input_tokens", "return_num_output_tokens": "num_output_tokens"}
 
 
 def wire_type(triton_type: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from backend.protocol import INPUT, MIN_TEMPERATURE
+from backend.protocol import INPUT, MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE, RETURN_FLAGS
 from core.generation import SamplingParams
 from core.tokenizer import ConversationError, Tokenizer
 
@@ -112,6 +112,27 @@ def parse_stream(get: Callable[[str], np.ndarray | None]) -> bool:
     """Whether the client wants pieces as they come (true) or one response with the whole answer."""
     value = _scalar(get, "stream")
     return INPUT["stream"].default if value is None else bool(value)
+
+
+def parse_stops(get: Callable[[str], np.ndarray | None]) -> list[str]:
+    """The request's stop strings (empty ones ignored)."""
+    value = get("stop")
+    if value is None:
+        return []
+    if value.size > MAX_STOPS:
+        raise RequestError(f"stop holds {value.size} strings; at most {MAX_STOPS}")
+    try:
+        stops = [s.decode() if isinstance(s, bytes) else str(s) for s in value.reshape(-1)]
+    except UnicodeDecodeError as e:
+        raise RequestError(f"stop is not UTF-8: {e}") from e
+    if long := [s for s in stops if len(s) > MAX_STOP_CHARS]:
+        raise RequestError(f"stop strings are at most {MAX_STOP_CHARS} characters, got one of {len(long[0])}")
+    return [s for s in stops if s]
+
+
+def flagged_outputs(get: Callable[[str], np.ndarray | None]) -> set[str]:
+    """The outputs that vLLM-style flags (`return_num_input_tokens`, ...) ask for."""
+    return {output for flag, output in RETURN_FLAGS.items() if bool(_scalar(get, flag))}
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer,

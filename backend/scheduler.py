@@ -10,8 +10,8 @@ One step thread owns the runner and its KV cache of max_slots rows. Each step:
      costs the others at most one chunk of latency per step instead of its whole length;
   5. samples all rows at once (core.sampling.sample_rows, each row with its own seeded generator)
      and applies each row's core.generation.Sequence rules (forced calculator tokens, stop tokens,
-     limits), so a request's tokens never depend on the rest of the batch; a row whose draw or rules
-     fail ends with an error of its own while the others go on.
+     limits) and its stop strings (backend/stops.py), so a request's tokens never depend on the rest of
+     the batch; a row whose draw or rules fail ends with an error of its own while the others go on.
 Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
 bounded queue; one that does not fit is refused at once with an error.
 
@@ -38,6 +38,7 @@ from backend.metrics import EngineStats
 from backend.model_config import EngineConfig
 from backend.protocol import INVALID, QUEUE_FULL, SHUTTING_DOWN
 from backend.responses import Output, ResponseThread, Sink
+from backend.stops import StopMatcher
 from core.generation import Runner, SamplingParams, Sequence
 from core.sampling import sample_rows
 from core.tokenizer import Detokenizer, Tokenizer
@@ -59,6 +60,7 @@ class Request:
     dropped_turns: int = 0  # reported in the outputs: the conversation was cut to fit the context
     stream: bool = True  # false: no response before the final one, which carries the whole answer
     slotted: float = 0.0  # when it got its KV-cache slot (0: never)
+    stops: StopMatcher | None = None  # the request's stop strings, if it has any
 
 
 class Scheduler:
@@ -93,14 +95,15 @@ class Scheduler:
     # --- called from Triton's execute() thread ---
 
     def submit(self, handle: object, prompt_ids: list[int], params: SamplingParams, dropped_turns: int = 0,
-               stream: bool = True) -> None:
+               stream: bool = True, stops: list[str] = ()) -> None:
         """Queue a request; any problem is answered with a final error response, never raised."""
         try:
             seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq)
         except ValueError as e:
             self.reject(handle, e)
             return
-        req = Request(handle, seq, Detokenizer(self.tok), time.monotonic(), dropped_turns=dropped_turns, stream=stream)
+        req = Request(handle, seq, Detokenizer(self.tok), time.monotonic(), dropped_turns=dropped_turns, stream=stream,
+                      stops=StopMatcher(stops) if stops else None)
         with self._cv:
             if self._stopping:
                 refusal = SHUTTING_DOWN
@@ -223,15 +226,22 @@ class Scheduler:
             self.stats.itl.append(now - req.last_token_at)
         req.last_token_at = now
         self.stats.tokens += 1
-        if seq.finish_reason == "stop":  # a stop token ends the stream and is not part of the text
-            self._finish(req, finish_reason="stop", text=req.detok.flush())
+        finish = seq.finish_reason
+        if finish == "stop":  # a stop token ends the stream and is not part of the text
+            text = req.detok.flush()
+        else:
+            req.emitted += 1
+            req.unsent_ids.append(token)
+            text = req.detok.push(token) + (req.detok.flush() if finish else "")
+        if req.stops is not None:
+            text, stopped = req.stops.feed(text)
+            finish = "stop" if stopped else finish
+            text += req.stops.flush() if finish and not stopped else ""
+        if finish:
+            self._finish(req, finish_reason=finish, text=text)
             return
-        req.emitted += 1
-        req.unsent_text += req.detok.push(token)
-        req.unsent_ids.append(token)
-        if seq.finished:
-            self._finish(req, finish_reason=seq.finish_reason, text=req.detok.flush())
-        elif req.stream and (req.emitted == 1 or len(req.unsent_ids) >= self.stream_interval):
+        req.unsent_text += text
+        if req.stream and (req.emitted == 1 or len(req.unsent_ids) >= self.stream_interval):
             self.responses.put(req, req.handle, self._output(req, req.unsent_text, req.unsent_ids, ""), None)
             req.unsent_text, req.unsent_ids = "", []
 

@@ -7,8 +7,8 @@ Same process and key as the contract (X-Internal-API-Key, or `Authorization: Bea
 send it).
 
 Unlike /generate, a conversation is sent as given (no repair, no cut): a prompt longer than the context is
-OpenAI's `context_length_exceeded` 400, as vLLM answers. `stop` strings are matched here, on the text: the
-stream holds back any tail that could still become one, ends at the first, and cancels the rest in Triton.
+OpenAI's `context_length_exceeded` 400, as vLLM answers. `stop` strings go to the backend, which ends the
+answer (and frees its slot) at the first.
 Beyond OpenAI's fields, `top_k` is taken as vLLM takes it (0 or -1: the whole vocabulary).
 """
 
@@ -34,30 +34,6 @@ def content_text(content) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
-class StopMatcher:
-    """Finds the first stop string in a stream of text pieces, holding back what could begin one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text that is safe to send now, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        cut = max(0, len(self.pending) - self.hold)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class V1Models:
@@ -99,46 +75,38 @@ class ChatCompletions:
             top_k=s.top_k if top_k is None else max(0, int(top_k)),
             max_tokens=s.max_tokens if max_tokens is None else int(max_tokens),
             min_answer_tokens=None, top_p=body.get("top_p"), seed=body.get("seed"),
+            stop=[body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or [],
         )
-        stops = body.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else stops
         g = await self.service.streams.open(req, params)
         g.log["surface"] = "openai"
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model}
         if body.get("stream"):
             stream_headers(resp)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            resp.sse = self._chunks(g, head, StopMatcher(stops), include_usage)
+            resp.sse = self._chunks(g, head, include_usage)
         else:
-            resp.media = await self._whole(g, head, StopMatcher(stops))
+            resp.media = await self._whole(g, head)
 
-    async def _run(self, g: Generation, stops: StopMatcher):
-        """(text to send, finish_reason or None) as the generation goes; the stream ends at a stop string."""
+    async def _run(self, g: Generation):
+        """(text to send, finish_reason or None) as the generation goes; (None, None) for a ping."""
         async for piece in self.service.streams.pieces(g):
             if piece is None:
                 yield None, None
-                continue
-            text, stopped = stops.feed(piece.text)
-            if stopped:
-                yield text, "stop"
+            elif piece.final:
+                yield piece.text, "length" if piece.finish_reason == "length" else "stop"
                 return
-            if piece.final:
-                yield text + stops.flush(), "length" if piece.finish_reason == "length" else "stop"
-                return
-            if text:
-                yield text, None
+            elif piece.text:
+                yield piece.text, None
 
     def _usage(self, g: Generation) -> dict:
-        """The backend's counts; a stream ended at a stop string has no final response: its pieces count."""
-        usage = g.final.usage if g.final is not None else {}
-        completion = usage.get("completion_tokens", g.pieces)
-        prompt = usage.get("prompt_tokens", 0)
+        usage = g.final.usage
+        prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _whole(self, g: Generation, head: dict, stops: StopMatcher) -> dict:
+    async def _whole(self, g: Generation, head: dict) -> dict:
         streams, text, finish, reason, failure = self.service.streams, [], "stop", "disconnect", None
         try:
-            async for chunk, finished in self._run(g, stops):
+            async for chunk, finished in self._run(g):
                 text.append(chunk or "")
                 finish = finished or finish
             reason = "done"
@@ -153,7 +121,7 @@ class ChatCompletions:
                              "finish_reason": finish}],
                 "usage": self._usage(g)}
 
-    async def _chunks(self, g: Generation, head: dict, stops: StopMatcher, include_usage: bool):
+    async def _chunks(self, g: Generation, head: dict, include_usage: bool):
         streams = self.service.streams
         chunk = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
 
@@ -165,7 +133,7 @@ class ChatCompletions:
         try:
             try:
                 yield event({"role": "assistant", "content": ""}, None)
-                async for text, finish in self._run(g, stops):
+                async for text, finish in self._run(g):
                     if text is None and finish is None:
                         yield None  # `: ping` (SSE comment lines are skipped by OpenAI clients)
                         continue

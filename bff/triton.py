@@ -169,14 +169,18 @@ _PACK = {"FP32": "<f", "INT32": "<i", "INT64": "<q", "BOOL": "<?"}  # one elemen
 
 def request_message(model: str, request_id: str, messages: bytes, temperature: float, top_k: int,
                     max_tokens: int, min_answer_tokens: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, *, outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
-    """One generation as Triton's protobuf. Each input is one element in raw little-endian contents
-    (a BYTES element is a 4-byte length and the bytes): what tritonclient builds from numpy arrays.
-    Inputs given as None are not sent (the backend's defaults apply). min_answer_tokens makes the backend
-    cut a conversation longer than the context (oldest turns first)."""
+                    seed: int | None = None, stop: list[str] = (), *,
+                    outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
+    """One generation as Triton's protobuf. Each input is raw little-endian contents (a BYTES element is a
+    4-byte length and the bytes): what tritonclient builds from numpy arrays. Inputs given as None are not
+    sent (the backend's defaults apply). min_answer_tokens makes the backend cut a conversation longer than
+    the context (oldest turns first); the backend ends the answer at the first of the `stop` strings."""
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    request.inputs.add(name="messages", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(struct.pack("<I", len(messages)) + messages)
+    strings = {"messages": [messages], "stop": [s.encode() for s in stop]}
+    for name, elements in strings.items():
+        if elements:
+            request.inputs.add(name=name, datatype="BYTES", shape=[len(elements)])
+            request.raw_input_contents.append(b"".join(struct.pack("<I", len(e)) + e for e in elements))
     scalars = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens, min_answer_tokens=min_answer_tokens,
                    top_p=top_p, seed=seed, stream=True)
     for name, value in scalars.items():

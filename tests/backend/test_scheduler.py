@@ -8,6 +8,7 @@ import pytest
 from backend.model_config import EngineConfig
 from backend.protocol import SHUTTING_DOWN
 from backend.scheduler import Scheduler
+from backend.stops import StopMatcher
 from core.generation import SamplingParams
 from core.gpt import TorchRunner
 from core.tokenizer import Detokenizer
@@ -148,3 +149,37 @@ def test_engine_settings_are_range_checked():
         EngineConfig(stream_interval=0)
     with pytest.raises(ValueError, match="prefill_chunk"):
         EngineConfig.from_parameters({"prefill_chunk": "lots"})
+
+
+def test_stop_strings_end_the_answer_before_their_first_match_and_free_the_slot(demo):
+    model, tok = demo
+    sink = FakeSink()
+    sched = Scheduler(TorchRunner(model, 1, MAX_SEQ), tok, sink)  # one slot: each request needs the last freed
+    prompt, params = prompts(tok)[1], SamplingParams(0.0, None, 60, 0)
+    sched.submit("whole", prompt, params)
+    sink.wait(1)
+    whole_ids, whole, last, _ = sink.result("whole")
+    # a stop string across a token boundary, found at its first occurrence; one that never occurs
+    first = Detokenizer(tok).push(whole_ids[0])
+    span = whole[len(first) - 1: len(first) + 2]
+    assert first and len(span) == 3, (first, whole)
+    cut = whole.index(span)
+    cases = {"span": ([span, "\x00never"], whole[:cut], "stop"), "absent": (["\x00never"], whole, last.finish_reason)}
+    for handle, (stop, _, _) in cases.items():
+        sched.submit(handle, prompt, params, stops=stop)
+    sink.wait(len(cases))
+    sched.close()
+    for handle, (_, text, finish) in cases.items():
+        ids, got, end, error = sink.result(handle)
+        assert error is None and (got, end.finish_reason) == (text, finish), handle
+        assert ids == whole_ids[: len(ids)] and end.completion_tokens == len(ids)
+    assert len(sink.result("span")[0]) < len(whole_ids)  # it stopped generating, not only sending
+
+
+def test_stop_matcher_holds_back_only_what_may_begin_a_stop_string():
+    m = StopMatcher(["</end>", "STOP"])
+    assert m.feed("hello <") == ("hello ", False)  # "<" may begin "</end>"
+    assert m.feed("b> and ST") == ("<b> and ", False)
+    assert m.feed("OP here") == ("", True)
+    m = StopMatcher(["</end>"])
+    assert m.feed("a </en") == ("a ", False) and m.flush() == "</en"

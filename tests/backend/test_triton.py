@@ -317,3 +317,25 @@ def test_tritons_generate_extension_answers_text_input(triton_server, oracle_ref
                       json={**body, "stream": True}, timeout=60) as r:
         events = [orjson.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
     assert len(events) > 1 and "".join(e["text_output"] for e in events) == want.text
+    # vLLM's per-response counts: the prompt in every response, the tokens behind each piece
+    assert {e["num_input_tokens"] for e in events} == {len(tok.encode(text)) + 1}
+    assert sum(e["num_output_tokens"] for e in events) == 16
+
+
+def test_stop_strings_through_tritons_generate_extension(triton_server):
+    """`stop` as vLLM's users send it to /generate: a list of strings, or one string; the answer ends just
+    before the first match with finish_reason stop, and its slot is free (the completion count stops there)."""
+    import httpx
+
+    url = f"{triton_server.http_url}/v2/models/head/generate"
+    body = {"text_input": "The capital of France is", "max_tokens": 24, "temperature": 0.0}
+    whole = httpx.post(url, json=body, timeout=60).json()
+    stop = whole["text_output"][6:9]
+    for given in ([stop, "\u2603never"], stop):
+        cut = httpx.post(url, json={**body, "stop": given}, timeout=60)
+        assert cut.status_code == 200, cut.text
+        answer = cut.json()
+        assert answer["text_output"] == whole["text_output"][: whole["text_output"].index(stop)]
+        assert answer["finish_reason"] == "stop" and answer["completion_tokens"] < 24
+    refused = httpx.post(url, json={**body, "stop": ["x"] * 17}, timeout=60)
+    assert refused.status_code == 400 and "at most 16" in refused.text
