@@ -68,7 +68,7 @@ gpu-check: $(BIN)/python  ## on a GPU: precision agreement, decode speed, MBU
 # --- the BFF: make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003 WORKERS=N (gunicorn, the
 # production server, with N uvicorn workers)]; make demo; make bench.
 # INTERNAL_API_KEY comes from the environment (serve prints a one-run key when it is unset).
-.PHONY: serve demo bench
+.PHONY: serve demo bench bench-aiperf
 
 DEMO_DIR ?= build/demo
 DEMO_REPO := $(DEMO_DIR)/model_repository
@@ -107,6 +107,29 @@ $(BENCH_REPO)/demo/config.pbtxt: $(DEMO_REPO)/demo/config.pbtxt
 bench: install $(BENCH_REPO)/demo/config.pbtxt  ## the BFF's SSE vs Triton's gRPC stream, side by side
 	$(BENCH) --plot $(DEMO_DIR)/bench_bff.png
 	$(if $(filter-out 1,$(shell nproc)),$(BENCH) --triton-cpus 0 --plot $(DEMO_DIR)/bench_bff_split.png)
+
+# make bench-aiperf: NVIDIA's AIPerf on the BFF's OpenAI surface and genai-perf on Triton's generate_stream, each
+# from an environment of its own (pinned; their dependencies clash with ours and each other), offline.
+# tritonclient's wheel carries the perf_analyzer that genai-perf drives (PyPI's perf-analyzer is a placeholder
+# here); it needs libcudart (a pip wheel, also on CPU) and Debian's libb64-0d.
+BENCH_ENVS := build/bench_envs
+AIPERF_ENV := $(BENCH_ENVS)/aiperf
+GENAI_PERF_ENV := $(BENCH_ENVS)/genai-perf
+
+$(AIPERF_ENV)/.installed:
+	$(PY) -m venv $(AIPERF_ENV)
+	$(AIPERF_ENV)/bin/pip install -q aiperf==0.13.0 blobfile
+	touch $@
+
+$(GENAI_PERF_ENV)/.installed:
+	$(PY) -m venv $(GENAI_PERF_ENV)
+	$(GENAI_PERF_ENV)/bin/pip install -q genai-perf==0.0.16 "tritonclient[all]==2.51.0" "pandas<3" \
+		nvidia-cuda-runtime-cu12 blobfile
+	touch $@
+
+bench-aiperf: install $(DEMO_REPO)/demo/config.pbtxt $(AIPERF_ENV)/.installed $(GENAI_PERF_ENV)/.installed  ## AIPerf and genai-perf, offline
+	$(BIN)/python -m tools.bench_ecosystem --model demo --model-repository $(DEMO_REPO) \
+		--aiperf $(AIPERF_ENV)/bin/aiperf --genai-perf $(GENAI_PERF_ENV)/bin/genai-perf
 
 # --- the Triton backend: make triton MODEL=<name> [MODEL_REPOSITORY= GRPC_PORT=8001 HTTP_PORT=8000
 # METRICS_PORT=8002]; make bench-backend [BENCH_BACKEND_ARGS="--max-tokens 64"].
