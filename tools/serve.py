@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
                                                "workers (bff/gunicorn_conf.py), instead of one uvicorn process")
     a = p.parse_args(argv)
     logs.setup()
+    # Ctrl-C and SIGTERM stop everything the same way, also in a process started with SIGINT ignored (a job
+    # put in the background by a non-interactive shell is, and Python then installs no handler of its own)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
 
     given = dict(model=a.model, model_repository=a.model_repository, host=a.host, port=a.port, workers=a.workers)
     overrides = {k: v for k, v in given.items() if v is not None}

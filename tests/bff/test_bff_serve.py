@@ -29,7 +29,9 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INTERNAL_API_KEY", "BFF_"))}
     cmd = [sys.executable, "-m", "tools.serve", "--model", "demo", "--model-repository", str(oracle_repository),
            "--port", str(port), *(["--workers", str(workers)] if workers else [])]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # started with SIGINT ignored, as a background job of a non-interactive shell is: Ctrl-C must still stop it
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # never blocks on a pipe
     reader.start()
@@ -51,7 +53,10 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
         servers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "gunicorn" in " ".join(p.cmdline())]
         assert len(servers) == (1 + workers if workers else 0)  # the master and its workers
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert proc.wait(30) == 0
+        try:
+            assert proc.wait(30) == 0, "".join(stderr[-60:])
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve did not stop within 30 s of Ctrl-C; its log ends:\n" + "".join(stderr[-60:]))
         reader.join(10)
         assert any('"triton_stopped"' in line for line in stderr)
         assert session_members(triton) == [], "Triton or a backend stub outlived serve"  # Triton leads its session
