@@ -47,9 +47,9 @@ docker-down:  ## stop them
 
 # --- export: every option of `python -m export` is a make variable of the same name in capitals (MODEL=d20
 #     SOURCE= STEP= CHECKPOINT_DIR= NANOCHAT_BASE_DIR= NAME= MODEL_REPOSITORY= RUNTIME= PRECISION= MAX_SLOTS=
-#     MAX_SEQ= MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL= UNHEALTHY_AFTER= OVERRIDES="softcap=20 ..." FORCE=1
-#     VERIFY=0): make puts command-line variables in the environment, and --env reads them (export/options.py defines them;
-#     `.venv/bin/python -m export --help` lists them).
+#     MAX_SEQ= MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL= PREFIX_CACHE= UNHEALTHY_AFTER= OVERRIDES="softcap=20 ..."
+#     FORCE=1 VERIFY=0): make puts command-line variables in the environment, and --env reads them (export/options.py
+#     defines them; `.venv/bin/python -m export --help` lists them).
 # These run the venv's Python as it is (no reinstall), so an export never touches the environment.
 .PHONY: export bench-export gpu-check
 
@@ -68,7 +68,7 @@ gpu-check: $(BIN)/python  ## on a GPU: precision agreement, decode speed, MBU
 # --- the BFF: make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003 WORKERS=N (gunicorn, the
 # production server, with N uvicorn workers)]; make demo; make bench.
 # INTERNAL_API_KEY comes from the environment (serve prints a one-run key when it is unset).
-.PHONY: serve demo bench bench-aiperf
+.PHONY: serve demo bench bench-aiperf bench-prefix
 
 DEMO_DIR ?= build/demo
 DEMO_REPO := $(DEMO_DIR)/model_repository
@@ -107,6 +107,19 @@ $(BENCH_REPO)/demo/config.pbtxt: $(DEMO_REPO)/demo/config.pbtxt
 bench: install $(BENCH_REPO)/demo/config.pbtxt  ## the BFF's SSE vs Triton's gRPC stream, side by side
 	$(BENCH) --plot $(DEMO_DIR)/bench_bff.png
 	$(if $(filter-out 1,$(shell nproc)),$(BENCH) --triton-cpus 0 --plot $(DEMO_DIR)/bench_bff_split.png)
+
+# make bench-prefix: ten-turn chats through the BFF, the time to first token of each turn with prefix caching on
+# and off, on the demo model and on the shared head oracle (exported into a repository of its own).
+ORACLE_DIR ?= ../shared/oracle
+PREFIX_REPO := build/prefix_repository
+
+$(PREFIX_REPO)/head/config.pbtxt:
+	$(BIN)/python -m export --nanochat-base-dir $(ORACLE_DIR)/head --source base --name head \
+		--model-repository $(PREFIX_REPO) --force
+
+bench-prefix: install $(DEMO_REPO)/demo/config.pbtxt $(PREFIX_REPO)/head/config.pbtxt  ## chat TTFT by turn: prefix cache on vs off
+	$(BIN)/python -m tools.bench_prefix --model demo --model-repository $(DEMO_REPO)
+	$(BIN)/python -m tools.bench_prefix --model head --model-repository $(PREFIX_REPO)
 
 # make bench-aiperf: NVIDIA's AIPerf on the BFF's OpenAI surface and genai-perf on Triton's generate_stream, each
 # from an environment of its own (pinned; their dependencies clash with ours and each other), offline.

@@ -34,7 +34,10 @@ ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 class EngineStats:
     def __init__(self) -> None:
         self.tokens = 0  # generated (sampled or forced, stop tokens included)
-        self.prompt_tokens = 0  # prefilled
+        self.prompt_tokens = 0  # prompts of requests that reached decoding, whole
+        self.prefix_hits = 0  # requests placed after a cached prefix
+        self.reused_tokens = 0  # prompt tokens taken from a slot's cache
+        self.prefilled_tokens = 0  # prompt tokens computed
         self.rejected = 0  # refused because the queue was full
         self.finished = dict.fromkeys(FINISH_REASONS, 0)  # requests ended, by finish reason
         self.send_errors = 0
@@ -65,8 +68,13 @@ class TritonMetrics:
 
         self.counters = {
             "tokens": family(P.METRIC_GENERATED_TOKENS, "Tokens generated", F.COUNTER).Metric(labels=labels),
-            "prompt_tokens": family(P.METRIC_PROMPT_TOKENS, "Prompt tokens prefilled",
+            "prompt_tokens": family(P.METRIC_PROMPT_TOKENS, "Prompt tokens of requests that reached decoding",
                                     F.COUNTER).Metric(labels=labels),
+            "prefix_hits": family(P.METRIC_PREFIX_HITS, "Requests that started after a cached prefix",
+                                  F.COUNTER).Metric(labels=labels),
+            "reused_tokens": family(P.METRIC_PREFIX_REUSED, "Prompt tokens taken from the prefix cache",
+                                    F.COUNTER).Metric(labels=labels),
+            "prefilled_tokens": family(P.METRIC_PREFILLED, "Prompt tokens computed", F.COUNTER).Metric(labels=labels),
             "rejected": family(P.METRIC_REJECTED, "Requests refused because the queue was full",
                                F.COUNTER).Metric(labels=labels),
         }

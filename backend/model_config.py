@@ -45,6 +45,9 @@ class EngineConfig:
     stream_interval: int = knob(1, 1, 1024, "tokens per response after the first, which goes out at once (1: every "
                                             "token on its own; 2-4 leave more CPU to the model on CPU-bound hosts)")
 
+    prefix_cache: int = knob(1, 0, 1, "1: a finished request's KV stays in its slot, and a prompt that begins with "
+                                      "what a free slot holds is placed there and prefilled from where it ends; 0: "
+                                      "every prompt is prefilled whole")
     unhealthy_after: int = knob(3, 1, 1_000_000, "runner failures in a row after which the model reports not ready "
                                                  "(and nanochat_healthy 0) until a step succeeds")
 

@@ -137,6 +137,11 @@ METRIC_REQUEST_PROMPT = "nanochat_request_prompt_tokens"  # prompt length, per r
 METRIC_REQUEST_GENERATION = "nanochat_request_generation_tokens"  # tokens streamed, per request
 METRIC_SLOT_USAGE = "nanochat_kv_slots_usage_ratio"  # slots in use / slots
 METRIC_HEALTHY = "nanochat_healthy"  # 0 after unhealthy_after runner failures in a row, 1 again after a good step
+# prefix caching: a prompt's tokens are either reused from a slot's cache or prefilled, so the token hit rate is
+# reused / (reused + prefilled)
+METRIC_PREFIX_HITS = "nanochat_prefix_cache_hits_total"  # requests that started after a cached prefix
+METRIC_PREFIX_REUSED = "nanochat_prefix_cache_reused_tokens_total"  # prompt tokens taken from the cache
+METRIC_PREFILLED = "nanochat_prefilled_tokens_total"  # prompt tokens computed
 METRIC_PREFIX = "nanochat_"
 
 # The model folder: <repository>/<name>/config.pbtxt and the version folder with the artifacts.

@@ -70,6 +70,10 @@ class Scheduler:
         engine = engine or EngineConfig()
         self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, engine.max_queue, engine.prefill_chunk
         self.stream_interval, self.unhealthy_after = engine.stream_interval, engine.unhealthy_after
+        self.prefix_cache = bool(engine.prefix_cache)
+        # a runner that keeps state of each row's last token (G4's smear) is exact only when a prompt continues
+        # a row's whole content; otherwise any prefix of a row's tokens is its KV at those positions
+        self.whole_rows = runner.prev is not None
         self.failed_steps = 0  # runner failures in a row
         self.device_id = device_id
         self.stats = stats or EngineStats()
@@ -81,7 +85,10 @@ class Scheduler:
         self._stopping = False
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
-        self._free = list(range(self.max_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._free = list(range(self.max_slots))
+        self._held: list[list[int]] = [[] for _ in range(self.max_slots)]  # tokens whose KV each free slot holds
+        self._last_used = [0] * self.max_slots  # when each slot was freed, for least-recently-used choices
+        self._clock = 0
         self._thread = threading.Thread(target=self._run, name="nanochat-step", daemon=True)
         self._thread.start()
 
@@ -162,8 +169,8 @@ class Scheduler:
             except Exception as e:  # a runner failure ends the requests in flight, not the backend
                 self.failed_steps += 1
                 self.stats.healthy = int(self.healthy)
-                for req in list(self._active):
-                    self._finish(req, error=f"inference failed: {type(e).__name__}: {e}")
+                for req in list(self._active):  # their rows may be half written: nothing in them is reused
+                    self._finish(req, error=f"inference failed: {type(e).__name__}: {e}", cached=False)
             now = time.thread_time()
             self.stats.cpu["step"] += now - step_cpu
             step_cpu = now
@@ -171,9 +178,11 @@ class Scheduler:
     def _step(self) -> None:
         for req in [r for r in (*self._active, *self._waiting) if r.cancelled]:
             self._finish(req, finish_reason="cancelled")
-        while self._free and self._waiting:
-            req = self._waiting.popleft()
-            req.slot = self._free.pop()
+        admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+        if self.prefix_cache and len(admitted) > 1:  # those with the most to reuse choose first: a miss must
+            admitted.sort(key=self._best_reuse, reverse=True)  # not take a slot that another one continues
+        for req in admitted:
+            self._place(req)
             req.slotted = time.monotonic()
             self._active.append(req)
         self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)
@@ -191,11 +200,51 @@ class Scheduler:
             logits = self._forward(ids, [r.prefilled for r in rows], rows)
             for req in rows:
                 req.prefilled += T
+            self.stats.prefilled_tokens += T * len(rows)
             done = [i for i, r in enumerate(rows) if r.prefilled == len(r.seq.prompt)]
             tokens = sample_rows(logits[done], [rows[i].seq.sampler for i in done])
             for i, token in zip(done, tokens, strict=True):
                 self.stats.prompt_tokens += rows[i].prefilled
                 self._take(rows[i], token)
+
+    def _place(self, req: Request) -> None:
+        """Give a request the free slot whose cached tokens share the longest beginning with its prompt and start
+        its prefill where they part: the KV at a position depends only on the tokens up to it. A slot counts
+        only if the prompt shares at least half of what it holds, so a few common tokens (the chat template's
+        start) never take another conversation's cache; otherwise the least recently used slot is taken (and
+        whatever it shares is reused). At least the prompt's last token is prefilled, for its logits."""
+        prompt = req.seq.prompt
+        by_age = sorted(self._free, key=lambda s: (self._last_used[s], s))
+        best, reuse = by_age[0], 0
+        if self.prefix_cache:
+            reuse = self._reusable(self._held[best], prompt)
+            for slot in by_age[1:]:
+                n = self._reusable(self._held[slot], prompt)
+                if n > reuse and 2 * n >= len(self._held[slot]):
+                    best, reuse = slot, n
+        self._free.remove(best)
+        self._held[best] = []
+        req.slot, req.prefilled = best, reuse
+        if reuse:
+            self.stats.prefix_hits += 1
+            self.stats.reused_tokens += reuse
+
+    def _best_reuse(self, req: Request) -> int:
+        return max(self._reusable(self._held[slot], req.seq.prompt) for slot in self._free)
+
+    def _reusable(self, held: list[int], prompt: list[int]) -> int:
+        """How many of `held`'s tokens a prompt can start after."""
+        limit = len(prompt) - 1
+        if len(held) <= limit and held == prompt[: len(held)]:
+            return len(held)
+        if self.whole_rows:
+            return 0
+        n = 0
+        for a, b in zip(held, prompt[:limit], strict=False):  # they part somewhere: zip stops at the shorter
+            if a != b:
+                break
+            n += 1
+        return n
 
     def _forward(self, ids: np.ndarray, positions: list[int], rows: list[Request]) -> np.ndarray:
         t0 = time.thread_time()
@@ -248,10 +297,18 @@ class Scheduler:
     def _output(self, req: Request, text: str, ids: list[int], finish_reason: str) -> Output:
         return Output(text, ids, finish_reason, len(req.seq.prompt), req.emitted, self.device_id, req.dropped_turns)
 
-    def _finish(self, req: Request, finish_reason: str = "", text: str = "", error: str | None = None) -> None:
-        """The request's one final output, with any tokens not yet sent; its slot is free for the next step."""
+    def _finish(self, req: Request, finish_reason: str = "", text: str = "", error: str | None = None,
+                cached: bool = True) -> None:
+        """The request's one final output, with any tokens not yet sent; its slot is free for the next step,
+        holding the KV of the tokens that went through the model (the last sampled token never did)."""
         if req.slot >= 0:
             self._active.remove(req)
+            seq = req.seq
+            if cached and self.prefix_cache:
+                whole = req.prefilled == len(seq.prompt)
+                self._held[req.slot] = seq.prompt[: req.prefilled] + (seq.generated[:-1] if whole else [])
+            self._clock += 1
+            self._last_used[req.slot] = self._clock
             self._free.append(req.slot)
             req.slot = -1
         else:

@@ -28,6 +28,7 @@ class Runner(Protocol):
 
     max_slots: int
     max_seq: int
+    prev: object | None  # state of each row's last token beside its KV (G4's smear embedding); None: KV alone
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Run ids (B, T) that start at positions (B,) in cache rows slots (B,); store their K/V in

@@ -71,3 +71,18 @@ def checkpoint_with_tokenizer(name: str, into: Path) -> Path:
     with open(into / TOKENIZER_FILE, "wb") as f:
         pickle.dump(enc, f)
     return into
+
+
+def generation_model(name: str, with_overrides: bool = True):
+    """(index entry, the core's GPT, the 300 reference ids, the folder) of generation oracle `name`."""
+    import numpy as np
+
+    from core.checkpoint import CheckpointRef, load_checkpoint
+    from core.config import parse_overrides
+    from core.gpt import build_gpt
+
+    folder, entry = generation_oracle(name)
+    ref = CheckpointRef(folder, 0, folder / "no-tokenizer", None, name)
+    overrides = parse_overrides(overrides_of(entry)) if with_overrides else {}
+    loaded = load_checkpoint(ref, **overrides)
+    return entry, build_gpt(loaded.config, loaded.state_dict), np.load(folder / "ids.npy"), folder

@@ -27,7 +27,7 @@ class GatedRunner:
 
     def __init__(self, model, max_slots: int) -> None:
         self.inner = TorchRunner(model, max_slots, MAX_SEQ)
-        self.max_slots, self.max_seq = max_slots, MAX_SEQ
+        self.max_slots, self.max_seq, self.prev = max_slots, MAX_SEQ, self.inner.prev
         self.gate, self.entered = threading.Event(), threading.Event()
         self.gate.set()
         self.fail: Exception | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, generate, is_done
+from tests.bff.bffkit import AUTH, generate, is_done, wait_until
 from tools import measure
 
 pytestmark = pytest.mark.triton
@@ -43,6 +43,18 @@ def test_stats_and_metrics_count_a_known_workload(bff_url):
     assert int(model_stats["head"]["inference_stats"]["success"]["count"]) >= 3
     backend = next(iter(stats["triton"]["backend"].values()))
     assert {s["labels"]["model"] for s in backend["nanochat_active_slots"]} >= {"head"}  # the backend's own gauges
+    # every prompt token is counted once, reused from a slot or prefilled (the backend exports every 50 ms)
+    prompt = events[-1]["usage"]["prompt_tokens"]
+
+    def cache_counts(s: dict) -> tuple[int, int]:
+        pc = s["triton"]["prefix_cache"]
+        return pc["reused_tokens"], pc["prefilled_tokens"]
+
+    def counted() -> bool:
+        now = httpx.get(bff_url + "/stats", headers=AUTH).json()
+        moved = [a - b for a, b in zip(cache_counts(now), cache_counts(stats_before), strict=True)]
+        return sum(moved) == 3 * prompt and 0 <= now["triton"]["prefix_cache"]["token_hit_rate"] <= 1
+    wait_until(counted, "the backend's prefix-cache counters did not count the three prompts")
 
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     moved = lambda name, **labels: measure.metric(metrics.text, name, **labels) - measure.metric(

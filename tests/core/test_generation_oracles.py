@@ -10,26 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.checkpoint import CheckpointRef, load_checkpoint
-from core.config import parse_overrides
-from core.gpt import TorchRunner, build_gpt
-from tests.oracles import generation_oracle, generation_oracles, overrides_of
+from core.gpt import TorchRunner
+from tests.oracles import generation_model, generation_oracle, generation_oracles
 
 TOL = 1e-4
 
 
-def load(name: str, with_overrides: bool = True):
-    folder, entry = generation_oracle(name)
-    ref = CheckpointRef(folder, 0, folder / "no-tokenizer", None, name)
-    overrides = parse_overrides(overrides_of(entry)) if with_overrides else {}
-    loaded = load_checkpoint(ref, **overrides)
-    ids = np.load(folder / "ids.npy")
-    return entry, build_gpt(loaded.config, loaded.state_dict), ids, folder
-
-
 @pytest.fixture(scope="module", params=generation_oracles() or ["missing"])
 def oracle(request):
-    return load(request.param)
+    return generation_model(request.param)
 
 
 def test_detection_and_windows_are_nanochats(oracle):
@@ -71,6 +60,6 @@ def test_chunked_prefill(oracle):
 
 @pytest.mark.parametrize("name", [n for n in generation_oracles() if generation_oracle(n)[1]["overrides"]])
 def test_late_g2_needs_its_overrides(name):
-    _, model, ids, folder = load(name, with_overrides=False)
+    _, model, ids, folder = generation_model(name, with_overrides=False)
     err = np.abs(model.full_logits(ids.tolist()).numpy() - np.load(folder / "logits_full.npy")).max()
     assert err > 100 * TOL, f"{name} matches nanochat without its overrides (max |diff| {err:.2e})"
