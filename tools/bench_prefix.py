@@ -58,15 +58,15 @@ def conversations(url: str, turns: int, count: int, max_tokens: int) -> list[lis
     return out
 
 
-def measure(repository: Path, model: str, a: argparse.Namespace) -> tuple[list[float], int]:
-    """Median TTFT per turn and the prompt tokens of the last turn, with `model` served."""
+def measure(repository: Path, model: str, a: argparse.Namespace) -> tuple[list[float], dict]:
+    """Median TTFT (ms) per turn with `model` served, and the BFF's /stats prefix-cache summary."""
     with LocalTriton(repository, load=[model]) as triton, \
             bff_process(triton.grpc_url, triton.metrics_url, model, str(repository), free_port()) as (url, _):
         conversations(url, 2, 1, a.max_tokens)  # warm-up
         runs = conversations(url, a.turns, a.conversations, a.max_tokens)
-        prompt = httpx.get(url + "/stats", headers={"X-Internal-API-Key": KEY}).json()
+        stats = httpx.get(url + "/stats", headers={"X-Internal-API-Key": KEY}).json()
     per_turn = [statistics.median(r[t] for r in runs) for t in range(a.turns)]
-    return per_turn, prompt["triton"]["prefix_cache"]
+    return per_turn, stats["triton"]["prefix_cache"]
 
 
 def main(argv: list[str] | None = None) -> None:

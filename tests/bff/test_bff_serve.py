@@ -62,6 +62,8 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
         assert session_members(triton) == [], "Triton or a backend stub outlived serve"  # Triton leads its session
         assert not [p for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failed test leaves nothing behind either: gunicorn's workers outlive a killed serve
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
             proc.kill()
             proc.wait(10)
