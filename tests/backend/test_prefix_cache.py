@@ -22,8 +22,10 @@ from core.generation import SamplingParams
 from core.gpt import TorchRunner, build_gpt
 from core.random_checkpoint import make_checkpoint
 from core.tokenizer import Tokenizer
-from tests.backend.schedkit import FakeSink
+from tests.backend.schedkit import FakeSink, alone
+from tests.backend.test_scheduler_failures import GatedRunner
 from tests.backend.test_triton import greedy, run
+from tests.bff.bffkit import wait_until
 from tests.oracles import generation_model, generation_oracles, oracle_tokenizer
 from tools import measure
 from tools.local_triton import derive_model
@@ -142,3 +144,46 @@ def test_16_conversations_sharing_slots_with_other_requests_answer_as_without_th
     run(go, triton_server, timeout=240)
     hits, reused = counter(P.METRIC_PREFIX_HITS) - before[0], counter(P.METRIC_PREFIX_REUSED) - before[1]
     assert hits >= 8 and reused > 0, (hits, reused)
+
+
+def test_a_failed_step_leaves_nothing_to_reuse_and_a_cancelled_prefill_only_what_it_wrote(tmp_path):
+    model, tok = chat_model(tmp_path, "G0")  # KV alone: any written prefix of a slot is reusable
+    runner, sink = GatedRunner(model, 1), FakeSink()
+    sched = Scheduler(runner, tok, sink, EngineConfig(prefill_chunk=16))
+    prompt = [tok.bos, tok.user_start, *tok.encode("tell me about the sea and the sky " * 6), tok.user_end,
+              tok.assistant_start]
+    greedy = SamplingParams(0.0, None, 8, 0)
+    want = alone(model, tok, prompt, greedy)
+    try:
+        # a step that fails after the first chunk was written: the slot keeps nothing
+        runner.gate.clear()
+        sched.submit("failed", prompt, greedy)
+        assert runner.entered.wait(10)
+        runner.fail = RuntimeError("device lost (injected)")  # the second chunk's call
+        runner.gate.set()
+        sink.wait(1)
+        assert sink.result("failed")[3].startswith("inference failed")
+        sched.submit("after failure", prompt, greedy)
+        sink.wait(1)
+        assert sink.result("after failure")[0] == want and sched.stats.reused_tokens == 0
+    finally:
+        runner.gate.set()
+        sched.close()
+    # a request cancelled during its prefill, after one chunk of 16: the slot holds exactly those
+    runner, sink = GatedRunner(model, 1), FakeSink()
+    sched = Scheduler(runner, tok, sink, EngineConfig(prefill_chunk=16))
+    try:
+        runner.gate.clear()
+        sched.submit("cancelled", [*prompt, tok.assistant_end], greedy)
+        assert runner.entered.wait(10)
+        sink.cancelled.add("cancelled")
+        wait_until(lambda: all(r.cancelled for r in sched._active), "the cancellation was never noticed")
+        runner.gate.set()
+        sink.wait(1)
+        assert sink.result("cancelled")[2].finish_reason == "cancelled"
+        sched.submit("after cancel", prompt, greedy)
+        sink.wait(1)
+        assert sink.result("after cancel")[0] == want and sched.stats.reused_tokens == 16
+    finally:
+        runner.gate.set()
+        sched.close()
