@@ -31,6 +31,7 @@ from tools import measure
 from tools.local_triton import derive_model
 from tools.stream_client import stream
 
+GREEDY = SamplingParams(0.0, None, 8, 0)
 EXACT = 1e-5  # a reused prefix against a cold prefill of the same tokens
 NANOCHAT = 1e-4  # the core against nanochat's logits, as tests/core/test_generation_oracles.py
 
@@ -146,44 +147,43 @@ def test_16_conversations_sharing_slots_with_other_requests_answer_as_without_th
     assert hits >= 8 and reused > 0, (hits, reused)
 
 
+def interrupted_then(model, tok, first: list[int], prompt: list[int], interrupt) -> tuple:
+    """In a one-slot scheduler prefilling 16 tokens a step, hold the first request's first chunk, `interrupt` it
+    (runner, sink, scheduler), let it end, then send `prompt` to the same slot. Returns the first's last output
+    and error, and the tokens of `prompt` and how many it reused."""
+    runner, sink = GatedRunner(model, 1), FakeSink()
+    sched = Scheduler(runner, tok, sink, EngineConfig(prefill_chunk=16))
+    try:
+        runner.gate.clear()
+        sched.submit("first", first, GREEDY)
+        assert runner.entered.wait(10)
+        interrupt(runner, sink, sched)
+        runner.gate.set()
+        sink.wait(1)
+        sched.submit("then", prompt, GREEDY)
+        sink.wait(1)
+        _, _, last, error = sink.result("first")
+        return last, error, sink.result("then")[0], sched.stats.reused_tokens
+    finally:
+        runner.gate.set()
+        sched.close()
+
+
 def test_a_failed_step_leaves_nothing_to_reuse_and_a_cancelled_prefill_only_what_it_wrote(tmp_path):
     model, tok = chat_model(tmp_path, "G0")  # KV alone: any written prefix of a slot is reusable
-    runner, sink = GatedRunner(model, 1), FakeSink()
-    sched = Scheduler(runner, tok, sink, EngineConfig(prefill_chunk=16))
     prompt = [tok.bos, tok.user_start, *tok.encode("tell me about the sea and the sky " * 6), tok.user_end,
               tok.assistant_start]
-    greedy = SamplingParams(0.0, None, 8, 0)
-    want = alone(model, tok, prompt, greedy)
-    try:
-        # a step that fails after the first chunk was written: the slot keeps nothing
-        runner.gate.clear()
-        sched.submit("failed", prompt, greedy)
-        assert runner.entered.wait(10)
-        runner.fail = RuntimeError("device lost (injected)")  # the second chunk's call
-        runner.gate.set()
-        sink.wait(1)
-        assert sink.result("failed")[3].startswith("inference failed")
-        sched.submit("after failure", prompt, greedy)
-        sink.wait(1)
-        assert sink.result("after failure")[0] == want and sched.stats.reused_tokens == 0
-    finally:
-        runner.gate.set()
-        sched.close()
-    # a request cancelled during its prefill, after one chunk of 16: the slot holds exactly those
-    runner, sink = GatedRunner(model, 1), FakeSink()
-    sched = Scheduler(runner, tok, sink, EngineConfig(prefill_chunk=16))
-    try:
-        runner.gate.clear()
-        sched.submit("cancelled", [*prompt, tok.assistant_end], greedy)
-        assert runner.entered.wait(10)
-        sink.cancelled.add("cancelled")
+    want = alone(model, tok, prompt, GREEDY)
+
+    def fail(runner, sink, sched):  # the second chunk's call fails after the first chunk was written
+        runner.fail = RuntimeError("device lost (injected)")
+
+    _, error, tokens, reused = interrupted_then(model, tok, prompt, prompt, fail)
+    assert error.startswith("inference failed") and (tokens, reused) == (want, 0)  # the slot kept nothing
+
+    def cancel(runner, sink, sched):  # noticed before the second chunk
+        sink.cancelled.add("first")
         wait_until(lambda: all(r.cancelled for r in sched._active), "the cancellation was never noticed")
-        runner.gate.set()
-        sink.wait(1)
-        assert sink.result("cancelled")[2].finish_reason == "cancelled"
-        sched.submit("after cancel", prompt, greedy)
-        sink.wait(1)
-        assert sink.result("after cancel")[0] == want and sched.stats.reused_tokens == 16
-    finally:
-        runner.gate.set()
-        sched.close()
+
+    last, _, tokens, reused = interrupted_then(model, tok, [*prompt, tok.assistant_end], prompt, cancel)
+    assert last.finish_reason == "cancelled" and (tokens, reused) == (want, 16)  # exactly the chunk it wrote
