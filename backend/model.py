@@ -39,7 +39,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from backend.metrics import TritonMetrics  # noqa: E402
 from backend.model_config import EngineConfig, ModelShape  # noqa: E402
 from backend.protocol import METADATA_FILE, PIECE_OUTPUTS, TOKENIZER_FILE, USAGE_OUTPUTS  # noqa: E402
-from backend.requests import RequestError, flagged_outputs, parse_request, parse_stops, parse_stream  # noqa: E402
+from backend.requests import RequestError, parse_request, parse_stops, parse_stream  # noqa: E402
 from backend.responses import OUTPUT_ARRAYS, Output  # noqa: E402
 from backend.runner import make_runner  # noqa: E402
 from backend.scheduler import Scheduler  # noqa: E402
@@ -47,19 +47,15 @@ from core.tokenizer import Tokenizer  # noqa: E402
 
 
 class Handle:
-    """A request's response sender and the outputs its client asked for (all of them when it named none; vLLM's
-    `return_*` flags add theirs): each tensor costs shared memory and IPC per response, and the BFF wants three
-    per piece. The usage outputs describe the whole request, so only its final response carries them."""
+    """A request's response sender and the outputs its client asked for (all of them when it named none):
+    each tensor costs shared memory and IPC per response, and the BFF wants three per piece. The usage
+    outputs describe the whole request, so only its final response carries them."""
 
     __slots__ = ("final_outputs", "outputs", "sender")
 
     def __init__(self, request) -> None:
         self.sender = request.get_response_sender()
-        self.outputs, self.final_outputs = [], []
-        self.want(set(request.requested_output_names()) or set(OUTPUT_ARRAYS))
-
-    def want(self, names: set[str]) -> None:
-        wanted = names | set(self.final_outputs)
+        wanted = set(request.requested_output_names()) or set(OUTPUT_ARRAYS)
         self.outputs = [n for n in PIECE_OUTPUTS if n in wanted]
         self.final_outputs = self.outputs + [n for n in USAGE_OUTPUTS if n in wanted]
 
@@ -110,7 +106,6 @@ class TritonPythonModel:
                 return None if tensor is None else tensor.as_numpy()
 
             try:
-                handle.want(flagged_outputs(get))
                 prompt, params, dropped_turns = parse_request(get, self.tokenizer, self.max_seq)
                 stream, stops = parse_stream(get), parse_stops(get)
             except RequestError as e:

@@ -63,10 +63,11 @@ INPUTS = (
           None, 0, 2**63 - 1),
     Input("stop", "TYPE_STRING", (-1,), "strings that end the answer where one first appears in its text, which "
           f"is cut just before it (finish_reason stop); at most {MAX_STOPS} of up to {MAX_STOP_CHARS} characters each"),
-    Input("return_num_input_tokens", "TYPE_BOOL", (1,), "vLLM's backend's flag: send `num_input_tokens` also when "
-          "the request names its outputs", False),
-    Input("return_num_output_tokens", "TYPE_BOOL", (1,), "vLLM's backend's flag: send `num_output_tokens` also "
-          "when the request names its outputs", False),
+    Input("return_num_input_tokens", "TYPE_BOOL", (1,), "vLLM's backend's flag, accepted so its clients work "
+          "unchanged: `num_input_tokens` is always sent (Triton returns it unless the request names other outputs)",
+          False),
+    Input("return_num_output_tokens", "TYPE_BOOL", (1,), "vLLM's backend's flag, accepted likewise for "
+          "`num_output_tokens`", False),
     Input("min_answer_tokens", "TYPE_INT32", (1,),
           "a `messages` conversation longer than the context loses its oldest whole turns (the system message "
           "and the last user message stay) until min(max_tokens, min_answer_tokens) tokens of answer fit; "
@@ -97,9 +98,6 @@ OUTPUTS = (
 OUTPUT = {o.name: o for o in OUTPUTS}
 PIECE_OUTPUTS = tuple(o.name for o in OUTPUTS if not o.final_only)
 USAGE_OUTPUTS = tuple(o.name for o in OUTPUTS if o.final_only)
-# vLLM's backend sends these outputs only when a flag input asks; here they come also when named, or when the
-# request names no outputs (Triton's generate endpoint), like every other output
-RETURN_FLAGS = {"return_num_input_tokens": "num_input_tokens", "return_num_output_tokens": "num_output_tokens"}
 
 
 def wire_type(triton_type: str) -> str:

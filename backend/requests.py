@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from backend.protocol import INPUT, MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE, RETURN_FLAGS
+from backend.protocol import INPUT, MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE
 from core.generation import SamplingParams
 from core.tokenizer import ConversationError, Tokenizer
 
@@ -128,11 +128,6 @@ def parse_stops(get: Callable[[str], np.ndarray | None]) -> list[str]:
     if long := [s for s in stops if len(s) > MAX_STOP_CHARS]:
         raise RequestError(f"stop strings are at most {MAX_STOP_CHARS} characters, got one of {len(long[0])}")
     return [s for s in stops if s]
-
-
-def flagged_outputs(get: Callable[[str], np.ndarray | None]) -> set[str]:
-    """The outputs that vLLM-style flags (`return_num_input_tokens`, ...) ask for."""
-    return {output for flag, output in RETURN_FLAGS.items() if bool(_scalar(get, flag))}
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer,

@@ -339,3 +339,35 @@ def test_stop_strings_through_tritons_generate_extension(triton_server):
         assert answer["finish_reason"] == "stop" and answer["completion_tokens"] < 24
     refused = httpx.post(url, json={**body, "stop": ["x"] * 17}, timeout=60)
     assert refused.status_code == 400 and "at most 16" in refused.text
+
+
+def test_a_vllm_clients_flags_and_named_outputs_get_the_token_counts(triton_server):
+    """What a client of vLLM's backend sends: its `return_num_*` flags (accepted, no 'unexpected input'), with
+    no outputs named (every response has the counts) or naming them with text_output (only what it named)."""
+    prompt = [0, 1, 2, 3, 4]
+    names = ("text_output", "num_input_tokens", "num_output_tokens", "token_ids")
+
+    async def responses(client, outputs):
+        request = {"model_name": "head", "inputs": greedy(prompt_ids=prompt, max_tokens=8, return_num_input_tokens=True,
+                                                          return_num_output_tokens=True)}
+        if outputs:
+            request["outputs"] = [grpcclient.InferRequestedOutput(name) for name in outputs]
+
+        async def one():
+            yield request
+
+        got = []
+        async for response, error in client.stream_infer(one()):
+            assert error is None, error
+            got.append({name: response.as_numpy(name) for name in names})
+        return got
+
+    async def go(client):
+        return (await responses(client, None), await responses(client, names[:3]))
+
+    whole, named = run(go, triton_server)
+    for got in (whole, named):
+        assert all(r["num_input_tokens"].tolist() == [len(prompt)] for r in got)
+        assert sum(int(r["num_output_tokens"][0]) for r in got) == 8
+        assert "".join(r["text_output"][0].decode() for r in got)
+    assert all(r["token_ids"] is not None for r in whole) and all(r["token_ids"] is None for r in named)
