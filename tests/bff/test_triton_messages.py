@@ -9,21 +9,27 @@ from bff.triton import OUTPUTS, Piece, Stream, TritonError, request_message
 
 def test_request_message_is_what_tritonclient_builds():
     messages = '[{"role": "user", "content": "héllo"}]'.encode()
+    stop = ["\n\n", "fín"]
     inputs = []
     for name, value, dtype in (("messages", np.array([messages], dtype=np.object_), "BYTES"),
+                               ("stop", np.array([s.encode() for s in stop], dtype=np.object_), "BYTES"),
                                ("temperature", np.array([0.7], dtype=np.float32), "FP32"),
                                ("top_k", np.array([50], dtype=np.int32), "INT32"),
                                ("max_tokens", np.array([512], dtype=np.int32), "INT32"),
                                ("min_answer_tokens", np.array([128], dtype=np.int32), "INT32"),
                                ("stream", np.array([True], dtype=np.bool_), "BOOL")):
-        x = InferInput(name, [1], dtype)
+        x = InferInput(name, list(value.shape), dtype)
         x.set_data_from_numpy(value)
         inputs.append(x)
-    expected = _get_inference_request(
-        model_name="head", inputs=inputs, model_version="", request_id="r1",
-        outputs=[InferRequestedOutput(n) for n in OUTPUTS], sequence_id=0, sequence_start=False,
-        sequence_end=False, priority=0, timeout=None, parameters=None)
-    assert request_message("head", "r1", messages, 0.7, 50, 512, 128) == expected
+
+    def built(given: list) -> service_pb2.ModelInferRequest:
+        return _get_inference_request(
+            model_name="head", inputs=given, model_version="", request_id="r1",
+            outputs=[InferRequestedOutput(n) for n in OUTPUTS], sequence_id=0, sequence_start=False,
+            sequence_end=False, priority=0, timeout=None, parameters=None)
+
+    assert request_message("head", "r1", messages, 0.7, 50, 512, 128, stop=stop) == built(inputs)
+    assert request_message("head", "r1", messages, 0.7, 50, 512, 128) == built(inputs[:1] + inputs[2:])  # no stop
 
 
 def response(text: str, device: int, finish: str, final: bool | None, **usage: int) -> service_pb2.ModelInferResponse:
