@@ -39,9 +39,10 @@ def norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (10*S, D/2), computed as nanochat does (fp32, optionally rounded to bf16)."""
     D = cfg.head_dim
-    channel_range = torch.arange(0, D, 2, dtype=torch.float32)
+    # on the CPU even while build_gpt builds the module on the meta device: these are computed, not loaded
+    channel_range = torch.arange(0, D, 2, dtype=torch.float32, device="cpu")
     inv_freq = 1.0 / (cfg.rope_base ** (channel_range / D))
-    t = torch.arange(cfg.rope_len, dtype=torch.float32)
+    t = torch.arange(cfg.rope_len, dtype=torch.float32, device="cpu")
     freqs = torch.outer(t, inv_freq)
     cos, sin = freqs.cos(), freqs.sin()
     if cfg.rope_bf16:
@@ -225,8 +226,11 @@ class GPT(nn.Module):
 
 
 def build_gpt(cfg: ModelConfig, state_dict: dict) -> GPT:
-    model = GPT(cfg)
-    model.load_state_dict(state_dict, strict=True)
+    """The model on the state dict's own tensors: built on the meta device and assigned, so no weight is
+    allocated, initialised or copied (the export of a d20 holds its weights once, not twice)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 
 

@@ -14,6 +14,8 @@ with nanochat's split pattern and special tokens. The demo that `make demo` serv
 a G4 model tagged "demo" in the sft checkpoints. Tests use the same function for every generation.
 
     python -m core.random_checkpoint --out /tmp/nanochat-demo
+    python -m core.random_checkpoint --out /tmp/d20 --tag d20 --depth 20 --n-embd 1280 --n-head 10 \
+        --sequence-len 2048 --vocab-size 65536     # a d20 of the current shape: 1.4 B parameters
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ CORPUS = Path(__file__).parent / "data" / "demo_corpus.txt"
 
 
 def train_tokenizer(vocab_size: int = 512):
-    """A tiktoken Encoding trained by rustbpe the way nanochat's tok_train builds it."""
+    """A tiktoken Encoding trained by rustbpe the way nanochat's tok_train builds it. The demo corpus runs out of
+    merges long before a real vocabulary's size (65,536 for a d20): the rest are filler tokens no text encodes to,
+    so a model of real shape can be made here for measuring memory and speed."""
     import rustbpe
     import tiktoken
 
@@ -44,6 +48,8 @@ def train_tokenizer(vocab_size: int = 512):
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(iter(paragraphs), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     ranks = {bytes(k): v for k, v in trainer.get_mergeable_ranks()}
+    for i in range(len(ranks), vocab_size - len(SPECIAL_TOKENS)):
+        ranks[b"\xff\xfe" + i.to_bytes(4, "big")] = i  # 0xff never occurs in UTF-8 text: no merge reaches these
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(), mergeable_ranks=ranks,
                              special_tokens=specials)
@@ -150,8 +156,13 @@ def main() -> None:
     p.add_argument("--source", default="sft", choices=sorted(SOURCES))
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=2)
+    p.add_argument("--sequence-len", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=512)
     a = p.parse_args()
-    d = make_checkpoint(a.out, a.generation, a.tag, a.source, depth=a.depth, seed=a.seed)
+    d = make_checkpoint(a.out, a.generation, a.tag, a.source, depth=a.depth, seed=a.seed, n_embd=a.n_embd,
+                        n_head=a.n_head, sequence_len=a.sequence_len, vocab_size=a.vocab_size)
     print(json.dumps({"event": "demo_checkpoint", "path": str(d), "generation": a.generation}))
 
 

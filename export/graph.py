@@ -13,12 +13,14 @@ Exporter: torch.onnx.export with dynamo=True (torch.export, then onnxscript), th
 supports; the legacy TorchScript exporter is deprecated. Opset 18: ONNX Runtime and TensorRT 10's
 parser both take it, and the ops the model core traces to (MatMul/Gemm, Gather/GatherND, Range,
 ReduceMean, Softmax, Where, Tanh, ...) are all in TensorRT's supported list; RMSNorm is already
-decomposed in the model core. Weights go to one external data file (model.onnx.data), so models
-over protobuf's 2 GB limit export too. The graph's metadata_props record the serving shape.
+decomposed in the model core. Weights go to one external data file (model.onnx.data), written from
+the model's own tensors, so models over protobuf's 2 GB limit export too. The graph's metadata_props
+record the serving shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -62,6 +64,32 @@ class StepGraph(nn.Module):
         return (out.logits, *out.new_k, *out.new_v, *extra)
 
 
+class StoredTransposed(nn.Module):
+    """nn.Linear as x @ W^T with W^T held as a view of W (no copy), so the graph's MatMul reads the weight as
+    stored: with a Transpose between them, the graph would need constant folding, which copies every weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t(), requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.weight_t
+
+
+@contextlib.contextmanager
+def linears_stored_transposed(model: nn.Module):
+    """Every nn.Linear of `model` swapped for StoredTransposed while the block runs, then put back."""
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    for parent, name, child in swapped:
+        setattr(parent, name, StoredTransposed(child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
 def example_inputs(model: GPT, max_slots: int) -> tuple:
     """Trace inputs with B, T, Lc all > 1 and distinct, so torch.export keeps them symbolic."""
     cfg = model.config
@@ -85,34 +113,36 @@ def export_onnx(model: GPT, out_dir: Path, max_slots: int, max_seq: int, log=pri
     caches = tuple({0: Lc} for _ in range(2 * cfg.n_layer)) + ((None,) if cfg.smear else ())
     dynamic_shapes = ({0: B, 1: T}, {0: B}, {0: B}, caches)
     log(f"tracing {cfg.generation} model ({cfg.n_layer} layers, C={cfg.n_embd}) with torch.export ...")
-    with warnings.catch_warnings():
+    # Not optimized by onnxscript: ONNX Runtime and TensorRT optimize the graph themselves when they load it, and
+    # onnxscript's rewrite rules are module-level objects that keep the last graph they matched, weights and all,
+    # for the rest of the process (for a d20, 5.6 GB held while the graph is checked).
+    with warnings.catch_warnings(), linears_stored_transposed(model):
         warnings.simplefilter("ignore")  # torch.onnx's notes on axis renaming and deprecated pytree APIs
         program = torch.onnx.export(
             StepGraph(model).eval(), example_inputs(model, max_slots), None,
             input_names=input_names(cfg.n_layer, cfg.smear), output_names=output_names(cfg.n_layer, cfg.smear),
-            dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes, verbose=False,
+            dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes, verbose=False, optimize=False,
         )
-    proto = program.model_proto
+    # the exporter's own IR model: its weights are the model's tensors, written one at a time by save(), never
+    # gathered into one protobuf (for a d20 that copy alone was the size of the weights)
     meta = dict(generation=cfg.generation, max_slots=max_slots, max_seq=max_seq, precision="fp32")
-    set_metadata(proto, meta)
-    return save(proto, out_dir)
+    set_metadata(program.model, meta)
+    return save(program.model, out_dir)
 
 
-def set_metadata(proto, values: dict) -> None:
-    """Merge `values` into the graph's "nanochat" metadata entry (read by backend/onnx_runner.py)."""
-    entries = {p.key: p for p in proto.metadata_props}
-    entry = entries.get("nanochat") or proto.metadata_props.add(key="nanochat")
-    entry.value = json.dumps({**json.loads(entry.value or "{}"), **values})
+def set_metadata(model, values: dict) -> None:
+    """Merge `values` into the onnx_ir model's "nanochat" metadata entry (read by backend/onnx_runner.py)."""
+    model.metadata_props["nanochat"] = json.dumps({**json.loads(model.metadata_props.get("nanochat", "{}")), **values})
 
 
-def save(proto, out_dir: Path) -> Path:
-    import onnx
+def save(model, out_dir: Path) -> Path:
+    """An onnx_ir model to out_dir/model.onnx, its weights streamed to one external data file."""
+    import onnx_ir as ir
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / P.ONNX_FILE
-    (out_dir / P.ONNX_DATA_FILE).unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=P.ONNX_DATA_FILE, size_threshold=1024)
+    # weights at page-aligned offsets, which ONNX Runtime maps from the file instead of copying
+    ir.save(model, path, external_data=P.ONNX_DATA_FILE, size_threshold_bytes=1024, alignment=4096)
     return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import platform
 import shutil
@@ -29,7 +30,7 @@ from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint
 from core.config import parse_overrides
 from export import graph, repository
 from export.options import DEFAULT_SOURCE, ExportOptions
-from export.precision import lower_precision
+from export.precision import lower_file
 
 
 def say(line: str) -> None:
@@ -113,24 +114,43 @@ def versions() -> dict:
                 tensorrt=trt_version, python=platform.python_version())
 
 
-def verify_onnx(onnx_path: Path, model, max_slots: int, max_seq: int, precision: str, log) -> float | None:
-    """Prefill 8 tokens, then decode 4, under ONNX Runtime (CPU) and the model core; max |logit diff|."""
-    from backend.onnx_runner import OrtRunner
+@dataclasses.dataclass
+class Reference:
+    """The model core's logits for a prefill of 8 tokens and 4 greedy decode steps, which verify_onnx replays
+    under ONNX Runtime. Computed before the graph runs, so the PyTorch model can be freed first."""
+
+    steps: list[tuple[np.ndarray, np.ndarray]]  # (token ids [1, T], positions [1]) per step
+    logits: list[np.ndarray]
+    slot: np.ndarray  # the last slot, so a graph that ignores slots cannot pass
+    cache_len: int  # positions the check needs: its runners hold this much cache, not max_seq's
+
+
+def reference_steps(model, max_slots: int, max_seq: int) -> Reference:
     from core.gpt import TorchRunner
+
+    n = min(8, max_seq - 5)
+    token = ((np.arange(n, dtype=np.int64) * 7919) % model.config.vocab_size)[None, :]
+    ref = Reference([], [], np.array([max_slots - 1]), n + 4)
+    runner = TorchRunner(model, max_slots, ref.cache_len)
+    for step in range(5):
+        pos = np.array([0 if step == 0 else n + step - 1])
+        logits = runner.forward(token, pos, ref.slot)
+        ref.steps.append((token, pos))
+        ref.logits.append(logits)
+        token = np.array([[int(logits.argmax())]])
+    return ref
+
+
+def verify_onnx(onnx_path: Path, ref: Reference, max_slots: int, precision: str, log) -> float | None:
+    """Replay `ref` under ONNX Runtime (CPU); max |logit diff|, or an error beyond the precision's bound."""
+    from backend.onnx_runner import OrtRunner
 
     if precision == "bf16":
         log("ONNX Runtime check skipped: ONNX Runtime has no bf16 kernels on CPU (TensorRT runs this graph)")
         return None
-    n = min(8, max_seq - 5)
-    ids = (np.arange(n, dtype=np.int64) * 7919) % model.config.vocab_size
-    ort, ref = OrtRunner(onnx_path, max_slots, max_seq, providers=["CPUExecutionProvider"]), TorchRunner(
-        model, max_slots, max_seq)
-    slot, diff, token = np.array([max_slots - 1]), 0.0, ids[None, :]
-    for step in range(5):
-        pos = np.array([0 if step == 0 else n + step - 1])
-        a, b = ort.forward(token, pos, slot), ref.forward(token, pos, slot)
-        diff = max(diff, float(np.abs(a - b).max()))
-        token = np.array([[int(b.argmax())]])
+    ort = OrtRunner(onnx_path, max_slots, ref.cache_len, providers=["CPUExecutionProvider"])
+    diff = max(float(np.abs(ort.forward(token, pos, ref.slot) - logits).max())
+               for (token, pos), logits in zip(ref.steps, ref.logits, strict=True))
     log(f"ONNX Runtime check: prefill + 4 decode steps, max |logits - PyTorch| = {diff:.2e}")
     limit = 1e-3 if precision == "fp32" else 0.5
     if diff > limit:
@@ -191,19 +211,19 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
         with repository.staging(repo, name) as stage:
             vdir = stage / protocol.VERSION
             t = time.perf_counter()
+            reference = reference_steps(gpt, max_slots, max_seq) if o.verify else None
             onnx_path = graph.export_onnx(gpt, vdir, max_slots, max_seq, log)
+            # the weights are in the graph's file now: their memory goes before it is read back (the exporter's
+            # objects hold them in reference cycles, hence the collection)
+            del gpt, loaded
+            gc.collect()
             if precision != "fp32":
-                import onnx
-
                 log(f"lowering the graph to {precision} (fp32 norms, softmax, softcap) ...")
-                proto = onnx.load(str(onnx_path))
-                lower_precision(proto, precision)
-                graph.set_metadata(proto, {"precision": precision})
-                graph.save(proto, vdir)
+                lower_file(onnx_path, precision)
             log(f"traced in {time.perf_counter() - t:.1f}s; checking the ONNX graph ...")
             graph.check(onnx_path)
-            if o.verify:
-                verify_onnx(onnx_path, gpt, max_slots, max_seq, precision, log)
+            if reference is not None:
+                verify_onnx(onnx_path, reference, max_slots, precision, log)
             trt_info = None
             if runtime == "tensorrt":
                 from export.tensorrt_build import build_engine

@@ -3,20 +3,22 @@ fp16 / bf16 versions of the exported fp32 graph, typed so TensorRT can build it 
 
 TensorRT deprecates weak typing (builder precision flags) since 10.12 and always builds strongly
 typed from 11.0, so the precision has to be in the ONNX graph itself. This pass rewrites the traced
-fp32 graph rather than tracing a half model: the model core's RMSNorm computes x^2 in the input
-dtype, which overflows fp16 for activations above 256, and nanochat itself computes norms, softmax
-and the softcap in fp32. The rewrite is autocast-like:
+fp32 graph (one weight at a time from its file) rather than tracing a half model: the model core's
+RMSNorm computes x^2 in the input dtype, which overflows fp16 for activations above 256, and
+nanochat itself computes norms, softmax and the softcap in fp32. The rewrite is autocast-like:
 
-  - weights that feed MatMul/Gemm (every Linear) and Gather (embeddings, value embeddings, rotary
-    tables) are stored in the low dtype; those matmuls run in it, and their results and looked-up
-    rows are cast back to fp32 (this is what halves the bytes a decode step reads);
+  - weights that feed MatMul/Gemm (every Linear) and Gather (embeddings, value embeddings) are
+    stored in the low dtype; those matmuls run in it, and their results and looked-up rows are cast
+    back to fp32 (this is what halves the bytes a decode step reads);
   - the KV cache and G4's prev_embedding are inputs and outputs in the low dtype (nanochat's CUDA
     cache is bf16 too), cast to fp32 where the graph reads them;
-  - everything else stays fp32: RMSNorm, rotary, QK norm, attention scores and softmax, residual
+  - everything else stays fp32: RMSNorm, rotary (its small tables too), QK norm, attention scores and softmax, residual
     stream, lambdas, softcap. logits stay float32.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,11 +29,11 @@ LOW = {"fp16": (torch.float16, 10), "bf16": (torch.bfloat16, 16)}  # torch dtype
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def _to_low(tensor, precision: str):
+def _to_low(tensor, precision: str, base_dir: Path):
     from onnx import numpy_helper
 
     dtype, onnx_type = LOW[precision]
-    arr = torch.from_numpy(np.array(numpy_helper.to_array(tensor), dtype=np.float32)).to(dtype)
+    arr = torch.from_numpy(np.array(numpy_helper.to_array(tensor, str(base_dir)), dtype=np.float32)).to(dtype)
     out = type(tensor)()
     out.name, out.data_type = tensor.name, onnx_type
     out.dims.extend(tensor.dims)
@@ -39,9 +41,27 @@ def _to_low(tensor, precision: str):
     return out
 
 
-def lower_precision(proto, precision: str) -> None:
-    """Rewrite the fp32 ModelProto in place to `precision` (fp16|bf16) as described above."""
+def lower_file(path: Path, precision: str) -> Path:
+    """Rewrite the fp32 graph at `path` (and its weights file) to `precision` in place. Weights are read one at a
+    time from the fp32 file, so memory holds the lowered weights once, never the fp32 ones."""
+    import onnx
+    import onnx_ir as ir
+
+    from export import graph
+
+    proto = onnx.load(str(path), load_external_data=False)
+    lower_precision(proto, precision, path.parent)
+    model = ir.from_proto(proto)
+    del proto
+    graph.set_metadata(model, {"precision": precision})
+    return graph.save(model, path.parent)
+
+
+def lower_precision(proto, precision: str, base_dir: Path) -> None:
+    """Rewrite the fp32 ModelProto in place to `precision` (fp16|bf16) as described above. Weights held as external
+    data are read from `base_dir`; afterwards every weight is in the proto."""
     from onnx import TensorProto, helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     onnx_low = LOW[precision][1]
     g = proto.graph
@@ -70,7 +90,7 @@ def lower_precision(proto, precision: str) -> None:
             continue
         for w in weights:
             if w not in converted:
-                inits[w].CopyFrom(_to_low(inits[w], precision))
+                inits[w].CopyFrom(_to_low(inits[w], precision, base_dir))
                 converted.add(w)
         if node.op_type in ("MatMul", "Gemm"):
             for j, x in enumerate(node.input):
@@ -98,6 +118,9 @@ def lower_precision(proto, precision: str) -> None:
         new.CopyFrom(old)
     g.ClearField("node")
     g.node.extend(head + rewritten + tail)
+    for t in g.initializer:
+        if uses_external_data(t):  # the few that stay fp32 (lambdas, scalars)
+            load_external_data_for_tensor(t, str(base_dir))
     # the exporter's value_info still types the converted weights as float; drop those entries
     kept = [v for v in g.value_info if v.name not in converted]
     g.ClearField("value_info")

@@ -85,7 +85,7 @@ def check_oracle(onnx_path, name: str, references, max_slots: int):
 
 
 def test_oracle_head_via_make_export(make_export_head, references):
-    proc, repo = make_export_head
+    proc, repo, _ = make_export_head
     assert proc.returncode == 0, proc.stderr
     check_oracle(repo / "d4" / "1" / "model.onnx", "head", references, max_slots=8)
 
@@ -124,15 +124,16 @@ def test_ort_runner_batches_slots_and_chunks(demo_base, demo_exports):
 
 
 def lowered(fp32_path, precision: str, out_dir):
-    """The traced fp32 graph lowered to a precision, as export_model does for PRECISION=."""
+    """A copy of the traced fp32 graph lowered to a precision, as export_model does for PRECISION=."""
+    import shutil
+
     import onnx
 
-    from export import graph
-    from export.precision import lower_precision
+    from export.precision import lower_file
 
-    proto = onnx.load(str(fp32_path))
-    lower_precision(proto, precision)
-    return graph.save(proto, out_dir / precision), proto
+    shutil.copytree(fp32_path.parent, out_dir / precision)
+    path = lower_file(out_dir / precision / fp32_path.name, precision)
+    return path, onnx.load(str(path), load_external_data=False)
 
 
 def test_fp16_and_bf16_graphs_are_typed_and_valid(tmp_path, demo_exports):
@@ -154,7 +155,7 @@ def test_fp16_graph_of_the_trained_oracle_agrees_with_fp32(make_export_head, ref
     """On a trained model (the head oracle) fp16 must pick the same token as fp32 at every step of nanochat's
     greedy continuations (fed nanochat's tokens, so one early slip cannot hide the rest), and its logits stay
     close. Measured when written: agreement 1.0, max |logit diff| 4.9e-3."""
-    proc, repo = make_export_head
+    proc, repo, _ = make_export_head
     assert proc.returncode == 0, proc.stderr
     fp32_path = repo / "d4" / "1" / "model.onnx"
     fp32 = OrtRunner(fp32_path, 8, 512, threads=1)
@@ -173,22 +174,19 @@ def test_fp16_graph_of_the_trained_oracle_agrees_with_fp32(make_export_head, ref
 
 def test_the_exporters_check_rejects_a_graph_that_disagrees(demo_base, demo_exports, tmp_path):
     """verify_onnx, the check every export runs, on a graph broken on purpose (one weight changed)."""
-    import shutil
-
     import onnx
+    import onnx_ir as ir
     from onnx import numpy_helper
 
     from export import graph
-    from export.pipeline import verify_onnx
+    from export.pipeline import reference_steps, verify_onnx
 
     source = demo_exports("G4") / "1"
-    broken_dir = tmp_path / "broken"
-    shutil.copytree(source, broken_dir)
-    proto = onnx.load(str(broken_dir / "model.onnx"))
+    proto = onnx.load(str(source / "model.onnx"))
     weight = next(w for w in proto.graph.initializer if "lm_head" in w.name)
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
-    path = graph.save(proto, broken_dir)
-    model = load_model(demo_base, "g4")
-    assert verify_onnx(source / "model.onnx", model, 3, 512, "fp32", lambda _: None) < TOL  # the real one passes
+    path = graph.save(ir.from_proto(proto), tmp_path / "broken")
+    reference = reference_steps(load_model(demo_base, "g4"), 3, 512)
+    assert verify_onnx(source / "model.onnx", reference, 3, "fp32", lambda _: None) < TOL  # the real one passes
     with pytest.raises(RuntimeError, match="exported graph disagrees with the model core"):
-        verify_onnx(path, model, 3, 512, "fp32", lambda _: None)
+        verify_onnx(path, reference, 3, "fp32", lambda _: None)

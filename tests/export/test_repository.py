@@ -36,7 +36,7 @@ def snapshot(model_dir: Path) -> dict:
 
 
 def test_make_export_writes_a_triton_model(make_export_head):
-    proc, repo = make_export_head
+    proc, repo, _ = make_export_head
     assert proc.returncode == 0, proc.stderr
     for line in ("loading", "tracing", "checking the ONNX graph", "ONNX Runtime check", "exported d4"):
         assert line in proc.stdout
