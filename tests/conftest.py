@@ -23,12 +23,12 @@ from tests.oracles import ORACLES, references
 DEMO_MAX_SEQ = 256
 
 
-def export_checkpoint(repository: Path, name: str, nanochat_base: Path, source: str, **settings) -> Path:
-    """Export one checkpoint into repository/name with the project's exporter (export.export_model)."""
-    from export import export_model, options
+def export_options(repository: Path, name: str, nanochat_base: Path, source: str, **settings):
+    """What tests export a checkpoint with: the project's exporter (export.export_model) into repository/name."""
+    from export import options
 
-    return export_model(options(model_repository=repository, name=name, nanochat_base_dir=nanochat_base, source=source,
-                                verify=False, **settings), log=lambda _: None)
+    return options(model_repository=repository, name=name, nanochat_base_dir=nanochat_base, source=source,
+                   verify=False, **settings)
 
 
 @pytest.fixture(scope="session")
@@ -39,19 +39,21 @@ def oracle_references() -> dict:
 @pytest.fixture(scope="session")
 def oracle_repository(tmp_path_factory, oracle_references) -> Path:
     from core.random_checkpoint import make_checkpoint
+    from tests.exports import export_all
 
     repo = tmp_path_factory.mktemp("model_repository")
-    for name, base in ORACLES.items():
-        export_checkpoint(repo, name, base, "base", max_slots=16, max_seq=512, max_queue=64, prefill_chunk=256)
+    jobs = [export_options(repo, name, base, "base", max_slots=16, max_seq=512, max_queue=64, prefill_chunk=256)
+            for name, base in ORACLES.items()]
     demo_base = tmp_path_factory.mktemp("demo_checkpoint")
     make_checkpoint(demo_base, "G4", depth=2, n_embd=64, sequence_len=DEMO_MAX_SEQ)
-    export_checkpoint(repo, "demo", demo_base, "sft", max_slots=4, max_seq=DEMO_MAX_SEQ, max_queue=8,
-                      prefill_chunk=64)
+    jobs.append(export_options(repo, "demo", demo_base, "sft", max_slots=4, max_seq=DEMO_MAX_SEQ, max_queue=8,
+                               prefill_chunk=64))
     # head-sized, so a request holds its one slot long enough (seconds) for queueing and cancelling tests
     slow_base = tmp_path_factory.mktemp("slow_checkpoint")
     make_checkpoint(slow_base, "G4", depth=4, n_embd=256, n_head=4, sequence_len=1024)
-    export_checkpoint(repo, "demo_1slot", slow_base, "sft", max_slots=1, max_seq=1024, max_queue=1,
-                      prefill_chunk=64)
+    jobs.append(export_options(repo, "demo_1slot", slow_base, "sft", max_slots=1, max_seq=1024, max_queue=1,
+                               prefill_chunk=64))
+    export_all(jobs)
     return repo
 
 

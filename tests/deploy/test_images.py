@@ -94,13 +94,25 @@ def test_recipes_are_read_from_the_dockerfiles():
 
 
 @pytest.fixture(scope="module")
-def triton_image_env(tmp_path_factory):
-    return build_environment(tmp_path_factory.mktemp("triton_image"), DOCKER / "triton.Dockerfile", "triton")
+def image_envs(tmp_path_factory) -> dict:
+    """Both images' environments, built side by side (each pip install is mostly one process unpacking wheels)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    recipes = {"triton": ("triton.Dockerfile", "triton"), "bff": ("bff.Dockerfile", "build")}
+    with ThreadPoolExecutor(len(recipes)) as pool:
+        futures = {name: pool.submit(build_environment, tmp_path_factory.mktemp(f"{name}_image"), DOCKER / file, stage)
+                   for name, (file, stage) in recipes.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 @pytest.fixture(scope="module")
-def bff_image_env(tmp_path_factory):
-    return build_environment(tmp_path_factory.mktemp("bff_image"), DOCKER / "bff.Dockerfile", "build")
+def triton_image_env(image_envs):
+    return image_envs["triton"]
+
+
+@pytest.fixture(scope="module")
+def bff_image_env(image_envs):
+    return image_envs["bff"]
 
 
 def test_the_triton_image_imports_its_serving_modules_and_nothing_of_the_bff(triton_image_env):

@@ -8,34 +8,48 @@ only with their --override flags (recorded in metadata.json), which tests/core s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from backend.onnx_runner import OrtRunner
 from backend.protocol import METADATA_FILE, ONNX_FILE, VERSION
-from export import export_model, options
+from export import options
 from tests.oracles import checkpoint_with_tokenizer, generation_oracle, generation_oracles, overrides_of
 
 TOL = 1e-3
 
 
-def export_and_decode(name: str, tmp_path, overrides: list[str]) -> tuple[float, dict]:
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """name -> model folder: every generation oracle exported with its overrides, side by side."""
+    from tests.exports import export_all
+
+    names, jobs = generation_oracles(), []
+    for name in names:
+        folder, entry = generation_oracle(name)
+        ckpt = checkpoint_with_tokenizer(name, tmp_path_factory.mktemp(name) / "checkpoint")
+        jobs.append(options(checkpoint_dir=ckpt, model_repository=tmp_path_factory.mktemp("repo"), name="m",
+                            runtime="onnx", max_slots=2, max_seq=len(np.load(folder / "ids.npy")),
+                            overrides=tuple(overrides_of(entry)), verify=False))
+    return dict(zip(names, export_all(jobs), strict=True))
+
+
+def decode(name: str, target: Path) -> float:
+    """nanochat's use of the cache (prefill, then one token at a time) through OrtRunner; max |logit diff|."""
     folder, entry = generation_oracle(name)
-    ckpt = checkpoint_with_tokenizer(name, tmp_path / "checkpoint")
     ids, want = np.load(folder / "ids.npy"), np.load(folder / "logits_decode.npy")
-    target = export_model(options(checkpoint_dir=ckpt, model_repository=tmp_path / "repo", name="m", runtime="onnx",
-                                  max_slots=2, max_seq=len(ids), overrides=tuple(overrides), verify=False),
-                          log=lambda _: None)
     runner, slot, prefill = OrtRunner(target / VERSION / ONNX_FILE, 2, len(ids)), np.array([1]), entry["prefill"]
     got = [runner.forward(ids[None, :prefill], np.array([0]), slot)[0]]
     got += [runner.forward(ids[None, p : p + 1], np.array([p]), slot)[0] for p in range(prefill, len(ids))]
-    return float(np.abs(np.array(got) - want).max()), json.loads((target / VERSION / METADATA_FILE).read_text())
+    return float(np.abs(np.array(got) - want).max())
 
 
 @pytest.mark.parametrize("name", generation_oracles() or ["missing"])
-def test_exported_graph_decodes_as_nanochat(name, tmp_path):
+def test_exported_graph_decodes_as_nanochat(name, exported):
     _, entry = generation_oracle(name)
-    err, meta = export_and_decode(name, tmp_path, overrides_of(entry))
+    err = decode(name, exported[name])
+    meta = json.loads((exported[name] / VERSION / METADATA_FILE).read_text())
     assert err < TOL, f"max |logits - nanochat| = {err:.2e}"
     assert meta["generation"] == entry["generation"] and meta["overrides"] == overrides_of(entry)
