@@ -177,3 +177,7 @@ NEW_KV_PREFIXES = (new_k(0)[:-1], new_v(0)[:-1])
 
 # The TensorRT engine's optimization profiles, one execution context each (backend/trt_runner.py).
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
+# Prompt rows one prefill call of a TensorRT engine takes (its prefill profile's largest batch): with T up to
+# the prefill chunk, its activation memory grows with rows x chunk x max_seq, so rows are few and fixed; the
+# runner splits a larger prefill batch into calls of this many rows.
+PREFILL_ROWS = 4

@@ -5,7 +5,10 @@ as metadata.json's runtime says, on the device of the Triton instance that loads
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from backend.model_config import ModelShape
 from backend.protocol import ONNX_FILE, PLAN_FILE
@@ -23,3 +26,18 @@ def make_runner(shape: ModelShape, version_dir: Path, gpu: bool, device_id: int)
     from backend.trt_runner import TrtRunner  # ModelShape admits onnx and tensorrt only
 
     return TrtRunner(version_dir / PLAN_FILE, shape.max_slots, shape.max_seq, device_id=device_id)
+
+
+def in_pieces(forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], input_ids: np.ndarray,
+              positions: np.ndarray, slots: np.ndarray, max_rows: int, max_tokens: int) -> np.ndarray:
+    """forward() on a batch larger than an engine's profile takes: groups of at most max_rows rows, each fed
+    max_tokens tokens at a time (positions advancing, so each piece reads the cache the one before wrote).
+    Returns each row's logits after its last token, as one call would."""
+    T = input_ids.shape[1]
+    out = []
+    for r in range(0, len(input_ids), max_rows):
+        ids, pos, sl = input_ids[r : r + max_rows], positions[r : r + max_rows], slots[r : r + max_rows]
+        for t in range(0, T, max_tokens):
+            logits = forward(ids[:, t : t + max_tokens], pos + t, sl)
+        out.append(logits)
+    return np.concatenate(out)

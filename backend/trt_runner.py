@@ -8,7 +8,9 @@ reads the cache in place; the new K/V come back in small per-step buffers and ar
 the cache rows of the batch on the same stream (B*T rows, never the whole cache).
 
 The engine has two optimization profiles (0 prefill, 1 decode); the runner keeps one execution
-context per profile and picks decode when T == 1. Device memory and streams come from torch.cuda.
+context per profile, both on one block of activation memory, and picks decode when T == 1. A prefill
+larger than the prefill profile (more rows than protocol.PREFILL_ROWS, or a prefill_chunk raised in
+config.pbtxt past the engine's) runs as several calls. Device memory and streams come from torch.cuda.
 
 Before deserializing, the runner compares the TensorRT version and GPU compute capability the
 engine was built for (metadata.json beside the plan) with this machine's, and refuses a mismatch
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from backend import protocol as P
+from backend.runner import in_pieces
 
 # TensorRT's tensor types by name -> torch's. Not trt.nptype: numpy has no bf16, and TensorRT 10 raises
 # TypeError for it there, so a bf16 engine would export and then fail to load.
@@ -85,11 +88,20 @@ class TrtRunner:
         if self.engine is None:
             raise EngineMismatch(f"TensorRT could not deserialize {plan_path} (see its messages above)")
         self.stream = torch.cuda.Stream(self.device)
+        # One block of activation memory for both contexts: they run one at a time on one stream, and each would
+        # otherwise hold the largest profile's whole size (TensorRT's default, STATIC).
+        profiles = (P.PREFILL_PROFILE, P.DECODE_PROFILE)
+        scratch = max(self.engine.get_device_memory_size_for_profile_v2(p) for p in profiles)
+        self.scratch = torch.empty(max(1, scratch), dtype=torch.uint8, device=self.device)
         self.contexts = []
-        for profile in (P.PREFILL_PROFILE, P.DECODE_PROFILE):
-            ctx = self.engine.create_execution_context()
+        for profile in profiles:
+            ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            ctx.set_device_memory(self.scratch.data_ptr(), scratch)
             ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
             self.contexts.append(ctx)
+        # the largest prefill call the engine takes (rows, tokens); larger ones are split (backend/runner.py)
+        largest = self.engine.get_tensor_profile_shape(P.INPUT_IDS, P.PREFILL_PROFILE)[2]
+        self.prefill_rows, self.prefill_tokens = int(largest[0]), int(largest[1])
 
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -108,13 +120,19 @@ class TrtRunner:
         self.out_dtype = {n: dtype(n) for n in self.outputs}  # outputs are per step, from torch's allocator
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        import torch
-
         B, T = input_ids.shape
         if int(positions.max()) + T > self.max_seq:
             raise ValueError(f"positions {positions.tolist()} + {T} tokens exceed the cache of {self.max_seq}")
         if slots.min() < 0 or slots.max() >= self.max_slots:
             raise ValueError(f"slots {slots.tolist()} outside 0..{self.max_slots - 1}")
+        if T > 1 and not (self.prefill_rows >= B and self.prefill_tokens >= T):
+            return in_pieces(self._step, input_ids, positions, slots, self.prefill_rows, self.prefill_tokens)
+        return self._step(input_ids, positions, slots)
+
+    def _step(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        import torch
+
+        B, T = input_ids.shape
         Lc = max(1, int(positions.max()))
         ctx = self.contexts[P.DECODE_PROFILE if T == 1 else P.PREFILL_PROFILE]
         with torch.cuda.stream(self.stream):

@@ -5,7 +5,7 @@ A TensorRT engine (model.plan) from the exported ONNX graph, with the tensorrt P
   always types strongly): the graph's own dtypes decide the precision, which is why fp16/bf16 are
   lowered in the ONNX (export/precision.py). Older versions get the matching builder flag instead.
 - Two optimization profiles, one per execution context in backend/trt_runner.py (the NeMo GPT demo
-  pattern): 0 = prefill (T up to max_seq, tuned for a prefill_chunk prompt), 1 = decode (T = 1,
+  pattern): 0 = prefill (up to PREFILL_ROWS rows of up to prefill_chunk tokens), 1 = decode (T = 1,
   tuned for every slot busy at half the context). Lc (the cache rows read) ranges 1..max_seq.
 - A timing cache per TensorRT version and GPU under ~/.cache/nanochat-triton, so rebuilds (other
   precisions, other models) reuse kernel timings.
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.protocol import CACHE_PREFIXES, DECODE_PROFILE, INPUT_IDS, POSITIONS, PREFILL_PROFILE, SLOTS
+from backend.protocol import CACHE_PREFIXES, DECODE_PROFILE, INPUT_IDS, POSITIONS, PREFILL_PROFILE, PREFILL_ROWS, SLOTS
 
 
 def unavailable_reason() -> str | None:
@@ -115,18 +115,13 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
     if hasattr(config, "progress_monitor"):
         config.progress_monitor = _progress_monitor(trt, log)
 
-    chunk = max(1, min(prefill_chunk, max_seq))
-    shapes = {  # profile -> (min, opt, max) of (B, T, Lc)
-        PREFILL_PROFILE: ((1, 1, 1), (1, chunk, chunk), (max_slots, max_seq, max_seq)),
-        DECODE_PROFILE: ((1, 1, 1), (max_slots, 1, max(1, max_seq // 2)), (max_slots, 1, max_seq)),
-    }
-    for index in (PREFILL_PROFILE, DECODE_PROFILE):
+    for dims in profile_shapes(max_slots, max_seq, prefill_chunk).values():  # in profile index order
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
-            dims = [_dims(tensor.name, tuple(tensor.shape), s) for s in shapes[index]]
-            if dims[0] is not None:
-                profile.set_shape(tensor.name, *dims)
+            shapes = [_dims(tensor.name, tuple(tensor.shape), s) for s in dims]
+            if shapes[0] is not None:
+                profile.set_shape(tensor.name, *shapes)
         config.add_optimization_profile(profile)
 
     cc = compute_capability()
@@ -146,6 +141,17 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
     log(f"tensorrt: engine built in {time.perf_counter() - t:.1f}s ({plan_path.stat().st_size / 1e6:.1f} MB)")
     return dict(version=trt.__version__, compute_capability=cc, device=device_name(),
                 strongly_typed=strongly_typed, profiles={"prefill": PREFILL_PROFILE, "decode": DECODE_PROFILE})
+
+
+def profile_shapes(max_slots: int, max_seq: int, prefill_chunk: int) -> dict[int, tuple]:
+    """profile -> (min, opt, max) of (B, T, Lc). Prefill takes at most PREFILL_ROWS rows of at most a prefill chunk
+    (the runner splits larger calls), so its activation memory (attention scores: B x heads x T x Lc) grows with
+    the chunk and max_seq, never with max_seq squared or with max_slots."""
+    chunk = max(1, min(prefill_chunk, max_seq))
+    return {
+        PREFILL_PROFILE: ((1, 1, 1), (1, chunk, chunk), (min(max_slots, PREFILL_ROWS), chunk, max_seq)),
+        DECODE_PROFILE: ((1, 1, 1), (max_slots, 1, max(1, max_seq // 2)), (max_slots, 1, max_seq)),
+    }
 
 
 def _dims(name: str, shape: tuple, bt_lc: tuple):
