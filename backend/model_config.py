@@ -28,10 +28,15 @@ def knob(default: int | None, low: int, high: int, doc: str):
     return field(**kw, metadata={"range": (low, high), "doc": doc})
 
 
+AUTO = "auto"  # a setting the exporter works out for the machine (ExportOptions fields marked auto=True)
+
+
 def check_ranges(obj: object) -> None:
     for f in dataclasses.fields(obj):
         low, high = f.metadata.get("range", (None, None))
         value = getattr(obj, f.name)
+        if value == AUTO and f.metadata.get("auto"):
+            continue
         if low is not None and value is not None and not (isinstance(value, int) and low <= value <= high):
             raise ValueError(f"{f.name} must be an integer in [{low}, {high}], got {value!r}")
 

@@ -14,13 +14,20 @@ import argparse
 import signal
 import sys
 
+from backend.model_config import AUTO
 from export.options import ExportOptions, fields, from_env, options
 from export.pipeline import ExportError, export_model
 
 TRUE = ("1", "true", "yes", "on")
 
 
-def _kind(f) -> type:
+def int_or_auto(text: str) -> int | str:
+    return text if text == AUTO else int(text)
+
+
+def _kind(f):
+    if f.metadata.get("auto"):
+        return int_or_auto
     return bool if "bool" in f.type else int if "int" in f.type and "tuple" not in f.type else str
 
 
@@ -63,8 +70,8 @@ def parse_options(argv: list[str] | None = None, env: dict[str, str] | None = No
                 try:
                     given[name] = raw.lower() in TRUE if kind is bool else kind(raw)
                 except ValueError:
-                    raise ValueError(f"{name.upper()}={raw!r} is not {'an integer' if kind is int else 'valid'}")\
-                        from None
+                    wanted = "valid" if kind is str else "an integer" + (" or auto" if kind is int_or_auto else "")
+                    raise ValueError(f"{name.upper()}={raw!r} is not {wanted}") from None
     return options(**given)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from backend.model_config import PRECISIONS, RUNTIMES, EngineConfig, ModelShape, check_ranges
+from backend.model_config import AUTO, PRECISIONS, RUNTIMES, EngineConfig, ModelShape, check_ranges
 from core.checkpoint import SOURCES
 from core.config import parse_overrides
 
@@ -41,8 +41,10 @@ class ExportOptions:
     precision: str = option("auto", "graph precision; fp16/bf16 keep norms, softmax and softcap in fp32. auto: bf16 "
                                     "for TensorRT on GPUs with bf16 (compute capability 8.0+), fp16 on older GPUs "
                                     "and for ONNX Runtime's CUDA provider, fp32 on CPU", choices=("auto", *PRECISIONS))
-    max_slots: int = option(_SHAPE["max_slots"].default, _SHAPE["max_slots"].metadata["doc"],
-                            range=_SHAPE["max_slots"].metadata["range"])
+    max_slots: int | str = option(AUTO, _SHAPE["max_slots"].metadata["doc"] + "; auto: as many as the GPU's free "
+                                        "memory holds at max_seq after the weights and a margin (printed), "
+                                        f"{_SHAPE['max_slots'].default} on CPU",
+                                  range=_SHAPE["max_slots"].metadata["range"], auto=True)
     max_seq: int | None = option(None, "context per row; default: the checkpoint's sequence_len",
                                  range=_SHAPE["max_seq"].metadata["range"])
     overrides: tuple[str, ...] = option((), "key=value for a model constant the checkpoint's files cannot tell "

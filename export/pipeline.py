@@ -25,12 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from backend import protocol
-from backend.model_config import ModelShape, config_pbtxt
+from backend.model_config import AUTO, ModelShape, config_pbtxt
 from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint
 from core.config import parse_overrides
 from export import graph, repository
 from export.options import DEFAULT_SOURCE, ExportOptions
 from export.precision import lower_file
+
+# MAX_SLOTS=auto on CPU (ModelShape's default), where a step's cost grows with every row
+CPU_SLOTS = next(f.default for f in dataclasses.fields(ModelShape) if f.name == "max_slots")
+GPU_MARGIN = 2 << 30  # bytes of a GPU that MAX_SLOTS=auto leaves for activations and the CUDA context, at least
+MAX_AUTO_SLOTS = 256  # vLLM's default max_num_seqs: past it, a decode step's latency outweighs the batch
 
 
 def say(line: str) -> None:
@@ -89,6 +94,38 @@ def choose_precision(precision: str, runtime: str, kind: str, capability: str | 
         return "fp32"
     major = int((capability or "0").split(".")[0])
     return "bf16" if runtime == "tensorrt" and major >= 8 else "fp16"
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(free, total) bytes of GPU 0, from torch; None where torch has no CUDA (ONNX Runtime's CUDA provider alone)."""
+    try:
+        import torch
+
+        return torch.cuda.mem_get_info(0) if torch.cuda.is_available() else None
+    except Exception:  # a driver torch cannot talk to: no figure, so the CPU default below
+        return None
+
+
+def choose_max_slots(asked: int | str, memory: tuple[int, int] | None, weight_bytes: int, kv_bytes_per_seq: int,
+                     log: Callable[[str], None]) -> int:
+    """MAX_SLOTS=auto: the sequences whose KV cache at max_seq fits in the GPU's free memory after the weights and a
+    margin (a tenth of the GPU, at least GPU_MARGIN bytes: activations, the CUDA context, fragmentation), at most
+    MAX_AUTO_SLOTS; CPU_SLOTS on CPU or where the free memory cannot be read. A number is taken as it is."""
+    if asked != AUTO:
+        return int(asked)
+    if memory is None:
+        log(f"max_slots: {CPU_SLOTS} (auto: no GPU memory to size the KV cache by)")
+        return CPU_SLOTS
+    free, total = memory
+    margin = max(GPU_MARGIN, total // 10)
+    room = free - weight_bytes - margin
+    slots = max(1, min(MAX_AUTO_SLOTS, room // kv_bytes_per_seq))
+    log(f"max_slots: {slots} (auto: {free / 1e9:.1f} GB free - {weight_bytes / 1e9:.1f} GB weights - "
+        f"{margin / 1e9:.1f} GB margin, over {kv_bytes_per_seq / 1e9:.3f} GB of KV cache per sequence)")
+    if room < kv_bytes_per_seq:
+        log("warning: the GPU's free memory does not hold one sequence's KV cache after the weights; serving may "
+            "run out of memory (a smaller MAX_SEQ needs less)")
+    return slots
 
 
 def instance_kind(runtime: str) -> str:
@@ -198,14 +235,18 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
     if not 2 <= max_seq <= cfg.rope_len:
         raise ExportError(f"MAX_SEQ must be 2..{cfg.rope_len} (10x sequence_len, nanochat's rotary table), "
                           f"not {max_seq}")
-    shape = ModelShape(runtime=runtime, precision=o.precision, max_seq=max_seq, max_slots=o.max_slots)
-    max_slots, precision = shape.max_slots, shape.precision
     from core.gpt import build_gpt
 
     gpt = build_gpt(cfg, loaded.state_dict)
     n_params = sum(p.numel() for p in gpt.parameters())
     log(f"model: {cfg.generation}, {cfg.n_layer} layers, C={cfg.n_embd}, {n_params / 1e6:.1f}M parameters, "
         f"vocab {cfg.vocab_size}, sequence_len {cfg.sequence_len}")
+    width = 4 if o.precision == "fp32" else 2
+    memory = gpu_memory() if kind == "KIND_GPU" else None
+    slots = choose_max_slots(o.max_slots, memory, n_params * width,
+                             2 * cfg.n_layer * max_seq * cfg.n_kv_head * cfg.head_dim * width, log)
+    shape = ModelShape(runtime=runtime, precision=o.precision, max_seq=max_seq, max_slots=slots)
+    max_slots, precision = shape.max_slots, shape.precision
 
     try:
         with repository.staging(repo, name) as stage:
