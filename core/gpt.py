@@ -210,11 +210,12 @@ class GPT(nn.Module):
         return StepOutput(logits, new_k, new_v, new_prev)
 
     def empty_cache(self, max_slots: int, max_seq: int) -> tuple[list, list, torch.Tensor | None]:
-        cfg = self.config
+        """A KV cache on the model's device, in its dtype (bf16 on a GPU, as nanochat's)."""
+        cfg, like = self.config, dict(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         shape = (max_seq, max_slots, cfg.n_kv_head, cfg.head_dim)
-        k = [torch.zeros(shape) for _ in range(cfg.n_layer)]
-        v = [torch.zeros(shape) for _ in range(cfg.n_layer)]
-        prev = torch.zeros(max_slots, cfg.n_embd) if cfg.smear else None
+        k = [torch.zeros(shape, **like) for _ in range(cfg.n_layer)]
+        v = [torch.zeros(shape, **like) for _ in range(cfg.n_layer)]
+        prev = torch.zeros(max_slots, cfg.n_embd, **like) if cfg.smear else None
         return k, v, prev
 
     @torch.inference_mode()
@@ -235,7 +236,8 @@ def build_gpt(cfg: ModelConfig, state_dict: dict) -> GPT:
 
 
 class TorchRunner:
-    """The PyTorch model core behind the `Runner` interface: it owns a KV cache and writes new K/V."""
+    """The PyTorch model core behind the `Runner` interface: it owns a KV cache (on the model's device) and writes
+    new K/V."""
 
     def __init__(self, model: GPT, max_slots: int, max_seq: int):
         if max_seq > model.config.rope_len:
@@ -245,16 +247,17 @@ class TorchRunner:
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        ids, pos, sl = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (input_ids, positions, slots))
+        dev = self.k[0].device
+        ids, pos, sl = (torch.from_numpy(np.asarray(a, dtype=np.int64)).to(dev) for a in (input_ids, positions, slots))
         T = ids.shape[1]
         if int(pos.max()) + T > self.max_seq:
             raise ValueError(f"positions {pos.tolist()} + {T} tokens exceed the cache of {self.max_seq}")
         Lc = int(pos.max())
         out = self.model(ids, pos, sl, [k[:Lc] for k in self.k], [v[:Lc] for v in self.v], self.prev)
-        rows = (pos[:, None] + torch.arange(T)[None, :]).T  # (T, B) cache positions
+        rows = (pos[:, None] + torch.arange(T, device=dev)[None, :]).T  # (T, B) cache positions
         cols = sl[None, :].expand(T, -1)
         for cache, new in zip(self.k + self.v, out.new_k + out.new_v, strict=True):
             cache[rows, cols] = new
         if out.new_prev is not None:
             self.prev[sl] = out.new_prev
-        return out.logits.numpy()
+        return out.logits.cpu().numpy()

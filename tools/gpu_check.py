@@ -1,37 +1,41 @@
 """
-`make gpu-check`: TensorRT on a real GPU, end to end, for the demo and the oracle checkpoints.
+`make gpu-check`: every runtime this GPU box has, on the demo model and the shared oracles, in one table.
 
-For each checkpoint it exports fp32 and fp16 models with RUNTIME=tensorrt (engine build included),
-then checks and times them:
-  - fidelity: the fp32 engine against the PyTorch model core (max |logit diff| at prefill), nanochat's
-    greedy reference tokens for the oracles, and fp16 vs fp32 top-1 agreement over 64 decode steps
-    (both engines fed the fp32 engine's tokens, so every step compares the same context);
-  - speed: batch-1 decode through TrtRunner (median step, nanochat infer_bench's TPOT), and MBU = bytes
-    read per step (weights + the K/V each layer's window reads at that context) / step time / peak
-    bandwidth, beside nanochat-style PyTorch decode on the same GPU (the model core in bf16 with a
-    CUDA KV cache, batch 1; nanochat computes in bf16 on CUDA).
-Without a GPU and TensorRT it stops at once with exit 2 and the reason.
+For each checkpoint and each runtime present (PyTorch CUDA always; TensorRT and ONNX Runtime's CUDA provider when
+installed), at fp32 and the low precisions the runtime runs:
+  - top-1 agreement with the same runtime's fp32 over the oracles' prompts and 32 decode steps (both fed the fp32
+    run's tokens, so every step compares the same context), and the largest logit difference;
+  - at fp32, greedy text equality with nanochat's own references (the oracles);
+  - decode time per step at batch 1, 8 and 64 (median of greedy steps at half the context, each row in a slot of
+    its own), tokens/s at 64, and MBU at batch 1: bytes read per step (weights + the K/V each layer's window reads)
+    / step time / the GPU's peak bandwidth (nanochat infer_bench's table).
+What is not installed is a row saying so, never a crash. Without a CUDA GPU it stops at once with exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from backend.protocol import PLAN_FILE, VERSION
 from tools.paths import ORACLE_DIR
 
-STEPS = 64
+BATCHES = (1, 8, 64)
+AGREEMENT_STEPS = 32
+SPEED_STEPS = 32
 PEAK_BANDWIDTH = [  # (substring of the device name, bytes/s), nanochat infer_bench's table; first match wins
     ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12),
 ]
+WIDTH = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def peak_bandwidth(device: str) -> float | None:
@@ -49,115 +53,213 @@ def dense_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("transformer.wte", "value_embeds")))
 
 
-def decode_times(forward, prompt: list[int], steps: int) -> tuple[list[int], float]:
-    """Greedy batch-1 decode through forward(ids, pos) -> logits; (tokens, median step seconds)."""
-    import torch
+@dataclass
+class Row:
+    model: str
+    runtime: str
+    precision: str
+    agreement: str = "-"  # top-1 vs fp32, "agree/steps"
+    max_diff: float | None = None
+    greedy: str = "-"  # fp32 greedy == nanochat's references, "same/conversations"
+    step_s: dict[int, float] = field(default_factory=dict)  # batch -> median seconds per decode step
+    mbu: float | None = None
+    skipped: str | None = None  # why this runtime did not run
 
-    logits = forward(np.array([prompt]), 0)
-    tokens, times = [], []
+
+def prefill_rows(runner, prompt: list[int], batch: int) -> np.ndarray:
+    """The prompt prefilled into slots 0..batch-1, one row per call (the activations of one row at a time)."""
+    return np.concatenate([runner.forward(np.array([prompt]), np.array([0]), np.array([b])) for b in range(batch)])
+
+
+def decode_step_seconds(runner, prompt: list[int], batch: int, steps: int, sync: Callable[[], None]) -> float:
+    """Median seconds of one greedy decode step with `batch` rows, each at the prompt's context."""
+    logits, slots, times = prefill_rows(runner, prompt, batch), np.arange(batch), []
     for s in range(steps):
-        tokens.append(int(np.asarray(logits)[0].argmax()))
-        torch.cuda.synchronize()
+        tokens = logits.argmax(-1)[:, None]
+        sync()
         t = time.perf_counter()
-        logits = forward(np.array([[tokens[-1]]]), len(prompt) + s)
-        torch.cuda.synchronize()
+        logits = runner.forward(tokens, np.full(batch, len(prompt) + s), slots)
+        sync()
         times.append(time.perf_counter() - t)
-    return tokens, statistics.median(times)
+    return statistics.median(times)
 
 
-def trt_forward(runner):
-    return lambda ids, pos: runner.forward(ids, np.array([pos]), np.array([0]))
+def agreement(fp32, low, prompts: list[list[int]], steps: int) -> tuple[int, int, float]:
+    """(steps where low's top-1 equals fp32's, steps, max |logit diff|), both fed fp32's greedy tokens."""
+    agree = total = 0
+    worst = 0.0
+    for prompt in prompts:
+        a, b = (r.forward(np.array([prompt]), np.array([0]), np.array([0])) for r in (fp32, low))
+        for s in range(steps):
+            agree, total = agree + int(a.argmax() == b.argmax()), total + 1
+            worst = max(worst, float(np.abs(a - b).max()))
+            token, pos = np.array([[int(a.argmax())]]), np.array([len(prompt) + s])
+            a, b = (r.forward(token, pos, np.array([0])) for r in (fp32, low))
+    return agree, total, worst
 
 
-def torch_cuda_forward(model, max_seq: int):
-    """nanochat-style decode: the model core in bf16 on the GPU, the cache in a CUDA tensor, written as
-    TorchRunner writes it (TorchRunner itself keeps its cache on the CPU)."""
+def greedy_matches(runner, conversations: list[dict]) -> int:
+    """Conversations whose greedy continuation equals nanochat's reference tokens."""
+    same = 0
+    for conv in conversations:
+        want = conv["greedy"]["tokens"]
+        logits, got = runner.forward(np.array([conv["prompt_ids"]]), np.array([0]), np.array([0])), []
+        for s in range(len(want)):
+            got.append(int(logits.argmax()))
+            logits = runner.forward(np.array([[got[-1]]]), np.array([len(conv["prompt_ids"]) + s]), np.array([0]))
+        same += got == want
+    return same
+
+
+@dataclass
+class Checkpoint:
+    label: str
+    base: Path  # nanochat base dir
+    source: str | None
+    references: dict | None  # references.json of an oracle
+
+
+def check_runtime(ck: Checkpoint, runtime: str, runners: dict, model, batches: tuple[int, ...], peak: float | None,
+                  sync: Callable[[], None]) -> list[Row]:
+    """The rows of one runtime: runners maps precision -> a Runner with max(batches) slots (fp32 first)."""
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    refs = ck.references
+    prompts = [c["prompt_ids"] for c in refs["conversations"]] if refs else [
+        rng.integers(0, cfg.vocab_size, 32).tolist()]
+    steps = min(AGREEMENT_STEPS, cfg.sequence_len - max(map(len, prompts)) - 1)
+    half = rng.integers(0, cfg.vocab_size, cfg.sequence_len // 2).tolist()
+    speed_steps = min(SPEED_STEPS, cfg.sequence_len - len(half) - 1)
+    dense = dense_params(model)
+    rows = []
+    for precision, runner in runners.items():
+        row = Row(ck.label, runtime, precision)
+        if precision == "fp32":
+            if refs:
+                row.greedy = f"{greedy_matches(runner, refs['conversations'])}/{len(refs['conversations'])}"
+        else:
+            agree, total, worst = agreement(runners["fp32"], runner, prompts, steps)
+            row.agreement, row.max_diff = f"{agree}/{total}", worst
+        for batch in batches:
+            row.step_s[batch] = decode_step_seconds(runner, half, batch, speed_steps, sync)
+        if peak:
+            width = WIDTH[precision]
+            row.mbu = bytes_per_step(cfg, dense, width, width, len(half) + speed_steps // 2) / row.step_s[1] / peak
+        rows.append(row)
+    return rows
+
+
+def torch_runners(model, precisions: tuple[str, ...], device: str, slots: int, max_seq: int) -> dict:
+    import copy
+
     import torch
 
-    dev = torch.device("cuda")
-    m = model.to(dev, dtype=torch.bfloat16)
-    k, v, prev = m.empty_cache(1, max_seq)
-    k, v = [t.to(dev, torch.bfloat16) for t in k], [t.to(dev, torch.bfloat16) for t in v]
-    prev = prev.to(dev, torch.bfloat16) if prev is not None else None
-    slot = torch.zeros(1, dtype=torch.long, device=dev)
+    from core.gpt import TorchRunner
 
-    @torch.inference_mode()
-    def forward(ids, pos):
-        ids_t = torch.as_tensor(ids, device=dev)
-        T, Lc = ids_t.shape[1], max(1, pos)
-        out = m(ids_t, torch.tensor([pos], device=dev), slot, [c[:Lc] for c in k], [c[:Lc] for c in v], prev)
-        for cache, new in zip(k + v, out.new_k + out.new_v, strict=True):
-            cache[pos : pos + T, 0] = new[:, 0]
-        if prev is not None:
-            prev[0] = out.new_prev[0]
-        return out.logits.float().cpu().numpy()
-
-    return forward
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    return {p: TorchRunner(copy.deepcopy(model).to(device, dtypes[p]), slots, max_seq) for p in precisions}
 
 
-def check_checkpoint(label: str, nanochat_base: Path, repo: Path, references: dict | None) -> list[dict]:
-    import torch
-
-    from backend.trt_runner import TrtRunner
-    from core.checkpoint import open_checkpoint
-    from core.gpt import TorchRunner, build_gpt
+def exported_runners(ck: Checkpoint, runtime: str, precisions: tuple[str, ...], repo: Path, slots: int,
+                     max_seq: int) -> dict:
+    """Each precision exported for `runtime` (tensorrt, or onnx on ONNX Runtime's CUDA provider) and loaded."""
+    from backend.protocol import ONNX_FILE, PLAN_FILE, VERSION
     from export import export_model, options
+
+    runners = {}
+    for precision in precisions:
+        target = export_model(options(model_repository=repo, name=f"{ck.label}_{runtime}_{precision}",
+                                      source=ck.source, nanochat_base_dir=ck.base, runtime=runtime,
+                                      precision=precision, max_slots=slots, max_seq=max_seq, force=True))
+        if runtime == "tensorrt":
+            from backend.trt_runner import TrtRunner
+
+            runners[precision] = TrtRunner(target / VERSION / PLAN_FILE, slots, max_seq)
+        else:
+            from backend.onnx_runner import OrtRunner
+
+            runners[precision] = OrtRunner(target / VERSION / ONNX_FILE, slots, max_seq,
+                                           providers=["CUDAExecutionProvider"])
+    return runners
+
+
+def missing_runtimes() -> dict[str, str | None]:
+    """runtime -> why it cannot run here (None: it can)."""
+    import onnxruntime
+
+    cuda_ort = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return {
+        "tensorrt": None if importlib.util.find_spec("tensorrt") else "the tensorrt package is not installed",
+        "onnxruntime-cuda": None if cuda_ort else "ONNX Runtime has no CUDAExecutionProvider here "
+                                                  "(onnxruntime-gpu is not installed)",
+    }
+
+
+def check_checkpoint(ck: Checkpoint, repo: Path, device: str, batches: tuple[int, ...], peak: float | None,
+                     sync: Callable[[], None], log: Callable[[str], None] = print) -> list[Row]:
+    from core.checkpoint import open_checkpoint
+    from core.gpt import build_gpt
     from export.pipeline import resolve_checkpoint
 
-    rows = []
-    source = "base" if references else None  # oracles are base checkpoints; others: sft, else what exists
-    loaded, _ = open_checkpoint(resolve_checkpoint(None, source, None, None, nanochat_base, print))
+    loaded, _ = open_checkpoint(resolve_checkpoint(None, ck.source, None, None, ck.base, log))
     model = build_gpt(loaded.config, loaded.state_dict)
-    cfg = model.config
-    runners = {}
-    for precision in ("fp32", "fp16"):
-        target = export_model(options(model_repository=repo, name=f"{label}_{precision}", source=source,
-                                      nanochat_base_dir=nanochat_base, runtime="tensorrt", precision=precision,
-                                      max_slots=1, force=True))
-        runners[precision] = TrtRunner(target / VERSION / PLAN_FILE, 1, cfg.sequence_len)
-    convs = references["conversations"] if references else [
-        {"name": "random", "prompt_ids": np.random.default_rng(0).integers(0, cfg.vocab_size, 64).tolist()}]
-
-    # fidelity
-    core = TorchRunner(model, 1, cfg.sequence_len)
-    prompt = convs[0]["prompt_ids"]
-    a = runners["fp32"].forward(np.array([prompt]), np.array([0]), np.array([0]))
-    b = core.forward(np.array([prompt]), np.array([0]), np.array([0]))
-    print(f"{label}: fp32 engine vs PyTorch model core at prefill: max |logit diff| {np.abs(a - b).max():.2e}")
-    if references:
-        same = 0
-        for conv in convs:
-            tokens, _ = decode_times(trt_forward(runners["fp32"]), conv["prompt_ids"], 32)
-            same += tokens == conv["greedy"]["tokens"]
-        print(f"{label}: fp32 engine greedy == nanochat references for {same}/{len(convs)} conversations")
-    agree = 0
-    f32, f16 = runners["fp32"], runners["fp16"]
-    la = f32.forward(np.array([prompt]), np.array([0]), np.array([0]))
-    lb = f16.forward(np.array([prompt]), np.array([0]), np.array([0]))
-    steps = min(STEPS, cfg.sequence_len - len(prompt) - 1)
-    for s in range(steps):
-        agree += int(la[0].argmax() == lb[0].argmax())
-        tok, pos = np.array([[int(la[0].argmax())]]), np.array([len(prompt) + s])
-        la, lb = f32.forward(tok, pos, np.array([0])), f16.forward(tok, pos, np.array([0]))
-    print(f"{label}: fp16 vs fp32 engine top-1 agreement over {steps} decode steps: {agree}/{steps} "
-          f"({agree / steps:.1%})")
-
-    # speed at half the context, nanochat infer_bench style
-    ctx_prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, cfg.sequence_len // 2).tolist()
-    steps = min(STEPS, cfg.sequence_len - len(ctx_prompt) - 1)
-    ctx_mid = len(ctx_prompt) + steps // 2
-    device = torch.cuda.get_device_name()
-    dense = dense_params(model)
-    for precision, runner in runners.items():
-        width = 4 if precision == "fp32" else 2
-        _, tpot = decode_times(trt_forward(runner), ctx_prompt, steps)
-        rows.append(dict(model=label, gen=cfg.generation, runtime="tensorrt", precision=precision, tpot=tpot,
-                         bytes=bytes_per_step(cfg, dense, width, width, ctx_mid), device=device))
-    del runners, f32, f16
-    _, tpot = decode_times(torch_cuda_forward(model, cfg.sequence_len), ctx_prompt, steps)
-    rows.append(dict(model=label, gen=cfg.generation, runtime="pytorch (model core)", precision="bf16", tpot=tpot,
-                     bytes=bytes_per_step(cfg, dense, 2, 2, ctx_mid), device=device))
+    slots, max_seq = max(batches), model.config.sequence_len
+    low = ("bf16", "fp16") if device == "cuda" and _bf16_supported() else ("fp16",)
+    log(f"{ck.label}: PyTorch on {device} ...")
+    rows = check_runtime(ck, "pytorch", torch_runners(model, ("fp32", *low), device, slots, max_seq), model, batches,
+                         peak, sync)
+    for runtime, reason in missing_runtimes().items():
+        if reason:
+            rows.append(Row(ck.label, runtime, "-", skipped=reason))
+            continue
+        log(f"{ck.label}: exporting and checking {runtime} ...")
+        name = "tensorrt" if runtime == "tensorrt" else "onnx"
+        precisions = ("fp32", *low) if runtime == "tensorrt" else ("fp32", "fp16")  # ORT's runner: no bf16
+        try:
+            runners = exported_runners(ck, name, precisions, repo, slots, max_seq)
+            rows += check_runtime(ck, runtime, runners, model, batches, peak, sync)
+        except Exception as e:  # one runtime failing is a row of the table, not the end of the check
+            rows.append(Row(ck.label, runtime, "-", skipped=f"failed: {type(e).__name__}: {e}"))
     return rows
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def table(rows: list[Row], batches: tuple[int, ...]) -> str:
+    head = (f"{'model':<6} {'runtime':<17} {'prec':<5} {'top-1 vs fp32':>13} {'max diff':>9} {'greedy':>7} "
+            + " ".join(f"{f'ms@{b}':>8}" for b in batches) + f" {f'tok/s@{batches[-1]}':>10} {'MBU@1':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"{r.model:<6} {r.runtime:<17} skipped: {r.skipped}")
+            continue
+        diff = f"{r.max_diff:.2e}" if r.max_diff is not None else "-"
+        times = " ".join(f"{r.step_s[b] * 1e3:>8.3f}" for b in batches)
+        mbu = f"{r.mbu:.1%}" if r.mbu is not None else "-"
+        lines.append(f"{r.model:<6} {r.runtime:<17} {r.precision:<5} {r.agreement:>13} {diff:>9} {r.greedy:>7} "
+                     f"{times} {batches[-1] / r.step_s[batches[-1]]:>10.0f} {mbu:>6}")
+    return "\n".join(lines)
+
+
+def checkpoints(tmp: Path, oracle_dir: Path, user_base: str | None, log: Callable[[str], None]) -> list[Checkpoint]:
+    from core.random_checkpoint import make_checkpoint
+
+    demo = tmp / "demo"
+    make_checkpoint(demo)
+    found = [Checkpoint("demo", demo, None, None)]
+    if user_base:
+        found.append(Checkpoint("user", Path(user_base), None, None))
+    for name in ("head", "orig"):
+        ref = oracle_dir / name / "references.json"
+        if ref.is_file():
+            found.append(Checkpoint(name, ref.parent, "base", json.loads(ref.read_text())))
+        else:
+            log(f"oracle {name} not found at {ref.parent}: skipped")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,41 +267,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--oracle-dir", default=str(ORACLE_DIR), help="folder with head/ and orig/ oracles")
     p.add_argument("--nanochat-base-dir", help="also check the largest sft (else base) checkpoint here")
     a = p.parse_args(argv)
-    from export.tensorrt_build import unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        print(f"make gpu-check needs a GPU with TensorRT: {reason}", file=sys.stderr)
-        return 2
     import torch
 
-    from core.random_checkpoint import make_checkpoint
-
+    if not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
+        print("make gpu-check needs a CUDA GPU: no CUDA GPU is visible on this machine", file=sys.stderr)
+        return 2
+    device_name = torch.cuda.get_device_name()
+    peak = peak_bandwidth(device_name)
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        demo = Path(tmp) / "demo"
-        make_checkpoint(demo)
-        checks = [("demo", demo, None)] + ([("user", Path(a.nanochat_base_dir), None)] if a.nanochat_base_dir else [])
-        for name in ("head", "orig"):
-            ref = Path(a.oracle_dir) / name / "references.json"
-            if ref.is_file():
-                checks.append((name, ref.parent, json.loads(ref.read_text())))
-            else:
-                print(f"oracle {name} not found at {ref.parent}: skipped")
-        for label, base, refs in checks:
-            rows += check_checkpoint(label, base, Path(tmp) / "repo", refs)
-    device = torch.cuda.get_device_name()
-    peak = peak_bandwidth(device)
-    print(f"\nbatch-1 decode on {device} (peak {peak / 1e12 if peak else float('nan'):.2f} TB/s), median step, "
-          f"context at the middle of a half-context prompt + {STEPS} steps")
-    header = (f"{'model':<6} {'gen':<4} {'runtime':<22} {'prec':<5} {'ms/token':>9} {'tok/s':>8} "
-              f"{'MB/step':>8} {'GB/s':>8} {'MBU':>6}")
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        bw = r["bytes"] / r["tpot"]
-        mbu = f"{bw / peak:.1%}" if peak else "-"
-        print(f"{r['model']:<6} {r['gen']:<4} {r['runtime']:<22} {r['precision']:<5} {r['tpot'] * 1e3:>9.3f} "
-              f"{1 / r['tpot']:>8.1f} {r['bytes'] / 1e6:>8.2f} {bw / 1e9:>8.1f} {mbu:>6}")
+        for ck in checkpoints(Path(tmp), Path(a.oracle_dir), a.nanochat_base_dir, print):
+            rows += check_checkpoint(ck, Path(tmp) / "repo", "cuda", BATCHES, peak, torch.cuda.synchronize)
+    print(f"\n{device_name} (peak {peak / 1e12 if peak else float('nan'):.2f} TB/s); decode: median step at half "
+          f"the context, each row in its own slot; greedy: fp32 == nanochat's references")
+    print(table(rows, BATCHES))
     return 0
 
 

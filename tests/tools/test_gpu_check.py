@@ -1,0 +1,29 @@
+"""
+`make gpu-check`'s code paths on this CPU: the PyTorch rows for the head oracle (greedy equality with nanochat's
+references at fp32, fp16 agreement, decode timing by batch) and the rows for runtimes that are not installed,
+which say why instead of failing. The GPU run itself is `make gpu-check` on a GPU box (exit 2 here: see
+tests/export/test_repository.py).
+"""
+
+from __future__ import annotations
+
+from tests.oracles import oracle_or_skip, references
+from tools import gpu_check
+
+
+def test_the_pytorch_rows_and_the_missing_runtimes_on_cpu(tmp_path):
+    ck = gpu_check.Checkpoint("head", oracle_or_skip("head"), "base", references("head"))
+    lines = []
+    rows = gpu_check.check_checkpoint(ck, tmp_path, "cpu", (1, 2), None, lambda: None, lines.append)
+    by = {(r.runtime, r.precision): r for r in rows}
+    fp32, fp16 = by["pytorch", "fp32"], by["pytorch", "fp16"]
+    n = len(ck.references["conversations"])
+    assert fp32.greedy == f"{n}/{n}", "the model core at fp32 continues as nanochat did"
+    agree, total = map(int, fp16.agreement.split("/"))
+    assert total > 0 and agree / total >= 0.9 and fp16.max_diff < 1.0
+    assert all(r.step_s[1] > 0 and r.step_s[2] > 0 for r in (fp32, fp16))
+    skipped = {r.runtime: r.skipped for r in rows if r.skipped}
+    assert "tensorrt package is not installed" in skipped["tensorrt"]
+    assert "CUDAExecutionProvider" in skipped["onnxruntime-cuda"]
+    text = gpu_check.table(rows, (1, 2))
+    assert "skipped: the tensorrt package is not installed" in text and f"{n}/{n}" in text
