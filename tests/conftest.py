@@ -7,6 +7,7 @@ Session fixtures that start one real Triton server for every test that needs it 
     triton_server      a tools.local_triton.LocalTriton over it with all four models loaded;
                        use .grpc_url / .http_url / .metrics_url
     oracle_references  {"head": references.json, "orig": ...} of ../shared/oracle
+    demo_training      make demo's training, in the background from the first request on
 
 Tests that use them are skipped when the oracles or the Triton wheel are missing.
 """
@@ -55,6 +56,32 @@ def oracle_repository(tmp_path_factory, oracle_references) -> Path:
                                prefill_chunk=64))
     export_all(jobs)
     return repo
+
+
+@pytest.fixture(scope="session")
+def demo_training(tmp_path_factory):
+    """`make demo`'s training (python -m tools.train_demo, about a minute on one core) in a process of its own,
+    started at the first request; returns a function that waits for it and gives (nanochat base dir, its output
+    lines). tests/export starts it, so it runs beside the exports (CPU-bound, not timed) and not beside the
+    timed tests; tests/tools waits for it."""
+    import subprocess
+    import sys
+
+    from tools.paths import PROJECT
+
+    out = tmp_path_factory.mktemp("trained_demo")
+    log = out / "train_demo.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "tools.train_demo", "--out", str(out)], cwd=PROJECT,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+    def wait() -> tuple[Path, list[str]]:
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        return out, log.read_text().splitlines()
+
+    yield wait
+    proc.kill()
+    proc.wait()
 
 
 @pytest.fixture(scope="session")

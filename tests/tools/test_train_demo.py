@@ -11,16 +11,13 @@ from core.checkpoint import find_checkpoint, open_checkpoint
 from core.generation import SamplingParams, generate
 from core.gpt import TorchRunner, build_gpt
 from tools.serve import README_PROMPT
-from tools.train_demo import train
 
 MAX_TOKENS = 64  # what the README's curl line asks for
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("demo")
-    lines = []
-    train(base, log=lines.append)
+def demo(demo_training):
+    base, lines = demo_training()  # python -m tools.train_demo, as make demo runs it
     assert any("pretraining" in line for line in lines) and "trained in" in lines[-1]  # progress lines
     loaded, tok = open_checkpoint(find_checkpoint("sft", "demo", nanochat_base=base))
     return build_gpt(loaded.config, loaded.state_dict), tok
