@@ -16,7 +16,7 @@ import pytest
 from backend import protocol
 from backend.model_config import EngineConfig
 from export import ExportError, export_model, options, repository
-from export.__main__ import main
+from export.__main__ import main, parse_options
 from tests.oracles import oracle_or_skip
 from tools.paths import PROJECT as ROOT
 
@@ -76,7 +76,7 @@ def test_help_documents_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("--max-slots MAX_SLOTS KV-cache rows", "(default: 8)", "(default: 64)", "(default: 256)",
+    for text in ("--max-slots MAX_SLOTS KV-cache rows", "8 on CPU (default: auto)", "(default: 64)", "(default: 256)",
                  "sequence_len", "falling back"):
         assert text in out
 
@@ -141,6 +141,10 @@ def test_bad_options_exit_2(capsys, tmp_path, demo_base):
     assert rc == 2 and "MAX_SEQ must be" in err
     rc, err, _ = run_cli(capsys, *base, "--runtime", "onnx", "--precision", "bf16")
     assert rc == 2 and "bf16 needs RUNTIME=tensorrt" in err
+    with pytest.raises(ValueError, match="MAX_SLOTS='many' is not an integer or auto"):
+        parse_options(["--env"], env={"MAX_SLOTS": "many"})
+    assert parse_options(["--env"], env={"MAX_SLOTS": "auto"}).max_slots == "auto"
+    assert parse_options(["--max-slots", "12"]).max_slots == 12
 
 
 def test_other_model_needs_force(tmp_path, demo_base, demo_exports):
