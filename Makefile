@@ -15,7 +15,7 @@ install: $(VENV)/.installed  ## .venv with every extra (CPU torch, ONNX Runtime,
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q --no-compile -e ".[$(EXTRAS)]"  # Python compiles what it imports when it does
 	touch $@
 
 lint: install  ## ruff
