@@ -7,7 +7,8 @@ Session fixtures that start one real Triton server for every test that needs it 
     triton_server      a tools.local_triton.LocalTriton over it with all four models loaded;
                        use .grpc_url / .http_url / .metrics_url
     oracle_references  {"head": references.json, "orig": ...} of ../shared/oracle
-    demo_training      make demo's training, in the background from the first request on
+    demo_training, generation_exports
+                       slow preparation started with the session, in the background (BACKGROUND)
 
 Tests that use them are skipped when the oracles or the Triton wheel are missing.
 """
@@ -60,10 +61,8 @@ def oracle_repository(tmp_path_factory, oracle_references) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_training(tmp_path_factory):
-    """`make demo`'s training (python -m tools.train_demo, about a minute on one core) in a process of its own,
-    started at the first request; returns a function that waits for it and gives (nanochat base dir, its output
-    lines). tests/export starts it, so it runs beside the exports (CPU-bound, not timed) and not beside the
-    timed tests; tests/tools waits for it."""
+    """`make demo`'s training (python -m tools.train_demo, about a minute on one core) in a process of its own;
+    returns a function that waits for it and gives (nanochat base dir, its output lines)."""
     import subprocess
     import sys
 
@@ -71,9 +70,9 @@ def demo_training(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("trained_demo")
     log = out / "train_demo.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "tools.train_demo", "--out", str(out)], cwd=PROJECT,
-                                stdout=f, stderr=subprocess.STDOUT)
+    with open(log, "w") as f:  # niced: see start_background_work
+        proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tools.train_demo", "--out", str(out)],
+                                cwd=PROJECT, stdout=f, stderr=subprocess.STDOUT)
 
     def wait() -> tuple[Path, list[str]]:
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
@@ -82,6 +81,38 @@ def demo_training(tmp_path_factory):
     yield wait
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture(scope="session")
+def generation_exports(tmp_path_factory):
+    """Every generation oracle (../shared/oracle/generations) exported with its overrides, in worker processes;
+    returns a function that waits for them and gives name -> model folder."""
+    import numpy as np
+
+    from tests.exports import start_exports
+    from tests.oracles import checkpoint_with_tokenizer, generation_oracle, generation_oracles, overrides_of
+
+    names, jobs = generation_oracles(), []
+    for name in names:
+        folder, entry = generation_oracle(name)
+        ckpt = checkpoint_with_tokenizer(name, tmp_path_factory.mktemp(name) / "checkpoint")
+        jobs.append(export_options(tmp_path_factory.mktemp("repo"), "m", None, None, checkpoint_dir=ckpt,
+                                   runtime="onnx", max_slots=2, max_seq=len(np.load(folder / "ids.npy")),
+                                   overrides=tuple(overrides_of(entry))))
+    wait = start_exports(jobs, nice=19) if jobs else list  # niced: see start_background_work
+    yield lambda: dict(zip(names, wait(), strict=True))
+
+
+# Slow preparation that tests late in the session need, and that no test times: started with the session, at the
+# lowest CPU priority, so it runs on the CPU the earlier (Triton, BFF, timed) tests leave idle, about half of it.
+BACKGROUND = ("demo_training", "generation_exports")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_background_work(request):
+    for name in BACKGROUND:
+        if any(name in item.fixturenames for item in request.session.items):
+            request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ installed), at fp32 and the low precisions the runtime runs:
   - decode time per step at batch 1, 8 and 64 (median of greedy steps at half the context, each row in a slot of
     its own), tokens/s at 64, and MBU at batch 1: bytes read per step (weights + the K/V each layer's window reads)
     / step time / the GPU's peak bandwidth (nanochat infer_bench's table).
-What is not installed is a row saying so, never a crash. Without a CUDA GPU it stops at once with exit 2.
+Then, where `tritonserver` is installed, `make serve` on the first GPU runtime's model and one /generate streamed
+through Triton and the BFF to its done event. What is not installed is a row saying so, never a crash. Without
+a CUDA GPU it stops at once with exit 2.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import secrets
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +70,7 @@ class Row:
     step_s: dict[int, float] = field(default_factory=dict)  # batch -> median seconds per decode step
     mbu: float | None = None
     skipped: str | None = None  # why this runtime did not run
+    note: str | None = None  # a row that is a sentence (the stream through Triton and the BFF)
 
 
 def prefill_rows(runner, prompt: list[int], batch: int) -> np.ndarray:
@@ -208,6 +215,7 @@ def check_checkpoint(ck: Checkpoint, repo: Path, device: str, batches: tuple[int
     log(f"{ck.label}: PyTorch on {device} ...")
     rows = check_runtime(ck, "pytorch", torch_runners(model, ("fp32", *low), device, slots, max_seq), model, batches,
                          peak, sync)
+    served = None  # the model Triton and the BFF stream from: the first GPU runtime's, at its lowest precision
     for runtime, reason in missing_runtimes().items():
         if reason:
             rows.append(Row(ck.label, runtime, "-", skipped=reason))
@@ -218,9 +226,67 @@ def check_checkpoint(ck: Checkpoint, repo: Path, device: str, batches: tuple[int
         try:
             runners = exported_runners(ck, name, precisions, repo, slots, max_seq)
             rows += check_runtime(ck, runtime, runners, model, batches, peak, sync)
+            served = served or f"{ck.label}_{name}_{precisions[-1]}"
         except Exception as e:  # one runtime failing is a row of the table, not the end of the check
             rows.append(Row(ck.label, runtime, "-", skipped=f"failed: {type(e).__name__}: {e}"))
+    if served:
+        rows.append(serve_row(ck.label, repo, served, log))
+    else:
+        rows.append(Row(ck.label, "triton + bff", "-", skipped="no GPU runtime (TensorRT, ONNX Runtime CUDA) to serve"))
     return rows
+
+
+def serve_row(label: str, repo: Path, name: str, log: Callable[[str], None], timeout: float = 300) -> Row:
+    """`make serve` on one exported model (the local Triton and the BFF, as tools/serve.py runs them) and one
+    /generate streamed to its done event, as the gateway reads it."""
+    import httpx
+
+    from tools.local_triton import free_port
+    from tools.serve import README_PROMPT
+
+    runtime = "triton + bff"
+    if importlib.util.find_spec("pytriton") is None:
+        return Row(label, runtime, "-", skipped="tritonserver is not installed (the nvidia-pytriton wheel)")
+    key, port = secrets.token_hex(16), free_port()
+    log(f"{label}: serving {name} through Triton and the BFF on :{port} ...")
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", name, "--model-repository",
+                                 str(repo), "--port", str(port)], env={**os.environ, "INTERNAL_API_KEY": key},
+                                stdout=out, stderr=subprocess.STDOUT)
+        url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+        try:
+            deadline = time.monotonic() + timeout
+            while not _ready(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    out.seek(0)
+                    return Row(label, runtime, "-", skipped=f"did not get ready: {out.read()[-500:]}")
+                time.sleep(0.5)
+            body = {"messages": [{"role": "user", "content": README_PROMPT}], "max_tokens": 64, "temperature": 0}
+            t0, first, tokens, done = time.perf_counter(), None, 0, None
+            with httpx.stream("POST", f"{url}/generate", json=body, headers=auth, timeout=120) as r:
+                for line in r.iter_lines():
+                    event = json.loads(line[5:]) if line.startswith("data:") else {}
+                    if "token" in event:
+                        first, tokens = first or time.perf_counter(), tokens + 1
+                    done = event if event.get("done") else done
+            end = time.perf_counter()
+        finally:
+            proc.send_signal(signal.SIGINT)  # tools.serve stops the BFF, then Triton
+            proc.wait(timeout=60)
+    if not (done and first):
+        return Row(label, runtime, "-", skipped=f"the stream ended without a done event after {tokens} tokens")
+    per_token = (end - first) / max(1, tokens - 1)
+    return Row(label, runtime, name.rsplit("_", 1)[-1], note=f"/generate streamed {tokens} tokens to done "
+               f"({done['finish_reason']}): TTFT {(first - t0) * 1e3:.1f} ms, {per_token * 1e3:.2f} ms/token")
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).json().get("ready") is True
+    except (httpx.HTTPError, ValueError):
+        return False
 
 
 def _bf16_supported() -> bool:
@@ -234,8 +300,9 @@ def table(rows: list[Row], batches: tuple[int, ...]) -> str:
             + " ".join(f"{f'ms@{b}':>8}" for b in batches) + f" {f'tok/s@{batches[-1]}':>10} {'MBU@1':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        if r.skipped:
-            lines.append(f"{r.model:<6} {r.runtime:<17} skipped: {r.skipped}")
+        if r.skipped or r.note:
+            lines.append(f"{r.model:<6} {r.runtime:<17} " + (f"skipped: {r.skipped}" if r.skipped else
+                                                              f"{r.precision:<5} {r.note}"))
             continue
         diff = f"{r.max_diff:.2e}" if r.max_diff is not None else "-"
         times = " ".join(f"{r.step_s[b] * 1e3:>8.3f}" for b in batches)

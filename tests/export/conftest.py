@@ -25,11 +25,6 @@ DEMO = dict(depth=2, n_embd=64, n_head=2, sequence_len=512)
 DEMO_OVERRIDES = {"G2": dict(n_head=4, n_kv_head=2)}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def train_the_demo_beside_the_exports(demo_training):
-    """The exports keep about one core busy and are not timed: the demo's training takes the other."""
-
-
 @pytest.fixture(scope="session")
 def references():
     return oracles.references

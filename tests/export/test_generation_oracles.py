@@ -15,25 +15,15 @@ import pytest
 
 from backend.onnx_runner import OrtRunner
 from backend.protocol import METADATA_FILE, ONNX_FILE, VERSION
-from export import options
-from tests.oracles import checkpoint_with_tokenizer, generation_oracle, generation_oracles, overrides_of
+from tests.oracles import generation_oracle, generation_oracles, overrides_of
 
 TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, Path]:
-    """name -> model folder: every generation oracle exported with its overrides, side by side."""
-    from tests.exports import export_all
-
-    names, jobs = generation_oracles(), []
-    for name in names:
-        folder, entry = generation_oracle(name)
-        ckpt = checkpoint_with_tokenizer(name, tmp_path_factory.mktemp(name) / "checkpoint")
-        jobs.append(options(checkpoint_dir=ckpt, model_repository=tmp_path_factory.mktemp("repo"), name="m",
-                            runtime="onnx", max_slots=2, max_seq=len(np.load(folder / "ids.npy")),
-                            overrides=tuple(overrides_of(entry)), verify=False))
-    return dict(zip(names, export_all(jobs), strict=True))
+def exported(generation_exports) -> dict[str, Path]:
+    """name -> model folder: every generation oracle exported with its overrides (tests/conftest.py)."""
+    return generation_exports()
 
 
 def decode(name: str, target: Path) -> float:

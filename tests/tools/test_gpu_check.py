@@ -1,8 +1,8 @@
 """
 `make gpu-check`'s code paths on this CPU: the PyTorch rows for the head oracle (greedy equality with nanochat's
-references at fp32, fp16 agreement, decode timing by batch) and the rows for runtimes that are not installed,
-which say why instead of failing. The GPU run itself is `make gpu-check` on a GPU box (exit 2 here: see
-tests/export/test_repository.py).
+references at fp32, fp16 agreement, decode timing by batch), the rows for runtimes that are not installed, which
+say why instead of failing, and the stream through Triton and the BFF on a CPU model. The GPU run itself is
+`make gpu-check` on a GPU box (exit 2 here: tests/export/test_repository.py).
 """
 
 from __future__ import annotations
@@ -25,5 +25,15 @@ def test_the_pytorch_rows_and_the_missing_runtimes_on_cpu(tmp_path):
     skipped = {r.runtime: r.skipped for r in rows if r.skipped}
     assert "tensorrt package is not installed" in skipped["tensorrt"]
     assert "CUDAExecutionProvider" in skipped["onnxruntime-cuda"]
+    assert "no GPU runtime" in skipped["triton + bff"]
     text = gpu_check.table(rows, (1, 2))
     assert "skipped: the tensorrt package is not installed" in text and f"{n}/{n}" in text
+
+
+def test_the_stream_through_triton_and_the_bff(oracle_repository):
+    """The last row of a GPU run, here on the session repository's CPU demo model: make serve's Triton and BFF,
+    one /generate to its done event (make serve stopping both servers on Ctrl-C: tests/bff/test_bff_serve.py)."""
+    lines = []
+    row = gpu_check.serve_row("demo", oracle_repository, "demo", lines.append)
+    assert row.skipped is None and row.note.startswith("/generate streamed ") and "to done" in row.note, row
+    assert "TTFT" in row.note and "serving demo through Triton and the BFF" in lines[0]
