@@ -1,13 +1,17 @@
 """
 Exports that tests need, made side by side: tracing is single-threaded Python (~5-15 s a model), so a
 session's exports take half the time in two worker processes on two cores. Each worker runs the project's
-own export_model, exactly as a test calling it in-process would.
+own export_model, exactly as a test calling it in-process would. And commands (make export) run to their end
+with their peak memory measured as /usr/bin/time -v measures it.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -41,3 +45,28 @@ def start_exports(jobs: list[ExportOptions], nice: int = 0) -> Callable[[], list
 def export_all(jobs: list[ExportOptions]) -> list[Path]:
     """export_model for each job, as many at once as this process has CPUs."""
     return start_exports(jobs)() if jobs else []
+
+
+def start_measured(cmd: list[str], cwd: Path, nice: int = 0,
+                   timeout: float = 600) -> Callable[[], tuple[subprocess.CompletedProcess, int]]:
+    """Start a command; returns a function that waits for its end and gives (the completed process, the peak
+    resident memory in bytes of it and of the processes it waited for), from the kernel's accounting (wait4)."""
+    # the files outlive this call: wait() reads and closes them
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
+    proc = subprocess.Popen(["nice", "-n", str(nice), *cmd], cwd=cwd, stdout=out, stderr=err, text=True)
+    deadline = time.monotonic() + timeout
+
+    def wait() -> tuple[subprocess.CompletedProcess, int]:
+        while (waited := os.wait4(proc.pid, os.WNOHANG))[0] == 0:  # not proc.wait(): it would reap the usage
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise TimeoutError(f"{cmd} ran past {timeout} s")
+            time.sleep(0.1)
+        proc.returncode = os.waitstatus_to_exitcode(waited[1])  # so Popen does not wait for it again
+        out.seek(0)
+        err.seek(0)
+        with out, err:
+            return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), waited[2].ru_maxrss * 1024
+
+    return wait

@@ -5,18 +5,12 @@ and exports made once per session (tracing is the slow part, ~5-10 s a model on 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from tests import oracles
-from tests.oracles import oracle_or_skip
-from tools.paths import PROJECT as ROOT
 
 GENERATIONS = ("G0", "G1", "G2", "G3", "G4")
 # small models; sequence_len 512 puts G3's short window at 256 and G4's at 128, so a 240-token
@@ -58,33 +52,11 @@ def demo_exports(tmp_path_factory, demo_base):
     return get
 
 
-def run_measured(cmd: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, int]:
-    """Run a command to its end; (the completed process, the peak resident memory in bytes of it and of the
-    processes it waited for), from the kernel's own accounting (wait4), as /usr/bin/time -v reports it."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
-        deadline = time.monotonic() + timeout
-        while (waited := os.wait4(proc.pid, os.WNOHANG))[0] == 0:  # not proc.wait(): it would reap the usage
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise TimeoutError(f"{cmd} ran past {timeout} s")
-            time.sleep(0.1)
-        proc.returncode = os.waitstatus_to_exitcode(waited[1])  # so Popen does not wait for it again
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), waited[2].ru_maxrss * 1024
-
-
 @pytest.fixture(scope="session")
-def make_export_head(tmp_path_factory):
-    """`make export` on the head oracle, as a user types it; returns (completed process, repository, peak
-    resident memory in bytes)."""
-    head = oracle_or_skip("head")
-    repo = tmp_path_factory.mktemp("make_export") / "repo"
-    proc, peak = run_measured(["make", "export", "MODEL=d4", "SOURCE=base", f"NANOCHAT_BASE_DIR={head}",
-                               f"MODEL_REPOSITORY={repo}"])
-    return proc, repo, peak
+def make_export_head(head_export):
+    """`make export` on the head oracle, as a user types it (started with the session: tests/conftest.py);
+    (completed process, repository, peak resident memory in bytes)."""
+    return head_export()
 
 
 @pytest.fixture(scope="session")

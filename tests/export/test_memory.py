@@ -8,23 +8,17 @@ Runtime) by at most 1.5 times its weights in the exported precision.
 
 from __future__ import annotations
 
-import sys
-
 from backend.protocol import ONNX_DATA_FILE, VERSION
-from core.random_checkpoint import make_checkpoint
-from tests.export.conftest import run_measured
 
 LIMIT = 1.5
 
 
-def test_export_peak_memory_is_within_one_and_a_half_times_the_weights(tmp_path, make_export_head):
+def test_export_peak_memory_is_within_one_and_a_half_times_the_weights(make_export_head, wide_export):
     head, _, fixed = make_export_head
     assert head.returncode == 0, head.stderr
-    make_checkpoint(tmp_path / "nanochat", "G4", tag="wide", depth=2, n_embd=1024, n_head=8, vocab_size=65536)
-    proc, peak = run_measured([sys.executable, "-m", "export", "--nanochat-base-dir", str(tmp_path / "nanochat"),
-                               "--model-repository", str(tmp_path / "repo")])
+    proc, folder, peak = wide_export()
     assert proc.returncode == 0, proc.stderr
-    weights = (tmp_path / "repo" / "wide" / VERSION / ONNX_DATA_FILE).stat().st_size
+    weights = (folder / VERSION / ONNX_DATA_FILE).stat().st_size
     assert weights > 800e6, "the model must be large enough to show the bound"
     ratio = (peak - fixed) / weights
     assert ratio <= LIMIT, f"peak {peak / 1e9:.2f} GB = {fixed / 1e9:.2f} GB fixed + {ratio:.2f} x the weights"
