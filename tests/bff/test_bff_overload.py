@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc.aio as grpcclient
 
 from tests.backend.test_triton import long_prompt
-from tests.bff.bffkit import AUTH, generate, run_bff, triton_settings
+from tests.bff.bffkit import AUTH, generate, run_bff, triton_settings, wait_until
 from tools.local_triton import free_port
 from tools.stream_client import stream
 
@@ -64,7 +64,10 @@ def test_the_stream_limit_is_a_503_until_a_stream_ends(triton_server):
         second = asyncio.run(scenario())
         assert second.status_code == 503 and second.headers["retry-after"] == "1"
         assert second.json() == {"detail": "1 streams are already running"}
-        assert generate(url, BODY)[0].status_code == 200  # the first stream ended: room again
+        # the first stream ends when the BFF has seen its client go (a moment after the client closed it)
+        active = lambda: httpx.get(url + "/stats", headers=AUTH).json()["bff"]["streams"]["active"]
+        wait_until(lambda: active() == 0, "the first stream did not end after its client closed it")
+        assert generate(url, BODY)[0].status_code == 200  # room again
         stats = httpx.get(url + "/stats", headers=AUTH).json()["bff"]
         assert stats["errors"]["stream_limit"] == 1 and stats["streams"]["active"] == 0
 

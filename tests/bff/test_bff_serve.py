@@ -37,7 +37,9 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
     reader.start()
     try:
         out = [proc.stdout.readline() for _ in range(3)]
-        key = re.search(r"using (\S+) for this run", out[0]).group(1)  # no key set: a one-run key, not an open server
+        printed = re.search(r"using (\S+) for this run", out[0])  # no key set: a one-run key, not an open server
+        assert printed, f"serve printed {out}; exit {proc.poll()}; its log:\n" + "".join(stderr[-40:])
+        key = printed.group(1)
         curl = out[2].strip()
         assert curl.startswith(f"curl -N http://127.0.0.1:{port}/generate") and key in curl, out
         body = json.loads(re.search(r"-d '(.*)'$", curl).group(1))
