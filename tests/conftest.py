@@ -100,8 +100,10 @@ def generation_exports(tmp_path_factory):
         jobs.append(export_options(tmp_path_factory.mktemp("repo"), "m", None, None, checkpoint_dir=ckpt,
                                    runtime="onnx", max_slots=2, max_seq=len(np.load(folder / "ids.npy")),
                                    overrides=tuple(overrides_of(entry))))
-    wait = start_exports(jobs, nice=19) if jobs else list  # niced: see start_background_work
+    wait, pool = start_exports(jobs, nice=19) if jobs else (list, None)  # niced: see start_background_work
     yield lambda: dict(zip(names, wait(), strict=True))
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)  # a session that ended before the tests that wait
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +116,10 @@ def head_export(tmp_path_factory):
     from tools.paths import PROJECT
 
     head, repo = oracle_or_skip("head"), tmp_path_factory.mktemp("make_export") / "repo"
-    wait = start_measured(["make", "export", "MODEL=d4", "SOURCE=base", f"NANOCHAT_BASE_DIR={head}",
-                           f"MODEL_REPOSITORY={repo}"], PROJECT, nice=19)  # niced: see start_background_work
-    yield lambda: (lambda proc, peak: (proc, repo, peak))(*wait())
+    wait, proc = start_measured(["make", "export", "MODEL=d4", "SOURCE=base", f"NANOCHAT_BASE_DIR={head}",
+                                 f"MODEL_REPOSITORY={repo}"], PROJECT, nice=19)  # niced: see start_background_work
+    yield lambda: (lambda done, peak: (done, repo, peak))(*wait())
+    stop_unwaited(proc)
 
 
 @pytest.fixture(scope="session")
@@ -132,9 +135,23 @@ def wide_export(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("wide")
     make_checkpoint(base / "nanochat", "G4", tag="wide", depth=2, n_embd=1024, n_head=8, vocab_size=65536)
-    wait = start_measured([sys.executable, "-m", "export", "--nanochat-base-dir", str(base / "nanochat"),
-                           "--model-repository", str(base / "repo")], PROJECT, nice=19)
-    yield lambda: (lambda proc, peak: (proc, base / "repo" / "wide", peak))(*wait())
+    wait, proc = start_measured([sys.executable, "-m", "export", "--nanochat-base-dir", str(base / "nanochat"),
+                                 "--model-repository", str(base / "repo")], PROJECT, nice=19)
+    yield lambda: (lambda done, peak: (done, base / "repo" / "wide", peak))(*wait())
+    stop_unwaited(proc)
+
+
+def stop_unwaited(proc) -> None:
+    """A background command that no test waited for (the session ended first) is not left running, nor are its
+    children (make export runs Python under make)."""
+    if proc.returncode is not None:  # waited for
+        return
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()
+    proc.wait()
 
 
 # Slow preparation that tests late in the session need, and that no test times: started with the session, at the

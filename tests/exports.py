@@ -23,10 +23,10 @@ def export_quietly(opts: ExportOptions) -> Path:
     return export_model(opts, log=lambda _: None)
 
 
-def start_exports(jobs: list[ExportOptions], nice: int = 0) -> Callable[[], list[Path]]:
+def start_exports(jobs: list[ExportOptions], nice: int = 0) -> tuple[Callable[[], list[Path]], ProcessPoolExecutor]:
     """export_model for each job in worker processes (one per CPU this process may use), started now; returns a
-    function that waits for them and gives the model folders. With nice 19 the workers take only the CPU that
-    nothing else wants."""
+    function that waits for them and gives the model folders, and the pool (to cancel what was never waited for).
+    With nice 19 the workers take only the CPU that nothing else wants."""
     workers = max(1, min(len(jobs), len(os.sched_getaffinity(0))))
     # spawn: the test process has threads (gRPC, ONNX Runtime) that a fork would copy in an unknown state
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice,
@@ -39,24 +39,28 @@ def start_exports(jobs: list[ExportOptions], nice: int = 0) -> Callable[[], list
         finally:
             pool.shutdown(cancel_futures=True)
 
-    return wait
+    return wait, pool
 
 
 def export_all(jobs: list[ExportOptions]) -> list[Path]:
     """export_model for each job, as many at once as this process has CPUs."""
-    return start_exports(jobs)() if jobs else []
+    return start_exports(jobs)[0]() if jobs else []
+
+
+Measured = tuple[subprocess.CompletedProcess, int]  # the completed process, its peak resident memory in bytes
 
 
 def start_measured(cmd: list[str], cwd: Path, nice: int = 0,
-                   timeout: float = 600) -> Callable[[], tuple[subprocess.CompletedProcess, int]]:
+                   timeout: float = 600) -> tuple[Callable[[], Measured], subprocess.Popen]:
     """Start a command; returns a function that waits for its end and gives (the completed process, the peak
-    resident memory in bytes of it and of the processes it waited for), from the kernel's accounting (wait4)."""
+    resident memory in bytes of it and of the processes it waited for), from the kernel's accounting (wait4), and
+    the process (to kill if it was never waited for)."""
     # the files outlive this call: wait() reads and closes them
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
     proc = subprocess.Popen(["nice", "-n", str(nice), *cmd], cwd=cwd, stdout=out, stderr=err, text=True)
     deadline = time.monotonic() + timeout
 
-    def wait() -> tuple[subprocess.CompletedProcess, int]:
+    def wait() -> Measured:
         while (waited := os.wait4(proc.pid, os.WNOHANG))[0] == 0:  # not proc.wait(): it would reap the usage
             if time.monotonic() > deadline:
                 proc.kill()
@@ -69,4 +73,4 @@ def start_measured(cmd: list[str], cwd: Path, nice: int = 0,
         with out, err:
             return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), waited[2].ru_maxrss * 1024
 
-    return wait
+    return wait, proc
