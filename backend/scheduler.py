@@ -233,18 +233,14 @@ class Scheduler:
         return max(self._reusable(self._held[slot], req.seq.prompt) for slot in self._free)
 
     def _reusable(self, held: list[int], prompt: list[int]) -> int:
-        """How many of `held`'s tokens a prompt can start after."""
-        limit = len(prompt) - 1
-        if len(held) <= limit and held == prompt[: len(held)]:
-            return len(held)
-        if self.whole_rows:
-            return 0
+        """How many of `held`'s tokens a prompt can start after: their common beginning, short of the prompt's last
+        token (whole rows: all of `held` or nothing)."""
         n = 0
-        for a, b in zip(held, prompt[:limit], strict=False):  # they part somewhere: zip stops at the shorter
+        for a, b in zip(held, prompt[: len(prompt) - 1], strict=False):  # zip stops at the shorter
             if a != b:
                 break
             n += 1
-        return n
+        return 0 if self.whole_rows and n < len(held) else n
 
     def _forward(self, ids: np.ndarray, positions: list[int], rows: list[Request]) -> np.ndarray:
         t0 = time.thread_time()
