@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -91,7 +92,7 @@ async def bff_request(client: aiohttp.ClientSession, url: str, max_tokens: int, 
     body = {"messages": PROMPT, "temperature": 0, "max_tokens": max_tokens}
     stamps = []
     start = time.perf_counter()
-    async with client.post(url + "/generate", json=body, headers={"X-Internal-API-Key": KEY}) as r:
+    async with client.post(url + "/generate", json=body, headers=AUTH) as r:
         r.raise_for_status()
         async for line in r.content:
             if line.startswith(b'data: {"token"'):
@@ -244,6 +245,39 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+AUTH = {"X-Internal-API-Key": KEY}
+
+
+@dataclass
+class Answer:
+    """One /generate as the gateway reads it: the tokens concatenated, and when they came."""
+
+    text: str
+    tokens: int  # token events
+    first_s: float  # seconds from the request to the first token event
+    last_s: float  # ... to the last one
+    done: dict | None  # the done event; None when the stream ended without one
+
+
+def generate_sse(client: httpx.Client, url: str, body: dict) -> Answer:
+    """POST /generate and read its data: lines to the end; an error event raises RuntimeError."""
+    start, times, text, done = time.perf_counter(), [], [], None
+    with client.stream("POST", url + "/generate", json=body, headers=AUTH) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = orjson.loads(line[5:])
+            if "token" in event:
+                times.append(time.perf_counter() - start)
+                text.append(event["token"])
+            elif "error" in event:
+                raise RuntimeError(f"the stream failed: {event}")
+            elif event.get("done"):
+                done = event
+    return Answer("".join(text), len(times), times[0] if times else 0.0, times[-1] if times else 0.0, done)
 
 
 @contextlib.contextmanager

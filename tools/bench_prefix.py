@@ -12,35 +12,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
-import orjson
 
-from tools.bench_bff import KEY, bff_process
+from tools.bench_bff import AUTH, bff_process, generate_sse
 from tools.local_triton import LocalTriton, derive_model, free_port
 
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Tell me about the sea.",
              "What do cats eat?", "How far is the moon?"]
-
-
-def first_token_ms(client: httpx.Client, url: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
-    """(ms to the first token event, the whole answer) of one /generate."""
-    body = {"messages": messages, "temperature": 0.0, "max_tokens": max_tokens}
-    start, first, text = time.perf_counter(), None, []
-    with client.stream("POST", url + "/generate", json=body, headers={"X-Internal-API-Key": KEY}) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = orjson.loads(line[5:])
-            if "token" in event:
-                first = first or time.perf_counter()
-                text.append(event["token"])
-            elif "error" in event:
-                raise RuntimeError(f"the stream failed: {event}")
-    return (first - start) * 1000, "".join(text)
 
 
 def conversations(url: str, turns: int, count: int, max_tokens: int) -> list[list[float]]:
@@ -51,9 +31,10 @@ def conversations(url: str, turns: int, count: int, max_tokens: int) -> list[lis
             messages, ttft = [], []
             for t in range(turns):
                 messages.append({"role": "user", "content": f"{QUESTIONS[(c + t) % len(QUESTIONS)]} ({c}.{t})"})
-                ms, answer = first_token_ms(client, url, messages, max_tokens)
-                ttft.append(ms)
-                messages.append({"role": "assistant", "content": answer})
+                answer = generate_sse(client, url, {"messages": messages, "temperature": 0.0,
+                                                    "max_tokens": max_tokens})
+                ttft.append(answer.first_s * 1000)
+                messages.append({"role": "assistant", "content": answer.text})
             out.append(ttft)
     return out
 
@@ -64,7 +45,7 @@ def measure(repository: Path, model: str, a: argparse.Namespace) -> tuple[list[f
             bff_process(triton.grpc_url, triton.metrics_url, model, str(repository), free_port()) as (url, _):
         conversations(url, 2, 1, a.max_tokens)  # warm-up
         runs = conversations(url, a.turns, a.conversations, a.max_tokens)
-        stats = httpx.get(url + "/stats", headers={"X-Internal-API-Key": KEY}).json()
+        stats = httpx.get(url + "/stats", headers=AUTH).json()
     per_turn = [statistics.median(r[t] for r in runs) for t in range(a.turns)]
     return per_turn, stats["triton"]["prefix_cache"]
 

@@ -9,8 +9,8 @@ installed), at fp32 and the low precisions the runtime runs:
   - decode time per step at batch 1, 8 and 64 (median of greedy steps at half the context, each row in a slot of
     its own), tokens/s at 64, and MBU at batch 1: bytes read per step (weights + the K/V each layer's window reads)
     / step time / the GPU's peak bandwidth (nanochat infer_bench's table).
-Then, where `tritonserver` is installed, `make serve` on the first GPU runtime's model and one /generate streamed
-through Triton and the BFF to its done event. What is not installed is a row saying so, never a crash. Without
+Then, where `tritonserver` is installed, the first GPU runtime's model behind the local Triton and the BFF, and one
+/generate streamed through both to its done event. What is not installed is a row saying so, never a crash. Without
 a CUDA GPU it stops at once with exit 2.
 """
 
@@ -19,11 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -236,57 +232,32 @@ def check_checkpoint(ck: Checkpoint, repo: Path, device: str, batches: tuple[int
     return rows
 
 
-def serve_row(label: str, repo: Path, name: str, log: Callable[[str], None], timeout: float = 300) -> Row:
-    """`make serve` on one exported model (the local Triton and the BFF, as tools/serve.py runs them) and one
-    /generate streamed to its done event, as the gateway reads it."""
+def serve_row(label: str, repo: Path, name: str, log: Callable[[str], None]) -> Row:
+    """One exported model behind the local Triton and the BFF (a process of its own, as `make bench` runs it), and
+    one /generate streamed to its done event, as the gateway reads it."""
     import httpx
 
-    from tools.local_triton import free_port
+    from tools.bench_bff import bff_process, generate_sse
+    from tools.local_triton import LocalTriton, free_port
     from tools.serve import README_PROMPT
 
     runtime = "triton + bff"
     if importlib.util.find_spec("pytriton") is None:
         return Row(label, runtime, "-", skipped="tritonserver is not installed (the nvidia-pytriton wheel)")
-    key, port = secrets.token_hex(16), free_port()
-    log(f"{label}: serving {name} through Triton and the BFF on :{port} ...")
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--model", name, "--model-repository",
-                                 str(repo), "--port", str(port)], env={**os.environ, "INTERNAL_API_KEY": key},
-                                stdout=out, stderr=subprocess.STDOUT)
-        url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
-        try:
-            deadline = time.monotonic() + timeout
-            while not _ready(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    out.seek(0)
-                    return Row(label, runtime, "-", skipped=f"did not get ready: {out.read()[-500:]}")
-                time.sleep(0.5)
-            body = {"messages": [{"role": "user", "content": README_PROMPT}], "max_tokens": 64, "temperature": 0}
-            t0, first, tokens, done = time.perf_counter(), None, 0, None
-            with httpx.stream("POST", f"{url}/generate", json=body, headers=auth, timeout=120) as r:
-                for line in r.iter_lines():
-                    event = json.loads(line[5:]) if line.startswith("data:") else {}
-                    if "token" in event:
-                        first, tokens = first or time.perf_counter(), tokens + 1
-                    done = event if event.get("done") else done
-            end = time.perf_counter()
-        finally:
-            proc.send_signal(signal.SIGINT)  # tools.serve stops the BFF, then Triton
-            proc.wait(timeout=60)
-    if not (done and first):
-        return Row(label, runtime, "-", skipped=f"the stream ended without a done event after {tokens} tokens")
-    per_token = (end - first) / max(1, tokens - 1)
-    return Row(label, runtime, name.rsplit("_", 1)[-1], note=f"/generate streamed {tokens} tokens to done "
-               f"({done['finish_reason']}): TTFT {(first - t0) * 1e3:.1f} ms, {per_token * 1e3:.2f} ms/token")
-
-
-def _ready(url: str) -> bool:
-    import httpx
-
+    log(f"{label}: serving {name} through Triton and the BFF ...")
+    body = {"messages": [{"role": "user", "content": README_PROMPT}], "max_tokens": 64, "temperature": 0}
     try:
-        return httpx.get(f"{url}/health", timeout=2).json().get("ready") is True
-    except (httpx.HTTPError, ValueError):
-        return False
+        with LocalTriton(repo, load=[name]) as triton, \
+                bff_process(triton.grpc_url, triton.metrics_url, name, str(repo), free_port()) as (url, _), \
+                httpx.Client(timeout=120) as client:
+            answer = generate_sse(client, url, body)
+    except Exception as e:  # a failure is a row of the table, not the end of the check
+        return Row(label, runtime, "-", skipped=f"failed: {type(e).__name__}: {e}")
+    if answer.done is None:
+        return Row(label, runtime, "-", skipped=f"the stream ended without a done event after {answer.tokens} tokens")
+    per_token = (answer.last_s - answer.first_s) / max(1, answer.tokens - 1)
+    return Row(label, runtime, name.rsplit("_", 1)[-1], note=f"/generate streamed {answer.tokens} tokens to done "
+               f"({answer.done['finish_reason']}): TTFT {answer.first_s * 1e3:.1f} ms, {per_token * 1e3:.2f} ms/token")
 
 
 def _bf16_supported() -> bool:

@@ -31,8 +31,8 @@ def test_the_pytorch_rows_and_the_missing_runtimes_on_cpu(tmp_path):
 
 
 def test_the_stream_through_triton_and_the_bff(oracle_repository):
-    """The last row of a GPU run, here on the session repository's CPU demo model: make serve's Triton and BFF,
-    one /generate to its done event (make serve stopping both servers on Ctrl-C: tests/bff/test_bff_serve.py)."""
+    """The last row of a GPU run, here on the session repository's CPU demo model: the local Triton and the BFF,
+    one /generate to its done event."""
     lines = []
     row = gpu_check.serve_row("demo", oracle_repository, "demo", lines.append)
     assert row.skipped is None and row.note.startswith("/generate streamed ") and "to done" in row.note, row
