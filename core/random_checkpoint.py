@@ -156,13 +156,12 @@ def main() -> None:
     p.add_argument("--source", default="sft", choices=sorted(SOURCES))
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=2)
-    p.add_argument("--sequence-len", type=int, default=512)
-    p.add_argument("--vocab-size", type=int, default=512)
+    shape = ("n_embd", "n_head", "sequence_len", "vocab_size")  # make_checkpoint's defaults unless given
+    for name in shape:
+        p.add_argument("--" + name.replace("_", "-"), type=int)
     a = p.parse_args()
-    d = make_checkpoint(a.out, a.generation, a.tag, a.source, depth=a.depth, seed=a.seed, n_embd=a.n_embd,
-                        n_head=a.n_head, sequence_len=a.sequence_len, vocab_size=a.vocab_size)
+    given = {k: getattr(a, k) for k in shape if getattr(a, k) is not None}
+    d = make_checkpoint(a.out, a.generation, a.tag, a.source, depth=a.depth, seed=a.seed, **given)
     print(json.dumps({"event": "demo_checkpoint", "path": str(d), "generation": a.generation}))
 
 
