@@ -32,6 +32,9 @@ from tests.tritonkit import stub_process
 
 pytestmark = pytest.mark.triton
 BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 64}
+# ~1.5 s of head's tokens: still streaming when the stub is paused at the first token the client reads, even when a
+# loaded host delays that token's relay (with 64 tokens the backend had once finished by then)
+LONG = {**BODY, "max_tokens": 400}
 
 
 def refuses_connections(url: str) -> bool:
@@ -73,7 +76,7 @@ def test_a_stream_past_the_graceful_bound_is_cut_and_its_request_cancelled(trito
         before = finished(triton_server, "head")
         lines = []
         try:
-            with httpx.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=60) as r:
+            with httpx.stream("POST", url + "/generate", json=LONG, headers=AUTH, timeout=60) as r:
                 stream = r.iter_lines()
                 lines.append(next(line for line in stream if line.startswith("data:")))
                 stub.suspend()
