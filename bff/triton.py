@@ -51,6 +51,9 @@ CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", KEEPALIVE_MS),  # Triton accepts these: TRITON_KEEPALIVE_FLAGS
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # what gRPC core enforces on an unanswered keepalive ping is the ping timeout (default 60 s), not the
+    # keepalive timeout above (grpc/grpc#39239): measured 63 s to notice a frozen Triton without this line
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]

@@ -152,6 +152,43 @@ def test_a_silent_triton_ends_the_stream_with_an_error_and_cancels_it(triton_ser
         assert_cancelled_and_freed(triton_server, "head", before)
 
 
+def test_keepalive_ends_a_stream_whose_triton_froze_long_before_the_silence_bound(triton_server):
+    """A partitioned or hung server answers no HTTP/2 ping: the channel's keepalive (backend.protocol) fails
+    the stream within KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS, not at the silence bound (here 600 s), and not never."""
+    import os
+    import signal
+    import time
+
+    from backend.protocol import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS, METRIC_ACTIVE_SLOTS
+    from bff.triton import PROBE_TIMEOUT_S
+    from tests.bff.bffkit import finished, parse_events
+    from tools.measure import metric
+
+    with run_bff(**triton_settings(triton_server, model="head", stream_silence_s=600.0)) as url:
+        before = finished(triton_server, "head")
+        lines, frozen_at = [], None
+        try:
+            with httpx.stream("POST", url + "/generate", json={**LONG, "max_tokens": 4096}, headers=AUTH,
+                              timeout=120) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if frozen_at is None and line.startswith('data: {"token"'):
+                        os.kill(triton_server.process.pid, signal.SIGSTOP)  # the kernel still ACKs; Triton is gone
+                        frozen_at = time.monotonic()
+            took = time.monotonic() - frozen_at
+        finally:
+            os.kill(triton_server.process.pid, signal.SIGCONT)
+        events = parse_events(lines)
+        assert "error" in events[-1] and events[-1]["error"] != "timeout", events[-1]  # not the silence bound
+        assert not any("done" in e for e in events)
+        assert took < (KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS) / 1000 + PROBE_TIMEOUT_S + 5, took
+        # the stub was not frozen: it may have finished the answer before the server, thawed, saw the client
+        # gone; either way the request ends and its slot is free
+        wait_until(lambda: sum(finished(triton_server, "head").values()) == sum(before.values()) + 1
+                   and metric(triton_server.metrics_url, METRIC_ACTIVE_SLOTS, model="head") == 0,
+                   "the backend request did not end or its slot was not freed")
+
+
 def test_the_repository_api_answers_only_the_bff(oracle_repository, tmp_path):
     """Triton with its repository API restricted (as the images run it): a client without the key can
     neither list, load nor unload models; the BFF, given the key, swaps as usual."""
