@@ -66,7 +66,8 @@ gpu-check: $(BIN)/python  ## on a GPU: precision agreement, decode speed, MBU
 	$(BIN)/python -m tools.gpu_check $(if $(NANOCHAT_BASE_DIR),--nanochat-base-dir "$(NANOCHAT_BASE_DIR)")
 
 # --- the BFF: make serve MODEL=<name> [MODEL_REPOSITORY= TRITON_URL= PORT=8003 WORKERS=N (gunicorn, the
-# production server, with N uvicorn workers)]; make demo; make bench.
+# production server, with N uvicorn workers) TRITON_PRIORITY=idle|normal (the local Triton's CPU priority,
+# tools/local_triton.py)]; make demo; make bench.
 # INTERNAL_API_KEY comes from the environment (serve prints a one-run key when it is unset).
 .PHONY: serve demo bench bench-aiperf bench-prefix
 
@@ -74,7 +75,7 @@ DEMO_DIR ?= build/demo
 DEMO_REPO := $(DEMO_DIR)/model_repository
 SERVE_ARGS = $(if $(MODEL),--model "$(MODEL)") --model-repository "$(or $(MODEL_REPOSITORY),model_repository)" \
 	$(if $(TRITON_URL),--triton-url "$(TRITON_URL)") $(if $(PORT),--port "$(PORT)") \
-	$(if $(WORKERS),--workers "$(WORKERS)")
+	$(if $(WORKERS),--workers "$(WORKERS)") $(if $(TRITON_PRIORITY),--triton-priority "$(TRITON_PRIORITY)")
 
 serve: $(BIN)/python  ## Triton + the BFF on :8003 for MODEL
 	$(BIN)/python -m tools.serve $(SERVE_ARGS)
@@ -91,12 +92,14 @@ $(DEMO_REPO)/demo/config.pbtxt: $(DEMO_CKPT)
 		--model-repository $(DEMO_REPO) --force
 
 demo: install $(DEMO_REPO)/demo/config.pbtxt  ## from nothing: a toy model trained for a minute, exported, served on CPU
-	$(BIN)/python -m tools.serve --model demo --model-repository $(DEMO_REPO) $(if $(PORT),--port "$(PORT)")
+	$(BIN)/python -m tools.serve --model demo --model-repository $(DEMO_REPO) $(if $(PORT),--port "$(PORT)") \
+		$(if $(TRITON_PRIORITY),--triton-priority "$(TRITON_PRIORITY)")
 
 # make bench measures the demo checkpoint exported with 16 slots (a repository of its own), so that 16 streams
-# decode together instead of queueing for the demo's 8. It runs twice: all processes sharing every CPU, then
-# (with 2+ CPUs) Triton on CPU 0 and the BFF and the clients on the others, as on a GPU node, where the model's
-# work does not compete with the BFF's.
+# decode together instead of queueing for the demo's 8. It runs twice: all processes sharing every CPU, Triton
+# at idle priority as make serve runs it, then (with 2+ CPUs) Triton on CPU 0 at normal priority and the BFF and
+# the clients on the others, as on a GPU node, where the model's work does not compete with the BFF's (there,
+# idle priority would only make Triton's own threads wait for each other's time slices).
 BENCH_REPO := $(DEMO_DIR)/bench_repository
 BENCH = $(BIN)/python -m tools.bench_bff --model demo --model-repository $(BENCH_REPO)
 
@@ -106,7 +109,8 @@ $(BENCH_REPO)/demo/config.pbtxt: $(DEMO_REPO)/demo/config.pbtxt
 
 bench: install $(BENCH_REPO)/demo/config.pbtxt  ## the BFF's SSE vs Triton's gRPC stream, side by side
 	$(BENCH) --plot $(DEMO_DIR)/bench_bff.png
-	$(if $(filter-out 1,$(shell nproc)),$(BENCH) --triton-cpus 0 --plot $(DEMO_DIR)/bench_bff_split.png)
+	$(if $(filter-out 1,$(shell nproc)),$(BENCH) --triton-cpus 0 --triton-priority normal \
+		--plot $(DEMO_DIR)/bench_bff_split.png)
 
 # make bench-prefix: ten-turn chats through the BFF, the time to first token of each turn with prefix caching on
 # and off, on the demo model and on the shared head oracle (exported into a repository of its own).

@@ -13,11 +13,13 @@ The BFF runs in its own process (uvicorn), as in production, and its CPU time pe
 
 On a machine without a GPU the model's work is CPU work, and every CPU cycle the BFF (or a client) spends is
 taken from it. --triton-cpus keeps the local Triton on some CPUs and the BFF and the clients on the others,
-as on a GPU node; without it, all of them share every CPU.
+as on a GPU node; without it, all of them share every CPU, and the local Triton runs at the CPU priority
+`make serve` gives it (--triton-priority, default idle: tools/local_triton.py).
 
-While each level runs, a process of its own GETs /health every 20 ms (as Kubernetes' probes do) and the
-latency of those answers is printed beside the table: /health answers from the prober's state, never from a
-call to Triton, so it must stay in milliseconds however busy the model keeps the CPU.
+While each level runs, a process of its own GETs /health every 20 ms, on a new connection each time (as the
+kubelet's probes do), and the latency of those answers is printed beside the table: /health answers from the
+prober's state, never from a call to Triton, so it must stay in milliseconds however busy the model keeps the
+CPU.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import multiprocessing
 import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,7 @@ import psutil
 
 from bff.settings import Settings
 from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
+from tools.local_triton import PRIORITIES, LocalTriton
 from tools.measure import percentile
 
 KEY = "bench-bff-one-run-key"  # at least 16 characters, as the BFF requires
@@ -136,15 +141,23 @@ class Route:
 
 
 def _probe_health(url: str, stop, out) -> None:
-    """The HealthProbe's process: GET `url` every 20 ms until `stop`; puts the latencies (ms) on `out`."""
+    """The HealthProbe's process: GET `url` every 20 ms until `stop`; puts the latencies (ms) on `out`. Each
+    probe opens a connection of its own, as the kubelet's do, with the standard library's client (httpx
+    spends about a millisecond of CPU per request, which the probe would then wait for a core to run)."""
+    parts = urllib.parse.urlsplit(url)
     ms = []
-    with httpx.Client(timeout=30) as client:
-        while True:  # one probe at least, however short the level
-            start = time.perf_counter()
-            client.get(url).raise_for_status()
-            ms.append((time.perf_counter() - start) * 1000)
-            if stop.wait(0.02):
-                break
+    while True:  # one probe at least, however short the level
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("GET", parts.path)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        if response.status != 200:
+            raise RuntimeError(f"GET {url} answered {response.status}")
+        ms.append((time.perf_counter() - start) * 1000)
+        if stop.wait(0.02):
+            break
     out.put(ms)
 
 
@@ -318,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--triton-cpus", type=lambda v: {int(c) for c in v.split(",")}, metavar="0[,1...]",
                    help="run the local Triton on these CPUs and the BFF and this benchmark on the others, as on "
                         "a GPU node, where the model's work does not take the BFF's CPU (default: all share all)")
+    p.add_argument("--triton-priority", choices=sorted(PRIORITIES), default="idle",
+                   help="the local Triton's CPU priority, as make serve gives it (tools/local_triton.py)")
     a = p.parse_args(argv)
     if a.triton_cpus:
         if a.triton_url:
@@ -330,15 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         grpc_url, metrics_url = a.triton_url, a.triton_metrics_url
         if grpc_url is None:
-            from tools.local_triton import LocalTriton
-
-            triton = stack.enter_context(LocalTriton(a.model_repository, load=[a.model], cpus=a.triton_cpus))
+            triton = stack.enter_context(LocalTriton(a.model_repository, load=[a.model], cpus=a.triton_cpus,
+                                                     priority=a.triton_priority))
             grpc_url, metrics_url = triton.grpc_url, triton.metrics_url
         url, pid = stack.enter_context(bff_process(grpc_url, metrics_url, a.model, a.model_repository, a.port))
         tokens, rows = asyncio.run(measure(url, pid, grpc_url, a.model, a.concurrency, a.requests_per_client,
                                            a.max_tokens, a.rounds))
     cpus = f"Triton on CPUs {sorted(a.triton_cpus)}, the BFF and the clients on the others" if a.triton_cpus \
         else "Triton, the BFF and the clients sharing all CPUs"
+    if a.triton_url is None:
+        cpus += f"; Triton at {a.triton_priority} priority"
     print(f"model {a.model}, greedy, {tokens} tokens per request, {a.requests_per_client} requests per client, "
           f"{a.rounds} rounds per path; {cpus}")
     print(table(rows))

@@ -46,6 +46,13 @@ from tools.paths import PROJECT
 
 BACKEND_SOURCE = PROJECT / "backend" / "model.py"
 SYS_PATH_VAR = "NANOCHAT_TRITON_SYS_PATH"
+# How the server's CPU time ranks against the machine's other work (Linux scheduling policies; its threads
+# and stubs inherit it). "idle" (SCHED_IDLE) gives the model only CPU time that nothing else wants: the
+# scheduler runs any other woken task at once, so a BFF beside it answers its probes in milliseconds while
+# the model saturates the CPU (a lower nice value does not: the woken task still waits its turn). The price:
+# other CPU-bound work on the machine slows the model down to a crawl, and where Triton has CPUs of its own it
+# buys nothing and costs latency (its threads wait out each other's time slices). "normal" shares evenly.
+PRIORITIES = {"normal": os.SCHED_OTHER, "idle": os.SCHED_IDLE}
 
 
 def pytriton_root() -> Path:
@@ -109,7 +116,9 @@ class LocalTriton:
     def __init__(self, model_repository: str | Path, load: list[str] = (), http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log_path: str | Path | None = None,
                  startup_timeout: float = 120.0, verbose: bool = False, cpus: set[int] | None = None,
-                 sys_path: list[str] | None = None, admin_key: str | None = None):
+                 sys_path: list[str] | None = None, admin_key: str | None = None, priority: str = "normal"):
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {sorted(PRIORITIES)}, not {priority!r}")
         self.model_repository = Path(model_repository).resolve()
         self.load = list(load)
         self.http_port = http_port or free_port()
@@ -119,6 +128,7 @@ class LocalTriton:
         self.startup_timeout = startup_timeout
         self.verbose = verbose
         self.cpus = cpus  # the CPUs the server and its backend stubs may run on (default: all)
+        self.priority = priority  # a key of PRIORITIES
         self.sys_path = sys_path  # where the backend imports from (default: this checkout and this environment)
         self.admin_key = admin_key  # restricts the repository API (load, unload, index) to calls carrying it
         self.process: subprocess.Popen | None = None
@@ -167,7 +177,7 @@ class LocalTriton:
         # own process group, so Ctrl-C in a terminal reaches us first and we stop the server in order
         self.process = subprocess.Popen(self.command(backends), env=self.environment(), stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=functools.partial(_in_child, self.cpus))
+                                        preexec_fn=functools.partial(_in_child, self.cpus, self.priority))
         try:
             self.wait_ready(self.load)
         except BaseException:
@@ -259,15 +269,17 @@ def _kill_session(sid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _in_child(cpus: set[int] | None) -> None:
-    """In the child before exec: SIGTERM the server if we die without stopping it (e.g. SIGKILL), and
-    keep it on `cpus` (its threads and the stubs it starts inherit the affinity)."""
+def _in_child(cpus: set[int] | None, priority: str) -> None:
+    """In the child before exec: SIGTERM the server if we die without stopping it (e.g. SIGKILL), keep it
+    on `cpus` and give it `priority` (its threads and the stubs it starts inherit both)."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if cpus:
         os.sched_setaffinity(0, cpus)
+    if priority != "normal":  # (a process may lower its priority, not raise it: "normal" keeps the caller's)
+        os.sched_setscheduler(0, PRIORITIES[priority], os.sched_param(0))
 
 
 def _log_event(event: str, **fields) -> None:

@@ -29,6 +29,7 @@ import bff
 from bff import logs
 from bff.app import create_app
 from bff.settings import MissingKey, from_env, to_env
+from tools.local_triton import PRIORITIES, LocalTriton
 
 README_PROMPT = "Why is the sky blue?"  # the request make serve/demo print, and the README shows
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--triton-url", help="use this Triton gRPC endpoint (host:port) instead of a local one")
     p.add_argument("--host", help="default: BFF_HOST, else 127.0.0.1")
     p.add_argument("--port", type=int, help="default: BFF_PORT, else 8003")
+    p.add_argument("--triton-priority", choices=sorted(PRIORITIES), default="idle",
+                   help="the local Triton's CPU priority (tools/local_triton.py): idle, the default, keeps the BFF "
+                        "answering at once while the model saturates the CPUs it shares with it")
     p.add_argument("--workers", type=int, help="run the production server, gunicorn with this many uvicorn "
                                                "workers (bff/gunicorn_conf.py), instead of one uvicorn process")
     a = p.parse_args(argv)
@@ -70,10 +74,9 @@ def main(argv: list[str] | None = None) -> None:
 
     with contextlib.ExitStack() as stack:
         if not a.triton_url:
-            from tools.local_triton import LocalTriton
-
             triton = stack.enter_context(LocalTriton(settings.model_repository,
-                                                     load=[settings.model] if settings.model else []))
+                                                     load=[settings.model] if settings.model else [],
+                                                     priority=a.triton_priority))
             settings = dataclasses.replace(settings, triton_urls=(triton.grpc_url,),
                                            triton_metrics_urls=(triton.metrics_url,))
         print(f"BFF on http://{settings.host}:{settings.port} serving "

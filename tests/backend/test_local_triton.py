@@ -21,11 +21,18 @@ def test_a_crashed_server_leaves_no_backend_stubs(oracle_repository):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning to a subset needs two CPUs")
-def test_cpus_hold_the_server_and_its_stubs(oracle_repository):
+def test_cpus_and_priority_hold_the_server_and_its_stubs(oracle_repository):
     cpu = min(os.sched_getaffinity(0))
-    with LocalTriton(oracle_repository, load=["demo"], cpus={cpu}) as server:
+    with LocalTriton(oracle_repository, load=["demo"], cpus={cpu}, priority="idle") as server:
         pids = session_members(server.process.pid)
         assert len(pids) >= 2, "expected the server and the model's backend stub"
         threads = [t.id for pid in pids for t in psutil.Process(pid).threads()]
         assert {tid: os.sched_getaffinity(tid) for tid in threads} == {tid: {cpu} for tid in threads}
+        assert {tid: os.sched_getscheduler(tid) for tid in threads} == {tid: os.SCHED_IDLE for tid in threads}
     assert os.sched_getaffinity(0) != {cpu}, "the caller itself keeps its CPUs"
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER, "... and its priority"
+
+
+def test_an_unknown_priority_is_refused(oracle_repository):
+    with pytest.raises(ValueError, match="priority must be one of"):
+        LocalTriton(oracle_repository, priority="high")

@@ -1,6 +1,7 @@
 """
 `python -m tools.serve` (what `make serve` and `make demo` run): a local Triton and the BFF from one command,
-the printed curl line streams an answer, and Ctrl-C stops both, leaving no process behind.
+the printed curl line streams an answer, Triton runs at idle CPU priority (serve's default), and Ctrl-C stops
+both, leaving no process behind.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
         assert httpx.post(f"http://127.0.0.1:{port}/generate", json=body).status_code == 401
 
         triton = next(json.loads(line)["pid"] for line in list(stderr) if '"triton_started"' in line)
+        assert os.sched_getscheduler(triton) == os.SCHED_IDLE, "serve's default: the model yields the CPU to the BFF"
         servers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "gunicorn" in " ".join(p.cmdline())]
         assert len(servers) == (1 + workers if workers else 0)  # the master and its workers
         proc.send_signal(signal.SIGINT)  # Ctrl-C
