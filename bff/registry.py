@@ -7,7 +7,8 @@ two swaps raced), the one the newest swap loaded. A swap loads its model with th
 a config.pbtxt parameter (EPOCH_PARAMETER, through the config override of Triton's load call), so "newest"
 is read back from Triton's model config; a swap that finds a newer one beside its model when its load ends
 unloads its own and answers 409. Within one process swaps are serialized by a lock; streams are counted per
-model so the old model can be drained before it is unloaded.
+model so the old model can be drained before it is unloaded. Models that a BFF which died mid-swap left
+beside the served one are unloaded by the probers once that swap would have been over.
 """
 
 from __future__ import annotations
@@ -115,18 +116,36 @@ class Registry:
         name = max(ready, key=lambda n: (epochs[n], len(ready[n]), n == self.settings.model, n))
         return name, epochs[name]
 
-    async def _adopt(self, ready: dict[str, list[Endpoint]]) -> None:
+    async def _adopt(self, ready: dict[str, list[Endpoint]]) -> float:
         """Serve what Triton serves (another worker's or replica's swap). A current model that is READY nowhere
         while only unswapped models are (a restarted Triton back with its default) is kept: the probe loads it
-        again."""
+        again. Returns the epoch of the model Triton serves (0: none, or no swap loaded it)."""
         if not ready:
             if self.current is None and self.settings.model is not None:
                 await self.start()
-            return
+            return 0.0
         name, epoch = await self._winner(ready)
         if name != self.current and (self.current is None or self.current in ready or epoch > 0):
             log.warning("now serving %s (was %s): what Triton serves", name, self.current)
             self.current = name
+        return epoch
+
+    @property
+    def swap_bound_s(self) -> float:
+        """The longest a swap can take from its epoch to its last unload (two loads or unloads and two drains
+        each at their bound, as drain-first does): after it, no swap is still retiring the models beside its own."""
+        return 2 * (self.settings.model_load_timeout_s + self.settings.drain_timeout_s)
+
+    async def _unload_strays(self, ready: dict[str, list[Endpoint]], epoch: float) -> None:
+        """Models READY beside the served one long after the swap that loaded it (epoch) should have unloaded
+        them: its BFF died mid-swap. Unload them, as that swap would have, so they hold no memory for good."""
+        if len(ready) < 2 or epoch <= 0 or time.time() - epoch < self.swap_bound_s:
+            return
+        strays = sorted(m for m in ready if m != self.current)
+        log.warning("unloading %s: left beside %s by a swap that did not finish", ", ".join(strays), self.current)
+        for model in strays:
+            with contextlib.suppress(TritonError):  # another worker's prober may be unloading it too
+                await self.pool.unload(model, self.settings.model_load_timeout_s)
 
     async def refresh(self) -> str | None:
         """Re-read from Triton which model to serve (unless a swap here is moving models); the current model."""
@@ -154,7 +173,7 @@ class Registry:
             return
         idle = self.swap_state["state"] == "idle"
         if idle:
-            await self._adopt(ready)
+            await self._unload_strays(ready, await self._adopt(ready))
         current = self.current
         if current in ready and not await self._healthy_somewhere(current, ready[current]):
             self.model_ready = False  # loaded, but failing wherever it is: nothing to reload

@@ -7,6 +7,7 @@ leaves the old model serving; the current model is read back from Triton by a re
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -206,5 +207,31 @@ def test_no_model_loaded_is_a_503_until_a_swap_loads_one(swap_triton):
         r, _ = generate(url, LONG)
         assert r.status_code == 503 and r.json() == {"detail": "no model is loaded"} and r.headers["retry-after"]
         assert _swap(url, "demo").json() == {"status": "draining", "current_model": "demo"}
+        r, events = generate(url, LONG)
+        assert r.status_code == 200 and is_done(events[-1])
+
+
+def test_models_a_dead_swap_left_beside_its_own_are_unloaded_once_no_swap_can_still_be_retiring_them(swap_triton):
+    """A BFF that died mid-swap leaves the old model loaded beside the new one. Probers unload it, but only
+    after the swap bound (a swap elsewhere may still be draining it before then)."""
+    from bff.registry import epoch_config
+
+    for name in _loaded(swap_triton):
+        httpx.post(f"{swap_triton.http_url}/v2/repository/models/{name}/unload").raise_for_status()
+        _wait_unloaded(swap_triton, name)
+    # demo as Triton's --load-model loads it; demo_b by a swap two minutes ago whose BFF died before unloading demo
+    httpx.post(f"{swap_triton.http_url}/v2/repository/models/demo/load").raise_for_status()
+    config = epoch_config(swap_triton.model_repository, "demo_b", time.time() - 120)
+    httpx.post(f"{swap_triton.http_url}/v2/repository/models/demo_b/load",
+               json={"parameters": {"config": config}}, timeout=60).raise_for_status()
+    assert _loaded(swap_triton) == ["demo", "demo_b"]
+
+    with run_bff(**triton_settings(swap_triton)) as url:  # the default bounds: a swap may take 22 minutes
+        time.sleep(2.5)  # five probes
+        assert _loaded(swap_triton) == ["demo", "demo_b"]
+        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo_b"}
+    with run_bff(**triton_settings(swap_triton, model_load_timeout_s=20, drain_timeout_s=10)) as url:  # bound 60 s
+        wait_until(lambda: _loaded(swap_triton) == ["demo_b"], "the stray model was never unloaded", timeout=20)
+        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo_b"}
         r, events = generate(url, LONG)
         assert r.status_code == 200 and is_done(events[-1])
