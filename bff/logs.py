@@ -13,7 +13,9 @@ import orjson
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name}
+        # pid: which gunicorn worker wrote the line (their lines interleave on one stream)
+        line = {"ts": round(record.created, 3), "pid": record.process, "level": record.levelname.lower(),
+                "logger": record.name}
         if isinstance(record.msg, dict):
             line.update(record.msg)
         else:

@@ -1,17 +1,21 @@
 """
 Swaps that race across BFF processes sharing one Triton (as gunicorn workers and replicas do: each has its own
-registry, only Triton is shared). Two swaps to different models sent at once to two BFFs while streams run:
-one model is loaded at the end, both BFFs serve it, no stream fails.
+registry, only Triton is shared). Two swaps to different models sent at once to two BFFs, or to the two workers
+of the production server, while streams run: one model is loaded at the end, every BFF and worker serves it,
+no stream fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import time
 
 import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, is_done, run_bff, stream_events, triton_settings, wait_until
+from tests.bff.bffkit import AUTH, gunicorn, is_done, run_bff, stream_events, triton_settings, wait_until
 from tools.local_triton import LocalTriton, derive_model
 
 pytestmark = pytest.mark.triton
@@ -87,3 +91,75 @@ def test_a_stream_whose_model_another_bff_swapped_away_goes_to_the_new_one(race_
             assert r.status_code == 200, r.read()
             assert any('"done"' in line for line in r.iter_lines())
         assert httpx.get(other + "/health").json()["current_model"] == target
+
+
+def worker_pids(proc, request_ids: list[str]) -> dict[str, int]:
+    """The pid of the gunicorn worker that wrote each request's access line."""
+    pids = {}
+    for line in proc.log_tail(10**7).splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("request_id") in request_ids:
+                pids[entry["request_id"]] = entry["pid"]
+    return pids
+
+
+def test_two_swaps_at_once_on_the_two_gunicorn_workers_end_with_one_model_every_worker_serves(race_triton):
+    """Each swap goes on a connection that a different worker accepted (a kept-alive connection stays with its
+    worker; the access lines' pids say which), while four streams run."""
+    with gunicorn(race_triton, model="demo", workers=2, BFF_DRAIN_TIMEOUT_S="20") as (proc, url):
+
+        async def worker_clients() -> list[httpx.AsyncClient]:
+            """One single-connection client per worker: new connections until both workers have accepted one."""
+            by_pid: dict[int, httpx.AsyncClient] = {}
+            for i in range(40):
+                client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=1))
+                (await client.get(url + "/health", headers={"X-Request-ID": f"connection-{i}"})).raise_for_status()
+                wait_until(lambda i=i: f"connection-{i}" in worker_pids(proc, [f"connection-{i}"]), "no access line")
+                pid = worker_pids(proc, [f"connection-{i}"])[f"connection-{i}"]
+                if pid in by_pid or len(by_pid) == 2:
+                    await client.aclose()
+                else:
+                    by_pid[pid] = client
+                if len(by_pid) == 2:
+                    return list(by_pid.values())
+            raise AssertionError("40 connections in a row went to one worker")
+
+        async def settled(workers: list[httpx.AsyncClient]) -> str:
+            deadline = time.monotonic() + 60
+            while True:
+                models = loaded(race_triton)
+                health = [(await c.get(url + "/health")).json() for c in workers]
+                swaps = [(await c.get(url + "/stats", headers=AUTH)).json()["swap"]["state"] for c in workers]
+                if len(models) == 1 and swaps == ["idle", "idle"] and health == [
+                        {"status": "ok", "ready": True, "current_model": models[0]}] * 2:
+                    return models[0]
+                assert time.monotonic() < deadline, f"models did not settle: {models} {health} {swaps}"
+                await asyncio.sleep(0.2)
+
+        async def go():
+            workers = await worker_clients()
+            streaming = [httpx.AsyncClient(timeout=120) for _ in range(4)]
+            try:
+                start = (await workers[0].get(url + "/health")).json()["current_model"]
+                targets = [m for m in MODELS if m != start]
+                streams = [asyncio.create_task(stream_events(c, url, BODY)) for c in streaming]
+                await asyncio.sleep(0.3)  # the streams are running when the swaps arrive
+                swaps = await asyncio.gather(*(
+                    c.post(url + "/models/swap", json={"model_tag": model},
+                           headers={**AUTH, "X-Request-ID": f"swap-to-{model}"})
+                    for c, model in zip(workers, targets, strict=True)))
+                results = await asyncio.gather(*streams)
+                winner = await settled(workers)
+                answers = [await stream_events(c, url, BODY) for c in workers]  # each worker streams from it
+                return targets, swaps, results, winner, answers
+            finally:
+                for c in [*workers, *streaming]:
+                    await c.aclose()
+
+        targets, swaps, results, winner, answers = asyncio.run(go())
+        assert len(set(worker_pids(proc, [f"swap-to-{m}" for m in targets]).values())) == 2, "one worker got both"
+        assert {r.status_code for r in swaps} <= {202, 409}, [r.text for r in swaps]
+        assert all(events and is_done(events[-1]) for events in results), results  # no stream failed
+        assert winner in targets
+        assert all(is_done(events[-1]) for events in answers)
