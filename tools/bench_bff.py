@@ -14,7 +14,7 @@ The BFF runs in its own process (uvicorn), as in production, and its CPU time pe
 On a machine without a GPU the model's work is CPU work, and every CPU cycle the BFF (or a client) spends is
 taken from it. --triton-cpus keeps the local Triton on some CPUs and the BFF and the clients on the others,
 as on a GPU node; without it, all of them share every CPU, and the local Triton runs at the CPU priority
-`make serve` gives it (--triton-priority, default idle: tools/local_triton.py).
+`make serve` gives it (--triton-priority; tools/local_triton.py).
 
 While each level runs, a process of its own GETs /health every 20 ms, on a new connection each time (as the
 kubelet's probes do), and the latency of those answers is printed beside the table: /health answers from the
@@ -45,7 +45,7 @@ import psutil
 
 from bff.settings import Settings
 from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
-from tools.local_triton import PRIORITIES, LocalTriton
+from tools.local_triton import BESIDE_BFF_PRIORITY, PRIORITIES, LocalTriton
 from tools.measure import percentile
 
 KEY = "bench-bff-one-run-key"  # at least 16 characters, as the BFF requires
@@ -331,8 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--triton-cpus", type=lambda v: {int(c) for c in v.split(",")}, metavar="0[,1...]",
                    help="run the local Triton on these CPUs and the BFF and this benchmark on the others, as on "
                         "a GPU node, where the model's work does not take the BFF's CPU (default: all share all)")
-    p.add_argument("--triton-priority", choices=sorted(PRIORITIES), default="idle",
-                   help="the local Triton's CPU priority, as make serve gives it (tools/local_triton.py)")
+    p.add_argument("--triton-priority", choices=sorted(PRIORITIES), default=BESIDE_BFF_PRIORITY,
+                   help="the local Triton's CPU priority (default %(default)s, as make serve gives it; "
+                        "tools/local_triton.py)")
     a = p.parse_args(argv)
     if a.triton_cpus:
         if a.triton_url:

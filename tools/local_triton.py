@@ -53,6 +53,7 @@ SYS_PATH_VAR = "NANOCHAT_TRITON_SYS_PATH"
 # other CPU-bound work on the machine slows the model down to a crawl, and where Triton has CPUs of its own it
 # buys nothing and costs latency (its threads wait out each other's time slices). "normal" shares evenly.
 PRIORITIES = {"normal": os.SCHED_OTHER, "idle": os.SCHED_IDLE}
+BESIDE_BFF_PRIORITY = "idle"  # for a Triton that shares the BFF's CPUs (make serve, make bench's shared run)
 
 
 def pytriton_root() -> Path:

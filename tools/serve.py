@@ -29,7 +29,7 @@ import bff
 from bff import logs
 from bff.app import create_app
 from bff.settings import MissingKey, from_env, to_env
-from tools.local_triton import PRIORITIES, LocalTriton
+from tools.local_triton import BESIDE_BFF_PRIORITY, PRIORITIES, LocalTriton
 
 README_PROMPT = "Why is the sky blue?"  # the request make serve/demo print, and the README shows
 
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--triton-url", help="use this Triton gRPC endpoint (host:port) instead of a local one")
     p.add_argument("--host", help="default: BFF_HOST, else 127.0.0.1")
     p.add_argument("--port", type=int, help="default: BFF_PORT, else 8003")
-    p.add_argument("--triton-priority", choices=sorted(PRIORITIES), default="idle",
-                   help="the local Triton's CPU priority (tools/local_triton.py): idle, the default, keeps the BFF "
-                        "answering at once while the model saturates the CPUs it shares with it")
+    p.add_argument("--triton-priority", choices=sorted(PRIORITIES), default=BESIDE_BFF_PRIORITY,
+                   help="the local Triton's CPU priority (default %(default)s; tools/local_triton.py): idle keeps the "
+                        "BFF answering at once while the model saturates the CPUs it shares with it")
     p.add_argument("--workers", type=int, help="run the production server, gunicorn with this many uvicorn "
                                                "workers (bff/gunicorn_conf.py), instead of one uvicorn process")
     a = p.parse_args(argv)
