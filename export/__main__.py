@@ -11,6 +11,7 @@ target not writable or holding another model) with the reason on stderr; 1 an un
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -104,4 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:
+        # CPython ends by killing itself with SIGINT, whatever main returned, once a KeyboardInterrupt has left
+        # any code run through PyRun_* (a C extension's, during torch's lazy imports): exit before that check
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -212,7 +212,8 @@ def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
         rc = proc.wait(timeout=60)
         assert snapshot(exported) == before
         if sig == signal.SIGTERM:
-            assert rc == 130 and "interrupted" in proc.stderr.read()
+            err = proc.stderr.read()
+            assert rc == 130 and "interrupted" in err, (rc, err[-2000:])
             assert not list(repo.glob(".g2.export-*"))
         else:
             assert list(repo.glob(".g2.export-*"))
