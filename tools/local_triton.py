@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -54,6 +53,20 @@ SYS_PATH_VAR = "NANOCHAT_TRITON_SYS_PATH"
 # buys nothing and costs latency (its threads wait out each other's time slices). "normal" shares evenly.
 PRIORITIES = {"normal": os.SCHED_OTHER, "idle": os.SCHED_IDLE}
 BESIDE_BFF_PRIORITY = "idle"  # for a Triton that shares the BFF's CPUs (make serve, make bench's shared run)
+# Run by a bare interpreter that then becomes tritonserver (same pid): SIGTERM the server if the process that
+# started it dies without stopping it (e.g. SIGKILL), keep it on the given CPUs and give it the priority; its
+# threads and stubs inherit all three. Not a preexec_fn: that runs Python in a fork of a process whose gRPC
+# threads may be busy (the tests' and tools' own clients), and gRPC aborted such a child.
+_PLACE_THEN_EXEC = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+cpus, policy, command = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+if cpus:
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+if policy != os.SCHED_OTHER:  # a process may lower its priority, not raise it: "normal" keeps the caller's
+    os.sched_setscheduler(0, policy, os.sched_param(0))
+os.execv(command[0], command)
+"""
 
 
 def pytriton_root() -> Path:
@@ -176,9 +189,10 @@ class LocalTriton:
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.log_file = log_path
         # own process group, so Ctrl-C in a terminal reaches us first and we stop the server in order
-        self.process = subprocess.Popen(self.command(backends), env=self.environment(), stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=functools.partial(_in_child, self.cpus, self.priority))
+        placed = [sys.executable, "-I", "-S", "-c", _PLACE_THEN_EXEC, ",".join(map(str, sorted(self.cpus or ()))),
+                  str(PRIORITIES[self.priority]), *self.command(backends)]
+        self.process = subprocess.Popen(placed, env=self.environment(), stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         try:
             self.wait_ready(self.load)
         except BaseException:
@@ -268,19 +282,6 @@ def _kill_session(sid: int, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes {members} of tritonserver session {sid} survived SIGKILL")
         time.sleep(0.05)
-
-
-def _in_child(cpus: set[int] | None, priority: str) -> None:
-    """In the child before exec: SIGTERM the server if we die without stopping it (e.g. SIGKILL), keep it
-    on `cpus` and give it `priority` (its threads and the stubs it starts inherit both)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    if priority != "normal":  # (a process may lower its priority, not raise it: "normal" keeps the caller's)
-        os.sched_setscheduler(0, PRIORITIES[priority], os.sched_param(0))
 
 
 def _log_event(event: str, **fields) -> None:

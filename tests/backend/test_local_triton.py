@@ -1,11 +1,15 @@
 """The local Triton launcher leaves nothing running, also when the server dies under it."""
 
+import contextlib
 import os
+import subprocess
+import sys
 
 import psutil
 import pytest
 
 from tools.local_triton import LocalTriton, session_members
+from tools.paths import PROJECT
 
 pytestmark = pytest.mark.triton
 
@@ -36,3 +40,24 @@ def test_cpus_and_priority_hold_the_server_and_its_stubs(oracle_repository):
 def test_an_unknown_priority_is_refused(oracle_repository):
     with pytest.raises(ValueError, match="priority must be one of"):
         LocalTriton(oracle_repository, priority="high")
+
+
+def test_the_server_stops_when_the_process_that_started_it_is_killed(oracle_repository):
+    """SIGKILL leaves no chance to stop the server in order: the kernel sends it SIGTERM (PR_SET_PDEATHSIG)."""
+    script = ("import sys, time; from tools.local_triton import LocalTriton; "
+              "s = LocalTriton(sys.argv[1]).start(); print(s.process.pid, flush=True); time.sleep(600)")
+    owner = subprocess.Popen([sys.executable, "-c", script, str(oracle_repository)], cwd=PROJECT,
+                             stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        pid = int(owner.stdout.readline())
+        server = psutil.Process(pid)
+        assert "tritonserver" in server.name()
+        owner.kill()
+        owner.wait(10)
+        server.wait(30)  # psutil.TimeoutExpired if it outlives its owner
+    finally:
+        owner.kill()
+        if pid is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

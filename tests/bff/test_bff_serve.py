@@ -28,11 +28,15 @@ pytestmark = pytest.mark.triton
 def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_repository, workers):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INTERNAL_API_KEY", "BFF_"))}
-    cmd = [sys.executable, "-m", "tools.serve", "--model", "demo", "--model-repository", str(oracle_repository),
-           "--port", str(port), *(["--workers", str(workers)] if workers else [])]
     # started with SIGINT ignored, as a background job of a non-interactive shell is: Ctrl-C must still stop it
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    # (ignored by an interpreter that then becomes serve: a preexec_fn would run Python in a fork of this
+    # process, whose gRPC threads may be busy)
+    ignoring = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "os.execv(sys.argv[1], sys.argv[1:])")
+    cmd = [sys.executable, "-c", ignoring, sys.executable, "-m", "tools.serve", "--model", "demo",
+           "--model-repository", str(oracle_repository), "--port", str(port),
+           *(["--workers", str(workers)] if workers else [])]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # never blocks on a pipe
     reader.start()
