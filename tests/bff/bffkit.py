@@ -107,6 +107,12 @@ def finished(server, model: str) -> dict[str, float]:
             for reason in FINISH_REASONS}
 
 
+def loaded_models(server) -> list[str]:
+    """The models READY in a Triton server, from its repository index."""
+    index = httpx.post(f"{server.http_url}/v2/repository/index", json={"ready": True}).json()
+    return sorted(m["name"] for m in index)
+
+
 def wait_until(condition, failure: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -17,6 +17,7 @@ from tests.bff.bffkit import (
     AUTH,
     generate,
     is_done,
+    loaded_models,
     run_bff,
     stream_events,
     text_of,
@@ -164,11 +165,6 @@ def test_drain_first_refuses_new_streams_until_the_new_model_is_loaded(swap_trit
         assert generate(url, LONG)[0].status_code == 200
 
 
-def _loaded(server) -> list[str]:
-    index = httpx.post(f"{server.http_url}/v2/repository/index", json={"ready": True}).json()
-    return sorted(m["name"] for m in index)
-
-
 def test_drain_first_whose_load_fails_brings_the_old_model_back(swap_triton):
     with run_bff(**triton_settings(swap_triton, swap_strategy="drain-first")) as url:
         old = httpx.get(url + "/health").json()["current_model"]
@@ -198,10 +194,15 @@ def test_another_workers_swap_is_seen_after_a_probe(swap_triton):
         assert r.status_code == 200 and is_done(events[-1])
 
 
+def _unload_all(server) -> None:
+    """Straight through Triton's repository API, as no BFF would."""
+    for name in loaded_models(server):
+        httpx.post(f"{server.http_url}/v2/repository/models/{name}/unload").raise_for_status()
+        _wait_unloaded(server, name)
+
+
 def test_no_model_loaded_is_a_503_until_a_swap_loads_one(swap_triton):
-    for name in _loaded(swap_triton):
-        httpx.post(f"{swap_triton.http_url}/v2/repository/models/{name}/unload").raise_for_status()
-        _wait_unloaded(swap_triton, name)
+    _unload_all(swap_triton)
     with run_bff(**triton_settings(swap_triton)) as url:
         assert httpx.get(url + "/health").json() == {"status": "ok", "ready": False, "current_model": None}
         r, _ = generate(url, LONG)
@@ -216,22 +217,20 @@ def test_models_a_dead_swap_left_beside_its_own_are_unloaded_once_no_swap_can_st
     after the swap bound (a swap elsewhere may still be draining it before then)."""
     from bff.registry import epoch_config
 
-    for name in _loaded(swap_triton):
-        httpx.post(f"{swap_triton.http_url}/v2/repository/models/{name}/unload").raise_for_status()
-        _wait_unloaded(swap_triton, name)
+    _unload_all(swap_triton)
     # demo as Triton's --load-model loads it; demo_b by a swap two minutes ago whose BFF died before unloading demo
     httpx.post(f"{swap_triton.http_url}/v2/repository/models/demo/load").raise_for_status()
     config = epoch_config(swap_triton.model_repository, "demo_b", time.time() - 120)
     httpx.post(f"{swap_triton.http_url}/v2/repository/models/demo_b/load",
                json={"parameters": {"config": config}}, timeout=60).raise_for_status()
-    assert _loaded(swap_triton) == ["demo", "demo_b"]
+    assert loaded_models(swap_triton) == ["demo", "demo_b"]
 
     with run_bff(**triton_settings(swap_triton)) as url:  # the default bounds: a swap may take 22 minutes
         time.sleep(2.5)  # five probes
-        assert _loaded(swap_triton) == ["demo", "demo_b"]
+        assert loaded_models(swap_triton) == ["demo", "demo_b"]
         assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo_b"}
     with run_bff(**triton_settings(swap_triton, model_load_timeout_s=20, drain_timeout_s=10)) as url:  # bound 60 s
-        wait_until(lambda: _loaded(swap_triton) == ["demo_b"], "the stray model was never unloaded", timeout=20)
+        wait_until(lambda: loaded_models(swap_triton) == ["demo_b"], "the stray model was never unloaded", timeout=20)
         assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo_b"}
         r, events = generate(url, LONG)
         assert r.status_code == 200 and is_done(events[-1])

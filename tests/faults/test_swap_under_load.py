@@ -10,7 +10,16 @@ import asyncio
 import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, generate, is_done, run_bff, stream_events, triton_settings, wait_until
+from tests.bff.bffkit import (
+    AUTH,
+    generate,
+    is_done,
+    loaded_models,
+    run_bff,
+    stream_events,
+    triton_settings,
+    wait_until,
+)
 from tools.local_triton import LocalTriton, derive_model
 
 pytestmark = pytest.mark.triton
@@ -23,10 +32,6 @@ def busy_triton(oracle_repository):
     derive_model(oracle_repository, "head", "head_b")
     with LocalTriton(oracle_repository, load=["head"]) as server:
         yield server
-
-
-def loaded(server) -> list[str]:
-    return sorted(m["name"] for m in httpx.post(f"{server.http_url}/v2/repository/index", json={"ready": True}).json())
 
 
 @pytest.mark.parametrize("strategy", ["load-first", "drain-first"])
@@ -56,8 +61,8 @@ def test_a_swap_while_16_streams_run_fails_none_of_them(busy_triton, strategy):
         assert running == STREAMS
         failed = [events[-1] for events in results if not (events and is_done(events[-1]))]
         assert failed == [], failed
-        wait_until(lambda: loaded(busy_triton) == [target]
+        wait_until(lambda: loaded_models(busy_triton) == [target]
                    and httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": target},
-                   f"the swap to {target} did not finish: {loaded(busy_triton)}", timeout=90)
+                   f"the swap to {target} did not finish: {loaded_models(busy_triton)}", timeout=90)
         r, events = generate(url, BODY)
         assert r.status_code == 200 and is_done(events[-1])
