@@ -119,10 +119,11 @@ class TritonMetrics:
             self._last[key] = value
 
     def export(self, stats: EngineStats) -> None:
+        # endings are read first and written last: a scrape that counts a request as ended counts all it did
+        # (the step thread counts its tokens and frees its slot before its ending)
+        finished = dict(stats.finished)
         for key, metric in self.counters.items():
             self._add(metric, key, getattr(stats, key))
-        for reason, metric in self.finished.items():
-            self._add(metric, "finished_" + reason, stats.finished[reason])
         cpu = dict(stats.cpu)
         cpu["schedule"] = cpu.pop("step") - cpu["model_call"]
         for part, metric in self.cpu.items():
@@ -148,6 +149,8 @@ class TritonMetrics:
                     metric.increment(count)
             self.itl_sum.increment(total)
             self.itl_count.increment(cumulative[-1])  # the +Inf bucket counts every sample
+        for reason, metric in self.finished.items():
+            self._add(metric, "finished_" + reason, finished[reason])
 
 
 def bucket_counts(values: collections.deque[float], bounds: list[float]) -> tuple[list[int], float]:

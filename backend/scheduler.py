@@ -314,7 +314,7 @@ class Scheduler:
         now = time.monotonic()
         queued = (req.slotted or now) - req.arrived
         self.stats.requests.append((now - req.arrived, queued, len(req.seq.prompt), req.emitted))
-        with self._cv:
+        self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)
+        with self._cv:  # counted as ended last: the exporter's order (backend/metrics.py)
             self.stats.finished["error" if error else finish_reason] += 1
             self._outstanding -= 1
-        self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)

@@ -68,3 +68,25 @@ def test_finished_requests_are_counted_by_reason_as_deltas():
     metrics.export(stats)
     finished = [(reason, v) for f, reason, op, v in CALLS if f == "nanochat_finished_requests_total"]
     assert finished == [("stop", 3), ("cancelled", 1), ("cancelled", 2)]
+
+
+def test_a_request_that_ends_during_an_export_is_counted_as_ended_with_all_it_did():
+    """A scrape that counts a request as ended counts its tokens too: the exporter reads the endings before
+    anything else and writes them after everything else (tests wait on endings, then read the rest)."""
+
+    class EndsDuringExport(EngineStats):
+        def __getattribute__(self, name):
+            value = super().__getattribute__(name)
+            if name == "tokens" and not self.__dict__.get("ended"):  # the step thread, mid-export
+                self.__dict__.update(ended=True, tokens=value + 5)
+                self.finished["stop"] += 1
+            return value
+
+    CALLS.clear()
+    metrics, stats = TritonMetrics(FakePbUtils, {"model": "m"}), EndsDuringExport()
+    metrics.export(stats)
+    assert not [c for c in CALLS if c[0] == "nanochat_finished_requests_total"]  # its tokens were not written
+    CALLS.clear()
+    metrics.export(stats)
+    assert ("nanochat_generated_tokens_total", None, "inc", 5) in CALLS
+    assert CALLS[-1] == ("nanochat_finished_requests_total", "stop", "inc", 1)  # written after everything else
