@@ -276,7 +276,7 @@ class TritonPool:
 
     def __init__(self, urls: tuple[str, ...], metrics_urls: tuple[str, ...], admin_key: str | None = None) -> None:
         self.endpoints = [Endpoint(u, m) for u, m in zip(urls, metrics_urls, strict=True)]
-        self.http = httpx.AsyncClient()  # Triton's metrics ports
+        self.http = httpx.AsyncClient(timeout=PROBE_TIMEOUT_S)  # Triton's metrics ports
         # Triton started with --grpc-restricted-protocol=model-repository:<ADMIN_HEADER>=<key> answers the
         # repository API (index, load, unload) only to calls that carry the key: only the BFF has it. Over
         # gRPC Triton reads it from the metadata key prefixed "triton-grpc-protocol-".
@@ -406,7 +406,7 @@ class TritonPool:
         """The raw Prometheus text of each endpoint's /metrics (default: the live ones); "" where it fails."""
         async def one(endpoint: Endpoint) -> str:
             try:
-                return (await self.http.get(endpoint.metrics_url, timeout=PROBE_TIMEOUT_S)).text
+                return (await self.http.get(endpoint.metrics_url)).text
             except httpx.HTTPError:
                 return ""
 

@@ -27,7 +27,7 @@ import tritonclient.grpc.aio as grpcclient
 
 from backend.protocol import METRIC_CPU, METRIC_GENERATED_TOKENS
 from tools.local_triton import LocalTriton, derive_model
-from tools.measure import metric, percentile, samples, scrape
+from tools.measure import SERVER_TIMEOUT_S, metric, percentile, samples, scrape
 from tools.paths import ORACLE_DIR
 from tools.stream_client import make_inputs, stream
 
@@ -78,7 +78,7 @@ async def run_level(client, model: str, concurrency: int, n_requests: int, max_t
 async def bench_model(server: LocalTriton, model: str, max_tokens: int) -> dict[int, dict]:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        await client.load_model(model)
+        await client.load_model(model, client_timeout=SERVER_TIMEOUT_S)
         await run_level(client, model, 2, 2, 8)  # warm up: first-run allocations, thread pools
         rows = {}
         for c in CONCURRENCY:
@@ -92,7 +92,7 @@ async def bench_model(server: LocalTriton, model: str, max_tokens: int) -> dict[
             row["schedule_us"] = 1e6 * delta["schedule"] / max(1.0, delta["tokens"])
             row["send_us"] = 1e6 * delta["send"] / max(1.0, delta["tokens"])
             rows[c] = row
-        await client.unload_model(model)
+        await client.unload_model(model, client_timeout=SERVER_TIMEOUT_S)
         return rows
     finally:
         await client.close()

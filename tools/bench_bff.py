@@ -46,7 +46,7 @@ import psutil
 from bff.settings import Settings
 from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
 from tools.local_triton import BESIDE_BFF_PRIORITY, PRIORITIES, LocalTriton
-from tools.measure import percentile
+from tools.measure import SERVER_TIMEOUT_S, percentile
 
 KEY = "bench-bff-one-run-key"  # at least 16 characters, as the BFF requires
 PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to code."}]
@@ -305,7 +305,7 @@ def bff_process(grpc_url: str, metrics_url: str, model: str, repository: str, po
         deadline = time.monotonic() + 60
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health").json()["ready"]:
+                if httpx.get(url + "/health", timeout=SERVER_TIMEOUT_S).json()["ready"]:
                     break
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("the BFF did not become ready")

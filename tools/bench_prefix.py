@@ -18,6 +18,7 @@ import httpx
 
 from tools.bench_bff import AUTH, bff_process, generate_sse
 from tools.local_triton import LocalTriton, derive_model, free_port
+from tools.measure import SERVER_TIMEOUT_S
 
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Tell me about the sea.",
              "What do cats eat?", "How far is the moon?"]
@@ -45,7 +46,7 @@ def measure(repository: Path, model: str, a: argparse.Namespace) -> tuple[list[f
             bff_process(triton.grpc_url, triton.metrics_url, model, str(repository), free_port()) as (url, _):
         conversations(url, 2, 1, a.max_tokens)  # warm-up
         runs = conversations(url, a.turns, a.conversations, a.max_tokens)
-        stats = httpx.get(url + "/stats", headers=AUTH).json()
+        stats = httpx.get(url + "/stats", headers=AUTH, timeout=SERVER_TIMEOUT_S).json()
     per_turn = [statistics.median(r[t] for r in runs) for t in range(a.turns)]
     return per_turn, stats["triton"]["prefix_cache"]
 

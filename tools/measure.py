@@ -1,6 +1,7 @@
 """
-What the benchmarks and the tests measure with, defined once: percentiles of latency samples and the
-reading of Prometheus text (Triton's /metrics, the BFF's), through prometheus_client's own parser.
+What the benchmarks and the tests measure with, defined once: percentiles of latency samples, the
+reading of Prometheus text (Triton's /metrics, the BFF's) through prometheus_client's own parser, and how
+long they wait on a local server.
 """
 
 from __future__ import annotations
@@ -10,13 +11,21 @@ import urllib.request
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+# One call to a local server (a model load or unload, a swap, a health, stats or metrics read, a stream's next
+# bytes) on a loaded 2-core machine: a load alone can pass httpx's default 5 s there. A bound on a hang, not a
+# speed check.
+SERVER_TIMEOUT_S = 60.0
+# Waiting for an outcome there (a model unloaded, a slot freed, a counter exported): polled, so a condition that
+# already holds costs nothing.
+OUTCOME_TIMEOUT_S = 30.0
+
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100, linear interpolation as numpy's default); NaN without samples."""
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def scrape(url: str, timeout: float = 5.0) -> str:
+def scrape(url: str, timeout: float = SERVER_TIMEOUT_S) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
 

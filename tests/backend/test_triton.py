@@ -7,10 +7,12 @@ import tritonclient.grpc.aio as grpcclient
 
 from backend import protocol as P
 from backend.protocol import INVALID
+from tests.bff.bffkit import assert_cancelled_and_freed, finished
 from tests.conftest import DEMO_MAX_SEQ
-from tests.tritonkit import stub_process
+from tests.tritonkit import metrics_once_ended, stub_process, wait_busy
 from tools import measure
 from tools.local_triton import derive_model
+from tools.measure import SERVER_TIMEOUT_S
 from tools.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
@@ -52,11 +54,11 @@ def test_stream_interval_groups_tokens_and_changes_nothing_else(triton_server, o
     conv = oracle_references["head"]["conversations"][0]
 
     async def go(client):
-        await client.load_model("head_grouped")
+        await client.load_model("head_grouped", client_timeout=SERVER_TIMEOUT_S)
         try:
             return await stream(client, "head_grouped", greedy(messages=conv["messages"], max_tokens=32))
         finally:
-            await client.unload_model("head_grouped")
+            await client.unload_model("head_grouped", client_timeout=SERVER_TIMEOUT_S)
 
     r = run(go, triton_server)
     assert r.error is None and r.finals == 1 and r.token_ids == conv["greedy"]["tokens"]
@@ -149,16 +151,13 @@ def long_prompt():
 
 
 def test_cancelled_stream_frees_its_slot(triton_server):
-    async def go(client):
-        first = await stream(client, "demo_1slot", long_prompt(), cancel_when=lambda r: r.responses >= 3)
-        await asyncio.sleep(0.2)  # the backend stops it within a decode step (a few ms here)
-        # one slot and one queue place: both fit only if the cancelled request let its slot go
-        after = await asyncio.gather(*(stream(client, "demo_1slot", greedy(prompt_ids=[1, 2, 3], max_tokens=20))
-                                       for _ in range(2)))
-        return first, after
-
-    first, after = run(go, triton_server)
+    before = finished(triton_server, "demo_1slot")
+    first = run(lambda c: stream(c, "demo_1slot", long_prompt(), cancel_when=lambda r: r.responses >= 3), triton_server)
     assert first.responses == 3 and first.error is None
+    assert_cancelled_and_freed(triton_server, "demo_1slot", before)  # the backend saw the client go
+    # one slot and one queue place: both fit only if the cancelled request let its slot go
+    after = run(lambda c: asyncio.gather(*(stream(c, "demo_1slot", greedy(prompt_ids=[1, 2, 3], max_tokens=20))
+                                           for _ in range(2))), triton_server)
     assert all(r.error is None and r.finals == 1 for r in after), [r.error for r in after]
 
 
@@ -196,7 +195,7 @@ def test_full_queue_is_refused_at_once(triton_server):
         done = asyncio.Event()
         running = [asyncio.create_task(stream(client, "demo_1slot", long_prompt(), cancel_when=lambda r: done.is_set()))
                    for _ in range(2)]
-        await asyncio.sleep(0.1)  # one in the slot, one in the queue
+        await wait_busy(triton_server, "demo_1slot", active=1, queued=1)
         refused = await stream(client, "demo_1slot", greedy(prompt_ids=[1, 2], max_tokens=2))
         done.set()
         return refused, await asyncio.gather(*running)
@@ -207,7 +206,18 @@ def test_full_queue_is_refused_at_once(triton_server):
     assert all(r.error is None for r in running)
 
 
-def test_soak_500_requests_leaves_no_growth(triton_server):
+def test_soak_500_requests_leaves_no_growth(triton_server, oracle_repository):
+    """500 requests through a model of its own (demo's artifacts, counters from zero): every answer equals the
+    prompt's answer alone, no thread or descriptor grows, and every counter moves by what the clients saw."""
+    derive_model(oracle_repository, "demo", "demo_soak")
+    run(lambda c: c.load_model("demo_soak", client_timeout=SERVER_TIMEOUT_S), triton_server)
+    try:
+        soak(triton_server)
+    finally:
+        run(lambda c: c.unload_model("demo_soak", client_timeout=SERVER_TIMEOUT_S), triton_server)
+
+
+def soak(triton_server) -> None:
     prompts = [[1 + i % 50, 2, 3] for i in range(500)]
 
     async def burst(client, ids_list, concurrency=12):  # demo: 4 slots + 8 queue places
@@ -215,29 +225,27 @@ def test_soak_500_requests_leaves_no_growth(triton_server):
 
         async def one(ids):
             async with sem:
-                return await stream(client, "demo", greedy(prompt_ids=ids, max_tokens=3))
+                return await stream(client, "demo_soak", greedy(prompt_ids=ids, max_tokens=3))
 
         return await asyncio.gather(*(one(ids) for ids in ids_list))
 
     # each distinct prompt alone first: the reference every soak response must equal (and the warm-up)
     alone = run(lambda c: burst(c, prompts[:50], concurrency=1), triton_server)
     reference = {tuple(ids): r.token_ids for ids, r in zip(prompts[:50], alone, strict=True)}
-    stub = stub_process(triton_server, "demo")
+    stub = stub_process(triton_server, "demo_soak")
     before = (stub.num_threads(), stub.num_fds())
-    asyncio.run(asyncio.sleep(0.2))  # the warm-up's counters exported
-    counted = measure.scrape(triton_server.metrics_url)
+    counted = metrics_once_ended(triton_server, "demo_soak", 50)
     results = run(lambda c: burst(c, prompts), triton_server, timeout=300)
     assert all(r.error is None and r.finals == 1 for r in results), {r.error for r in results}
     wrong = [i for i, (ids, r) in enumerate(zip(prompts, results, strict=True)) if r.token_ids != reference[tuple(ids)]]
     assert wrong == [], f"{len(wrong)} soak responses differ from the prompt's answer alone, e.g. #{wrong[:3]}"
     after = (stub.num_threads(), stub.num_fds())
     assert after[0] <= before[0] and after[1] <= before[1] + 2, (before, after)
-    asyncio.run(asyncio.sleep(0.2))  # one metrics export
-    text = measure.scrape(triton_server.metrics_url)
-    delta = lambda name, **labels: measure.metric(text, name, model="demo", **labels) - measure.metric(
-        counted, name, model="demo", **labels)
-    assert measure.metric(text, P.METRIC_ACTIVE_SLOTS, model="demo") == 0
-    assert measure.metric(text, P.METRIC_QUEUE_DEPTH, model="demo") == 0
+    text = metrics_once_ended(triton_server, "demo_soak", 550)
+    delta = lambda name, **labels: measure.metric(text, name, model="demo_soak", **labels) - measure.metric(
+        counted, name, model="demo_soak", **labels)
+    assert measure.metric(text, P.METRIC_ACTIVE_SLOTS, model="demo_soak") == 0
+    assert measure.metric(text, P.METRIC_QUEUE_DEPTH, model="demo_soak") == 0
     streamed = sum(len(r.token_ids) for r in results)  # stop tokens end a stream and are not streamed
     stops = sum(r.finish_reason == "stop" for r in results)
     assert delta(P.METRIC_GENERATED_TOKENS) == streamed + stops
@@ -249,11 +257,11 @@ def test_soak_500_requests_leaves_no_growth(triton_server):
         assert delta(per_request + "_count") == 500, per_request
     assert delta(P.METRIC_REQUEST_PROMPT + "_sum") == 3 * 500
     assert delta(P.METRIC_REQUEST_GENERATION + "_sum") == streamed
-    assert measure.metric(text, P.METRIC_SLOT_USAGE, model="demo") == 0
+    assert measure.metric(text, P.METRIC_SLOT_USAGE, model="demo_soak") == 0
     itl_count = delta(P.METRIC_ITL + "_count")
-    inf = [v for _, v in measure.samples(text, P.METRIC_ITL + "_bucket", model="demo", le="+Inf")]
+    inf = [v for _, v in measure.samples(text, P.METRIC_ITL + "_bucket", model="demo_soak", le="+Inf")]
     assert itl_count == streamed + stops - 500  # a gap before every token but each request's first
-    assert inf == [measure.metric(text, P.METRIC_ITL + "_count", model="demo")]  # +Inf counts every gap
+    assert inf == [measure.metric(text, P.METRIC_ITL + "_count", model="demo_soak")]  # +Inf counts every gap
 
 
 def test_unload_while_streaming_lets_every_stream_finish_first(triton_server):
@@ -274,16 +282,16 @@ def test_unload_while_streaming_lets_every_stream_finish_first(triton_server):
         await asyncio.wait_for(started.wait(), 30)
         stub.suspend()
         try:
-            unload = asyncio.create_task(client.unload_model("demo"))
+            unload = asyncio.create_task(client.unload_model("demo", client_timeout=SERVER_TIMEOUT_S))
             await asyncio.sleep(0.5)
             held = sum(not t.done() for t in streams)
         finally:
             stub.resume()
         results = await asyncio.wait_for(asyncio.gather(*streams), 60)
         await asyncio.wait_for(unload, 60)
-        gone = not await client.is_model_ready("demo")
-        await client.load_model("demo")  # back for any later test
-        return held, results, gone, await client.is_model_ready("demo")
+        gone = not await client.is_model_ready("demo", client_timeout=SERVER_TIMEOUT_S)
+        await client.load_model("demo", client_timeout=SERVER_TIMEOUT_S)  # back for any later test
+        return held, results, gone, await client.is_model_ready("demo", client_timeout=SERVER_TIMEOUT_S)
 
     held, results, gone, ready = run(go, triton_server)
     assert held == 3  # the unload was asked for while all three were mid-answer

@@ -5,6 +5,7 @@ and SSE reading the way the gateway does it: `data:` lines, JSON, token pieces c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,7 +26,7 @@ from backend.protocol import FINISH_REASONS, METRIC_ACTIVE_SLOTS, METRIC_FINISHE
 from bff.app import create_app
 from bff.settings import from_env
 from tools.local_triton import free_port
-from tools.measure import metric
+from tools.measure import OUTCOME_TIMEOUT_S, SERVER_TIMEOUT_S, metric
 
 KEY = "test-internal-key"
 AUTH = {"X-Internal-API-Key": KEY}
@@ -40,7 +42,7 @@ def run_bff(**overrides):
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the BFF did not start")
@@ -91,6 +93,19 @@ async def stream_events(client: httpx.AsyncClient, url: str, body: dict, on_firs
     return parse_events(lines)
 
 
+def first_tokens(streams: int) -> tuple[Callable[[], None], asyncio.Event]:
+    """An on_first_token for `streams` streams, and an event set once every one of them has streamed a token:
+    what a test waits for before acting on running streams (a fixed sleep loses that race on a loaded host)."""
+    started, seen = asyncio.Event(), [0]
+
+    def on_first_token() -> None:
+        seen[0] += 1
+        if seen[0] == streams:
+            started.set()
+
+    return on_first_token, started
+
+
 def is_done(event: dict) -> bool:
     """The BFF's done event: the answer is whole, with the finish reason and counts the backend gave."""
     return (event.get("done") is True and event.get("finish_reason") in ("stop", "length")
@@ -109,11 +124,28 @@ def finished(server, model: str) -> dict[str, float]:
 
 def loaded_models(server) -> list[str]:
     """The models READY in a Triton server, from its repository index."""
-    index = httpx.post(f"{server.http_url}/v2/repository/index", json={"ready": True}).json()
+    index = httpx.post(f"{server.http_url}/v2/repository/index", json={"ready": True}, timeout=SERVER_TIMEOUT_S).json()
     return sorted(m["name"] for m in index)
 
 
-def wait_until(condition, failure: str, timeout: float = 10.0) -> None:
+def health(url: str) -> dict:
+    """The BFF's GET /health."""
+    return httpx.get(url + "/health", timeout=SERVER_TIMEOUT_S).json()
+
+
+def stats(url: str) -> dict:
+    """The BFF's GET /stats."""
+    return httpx.get(url + "/stats", headers=AUTH, timeout=SERVER_TIMEOUT_S).json()
+
+
+def model_ready(server, model: str) -> bool:
+    """Whether a Triton server has `model` loaded and ready."""
+    return httpx.get(f"{server.http_url}/v2/models/{model}/ready", timeout=SERVER_TIMEOUT_S).status_code == 200
+
+
+def wait_until(condition, failure: str, timeout: float = OUTCOME_TIMEOUT_S) -> None:
+    """Polls until `condition()` holds; fails with `failure` after `timeout` seconds (a bound on a hang, not a
+    speed check)."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, failure

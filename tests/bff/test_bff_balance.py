@@ -15,8 +15,9 @@ import httpx
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from tests.bff.bffkit import AUTH, is_done, run_bff, stream_events, text_of, wait_until
+from tests.bff.bffkit import health, is_done, model_ready, run_bff, stats, stream_events, text_of, wait_until
 from tools.local_triton import LocalTriton
+from tools.measure import SERVER_TIMEOUT_S
 from tools.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
@@ -39,7 +40,7 @@ async def _warm_up(server: LocalTriton) -> None:
 
 
 def _endpoints(url: str) -> list[dict]:
-    return httpx.get(url + "/stats", headers=AUTH).json()["endpoints"]
+    return stats(url)["endpoints"]
 
 
 def test_dead_endpoint_gets_no_new_streams(oracle_repository):
@@ -59,7 +60,7 @@ def test_dead_endpoint_gets_no_new_streams(oracle_repository):
                     if streaming == 4:
                         os.killpg(b.process.pid, signal.SIGKILL)
 
-                async with httpx.AsyncClient() as client:
+                async with httpx.AsyncClient(timeout=SERVER_TIMEOUT_S) as client:
                     done = await asyncio.gather(*(_stream(client, url, first_token) for _ in range(4)))
                     opened_on_b = _endpoints(url)[1]["streams_total"]
                     after = await asyncio.gather(*(_stream(client, url) for _ in range(6)))
@@ -85,12 +86,12 @@ def test_dead_endpoint_gets_no_new_streams(oracle_repository):
             # it up, the BFF loads the serving model there before sending it streams, and uses it again
             with LocalTriton(oracle_repository, load=[], grpc_port=b.grpc_port) as b2:
                 wait_until(lambda: _endpoints(url)[1]["up"], "the endpoint was not marked up again")
-                wait_until(lambda: httpx.get(f"{b2.http_url}/v2/models/head/ready").status_code == 200,
-                           "the BFF did not load the serving model on the replica that lacked it", timeout=30)
-                wait_until(lambda: httpx.get(url + "/health").json()["ready"], "the BFF is not ready again")
+                wait_until(lambda: model_ready(b2, "head"),
+                           "the BFF did not load the serving model on the replica that lacked it")
+                wait_until(lambda: health(url)["ready"], "the BFF is not ready again")
 
                 async def again():
-                    async with httpx.AsyncClient() as client:
+                    async with httpx.AsyncClient(timeout=SERVER_TIMEOUT_S) as client:
                         return await asyncio.gather(*(_stream(client, url) for _ in range(2)))
 
                 assert all(text_of(e) == reference for e in asyncio.run(again()))

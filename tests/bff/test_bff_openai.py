@@ -11,13 +11,14 @@ import openai
 import pytest
 
 from tests.bff.bffkit import AUTH, KEY
+from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton
 
 
 @pytest.fixture(scope="module")
 def client(bff_url):
-    return openai.OpenAI(base_url=bff_url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=bff_url + "/v1", api_key=KEY, max_retries=0, timeout=SERVER_TIMEOUT_S)
 
 
 def conversation(oracle_references, i: int = 0) -> dict:
@@ -90,7 +91,8 @@ def test_errors_are_openais(client, bff_url):
         client.chat.completions.create(model="head", messages=[{"role": "user", "content": "hi"}], n=2)
     assert e.value.param == "n"
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=bff_url + "/v1", api_key="wrong-key-of-16-chars", max_retries=0).models.list()
+        openai.OpenAI(base_url=bff_url + "/v1", api_key="wrong-key-of-16-chars", max_retries=0,
+                      timeout=SERVER_TIMEOUT_S).models.list()
     # the contract's header works here too, and the contract's routes keep their own error shape
-    assert httpx.get(bff_url + "/v1/models", headers=AUTH).status_code == 200
-    assert httpx.post(bff_url + "/generate", json={}, headers=AUTH).json()["detail"]
+    assert httpx.get(bff_url + "/v1/models", headers=AUTH, timeout=SERVER_TIMEOUT_S).status_code == 200
+    assert httpx.post(bff_url + "/generate", json={}, headers=AUTH, timeout=SERVER_TIMEOUT_S).json()["detail"]

@@ -14,8 +14,10 @@ import pytest
 import tritonclient.grpc.aio as grpcclient
 
 from tests.backend.test_triton import long_prompt
-from tests.bff.bffkit import AUTH, generate, run_bff, triton_settings, wait_until
+from tests.bff.bffkit import AUTH, generate, health, model_ready, run_bff, stats, triton_settings, wait_until
+from tests.tritonkit import stub_process, wait_busy
 from tools.local_triton import free_port
+from tools.measure import SERVER_TIMEOUT_S
 from tools.stream_client import stream
 
 pytestmark = pytest.mark.triton
@@ -29,7 +31,7 @@ async def slot_and_queue_taken(server, requests: int):
     done = asyncio.Event()
     tasks = [asyncio.create_task(stream(client, "demo_1slot", long_prompt(), cancel_when=lambda r: done.is_set()))
              for _ in range(requests)]
-    await asyncio.sleep(0.3)  # in the slot, and in the queue
+    await wait_busy(server, "demo_1slot", active=1, queued=requests - 1)
     try:
         yield
     finally:
@@ -42,7 +44,7 @@ def test_a_full_triton_queue_is_a_503_with_retry_after(triton_server):
     with run_bff(**triton_settings(triton_server, model="demo_1slot")) as url:
 
         async def scenario():
-            async with slot_and_queue_taken(triton_server, 2), httpx.AsyncClient() as client:
+            async with slot_and_queue_taken(triton_server, 2), httpx.AsyncClient(timeout=SERVER_TIMEOUT_S) as client:
                 return await client.post(url + "/generate", json=BODY, headers=AUTH, timeout=30)
 
         r = asyncio.run(scenario())
@@ -56,7 +58,7 @@ def test_the_stream_limit_is_a_503_until_a_stream_ends(triton_server):
     with run_bff(**settings) as url:
 
         async def scenario():
-            async with slot_and_queue_taken(triton_server, 1), httpx.AsyncClient() as client, \
+            async with slot_and_queue_taken(triton_server, 1), httpx.AsyncClient(timeout=SERVER_TIMEOUT_S) as client, \
                     client.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=30) as first:
                 assert first.status_code == 200  # queued in Triton: open, pinging
                 return await client.post(url + "/generate", json=BODY, headers=AUTH, timeout=30)
@@ -65,15 +67,15 @@ def test_the_stream_limit_is_a_503_until_a_stream_ends(triton_server):
         assert second.status_code == 503 and second.headers["retry-after"] == "1"
         assert second.json() == {"detail": "1 streams are already running"}
         # the first stream ends when the BFF has seen its client go (a moment after the client closed it)
-        active = lambda: httpx.get(url + "/stats", headers=AUTH).json()["bff"]["streams"]["active"]
+        active = lambda: stats(url)["bff"]["streams"]["active"]
         wait_until(lambda: active() == 0, "the first stream did not end after its client closed it")
         assert generate(url, BODY)[0].status_code == 200  # room again
-        stats = httpx.get(url + "/stats", headers=AUTH).json()["bff"]
-        assert stats["errors"]["stream_limit"] == 1 and stats["streams"]["active"] == 0
+        bff = stats(url)["bff"]
+        assert bff["errors"]["stream_limit"] == 1 and bff["streams"]["active"] == 0
 
 
 def test_a_swap_to_the_current_model_changes_nothing(bff_url):
-    r = httpx.post(bff_url + "/models/swap", json={"model_tag": "head"}, headers=AUTH)
+    r = httpx.post(bff_url + "/models/swap", json={"model_tag": "head"}, headers=AUTH, timeout=SERVER_TIMEOUT_S)
     assert r.status_code == 202 and r.json() == {"status": "unchanged", "current_model": "head"}
 
 
@@ -81,10 +83,10 @@ def test_an_unreachable_triton_is_a_503_everywhere_and_not_ready():
     port = free_port()  # nothing listens there
     with run_bff(triton_urls=(f"127.0.0.1:{port}",), triton_metrics_urls=(f"http://127.0.0.1:{port}/metrics",),
                  model="head") as url:
-        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": False, "current_model": None}
+        assert health(url) == {"status": "ok", "ready": False, "current_model": None}
         r, events = generate(url, BODY)
         assert r.status_code == 503 and events == [] and r.headers["retry-after"]
-        swap = httpx.post(url + "/models/swap", json={"model_tag": "head"}, headers=AUTH, timeout=30)
+        swap = httpx.post(url + "/models/swap", json={"model_tag": "head"}, headers=AUTH, timeout=SERVER_TIMEOUT_S)
         assert swap.status_code == 503 and "Triton is not reachable" in swap.json()["detail"]
 
 
@@ -100,37 +102,35 @@ def test_a_burst_cannot_overshoot_the_stream_limit(triton_server):
                 return r.status_code, [line async for line in r.aiter_lines()]
 
         async def burst():
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(timeout=SERVER_TIMEOUT_S) as client:
                 return await asyncio.gather(*(one(client) for _ in range(10)))
 
         statuses = sorted(code for code, _ in asyncio.run(burst()))
         assert statuses == [200] * 2 + [503] * 8
 
 
-def test_health_answers_at_once_while_triton_is_frozen(triton_server):
+def test_health_answers_without_waiting_for_a_frozen_triton(triton_server):
     import os
     import signal
-    import time
+
+    from bff.triton import PROBE_TIMEOUT_S
 
     with run_bff(**triton_settings(triton_server, model="head")) as url:
-        assert httpx.get(url + "/health").json()["ready"] is True
+        assert health(url)["ready"] is True
         os.kill(triton_server.process.pid, signal.SIGSTOP)  # every call to Triton now hangs
         try:
-            took = []
-            for _ in range(20):
-                t = time.perf_counter()
-                r = httpx.get(url + "/health", timeout=5)
-                took.append(time.perf_counter() - t)
-            body = r.json()
+            # a /health that asked Triton could only answer once its probe timed out: half that is an outcome
+            # bound (it did not wait for Triton), not a speed check
+            answers = [httpx.get(url + "/health", timeout=PROBE_TIMEOUT_S / 2).json() for _ in range(20)]
         finally:
             os.kill(triton_server.process.pid, signal.SIGCONT)
-        assert body == {"status": "ok", "ready": True, "current_model": "head"}  # the last probe's answer
-        assert max(took) < 0.5, took  # before: each /health asked Triton, and waited for it
+        # the last probe's answer (a probe that times out meanwhile may turn ready to False: also an answer)
+        assert answers[0] == {"status": "ok", "ready": True, "current_model": "head"}
+        assert all(a["status"] == "ok" and a["current_model"] == "head" for a in answers), answers
 
 
 def test_a_silent_triton_ends_the_stream_with_an_error_and_cancels_it(triton_server):
     from tests.bff.bffkit import assert_cancelled_and_freed, finished, parse_events
-    from tests.tritonkit import stub_process
 
     stub = stub_process(triton_server, "head")
     settings = triton_settings(triton_server, model="head", stream_silence_s=1.0, ping_interval_s=0.2)
@@ -202,13 +202,14 @@ def test_the_repository_api_answers_only_the_bff(oracle_repository, tmp_path):
     admin = "admin-" + KEY
     with LocalTriton(repository, load=["demo"], admin_key=admin) as server:
         for path in ("/v2/repository/index", "/v2/repository/models/demo/unload"):
-            r = httpx.post(server.http_url + path, json={})
+            r = httpx.post(server.http_url + path, json={}, timeout=SERVER_TIMEOUT_S)
             assert r.status_code != 200, path
-        assert httpx.get(server.http_url + "/v2/models/demo/ready").status_code == 200  # still loaded
+        assert model_ready(server, "demo")  # still loaded
         settings = triton_settings(server, model="demo", triton_admin_key=admin)
         with run_bff(**settings) as url:
-            assert {m["model_tag"]: m["loaded"] for m in httpx.get(url + "/models", headers=AUTH).json()["models"]} \
-                == {"demo": True, "demo_1slot": False}
-            r = httpx.post(url + "/models/swap", json={"model_tag": "demo_1slot"}, headers=AUTH, timeout=60)
+            models = httpx.get(url + "/models", headers=AUTH, timeout=SERVER_TIMEOUT_S).json()["models"]
+            assert {m["model_tag"]: m["loaded"] for m in models} == {"demo": True, "demo_1slot": False}
+            r = httpx.post(url + "/models/swap", json={"model_tag": "demo_1slot"}, headers=AUTH,
+                           timeout=SERVER_TIMEOUT_S)
             assert r.status_code == 202 and r.json()["current_model"] == "demo_1slot"
             assert generate(url, BODY)[0].status_code == 200

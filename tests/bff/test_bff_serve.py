@@ -20,6 +20,7 @@ import pytest
 
 from tests.bff.bffkit import free_port, is_done, parse_events, ready, text_of, wait_until
 from tools.local_triton import session_members
+from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton
 
@@ -54,7 +55,7 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
             assert r.status_code == 200
             events = parse_events(r.iter_lines())
         assert is_done(events[-1]) and text_of(events)
-        assert httpx.post(f"http://127.0.0.1:{port}/generate", json=body).status_code == 401
+        assert httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=SERVER_TIMEOUT_S).status_code == 401
 
         triton = next(json.loads(line)["pid"] for line in list(stderr) if '"triton_started"' in line)
         assert os.sched_getscheduler(triton) == os.SCHED_IDLE, "serve's default: the model yields the CPU to the BFF"

@@ -8,16 +8,17 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, generate, is_done, wait_until
+from tests.bff.bffkit import AUTH, generate, is_done, stats, wait_until
 from tools import measure
+from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton
 BODY = {"messages": [{"role": "user", "content": "Count to ten."}], "temperature": 0, "max_tokens": 12}
 
 
 def test_stats_and_metrics_count_a_known_workload(bff_url):
-    stats_before = httpx.get(bff_url + "/stats", headers=AUTH).json()
-    metrics_before = httpx.get(bff_url + "/metrics", headers=AUTH).text
+    stats_before = stats(bff_url)
+    metrics_before = httpx.get(bff_url + "/metrics", headers=AUTH, timeout=SERVER_TIMEOUT_S).text
     pieces = 0
     for _ in range(3):
         r, events = generate(bff_url, BODY)
@@ -25,10 +26,10 @@ def test_stats_and_metrics_count_a_known_workload(bff_url):
         pieces += len(events) - 1
     bad, _ = generate(bff_url, {"messages": [], "max_tokens": 1})
     assert bad.status_code == 400
-    stats = httpx.get(bff_url + "/stats", headers=AUTH).json()
-    metrics = httpx.get(bff_url + "/metrics", headers=AUTH)
+    after = stats(bff_url)
+    metrics = httpx.get(bff_url + "/metrics", headers=AUTH, timeout=SERVER_TIMEOUT_S)
 
-    bff, was = stats["bff"], stats_before["bff"]
+    bff, was = after["bff"], stats_before["bff"]
     assert bff["streams"]["total"] - was["streams"]["total"] == 3 and bff["streams"]["active"] == 0
     assert bff["streams"]["ended"]["done"] - was["streams"]["ended"].get("done", 0) == 3
     assert bff["tokens_streamed"] - was["tokens_streamed"] == pieces
@@ -36,12 +37,12 @@ def test_stats_and_metrics_count_a_known_workload(bff_url):
     for series in ("ttft", "inter_token_latency"):
         p = bff[series]
         assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] < 60_000, (series, p)
-    assert stats["swap"]["current_model"] == "head" and stats["swap"]["state"] == "idle"
-    (endpoint,) = stats["endpoints"]
+    assert after["swap"]["current_model"] == "head" and after["swap"]["state"] == "idle"
+    (endpoint,) = after["endpoints"]
     assert endpoint["up"] and endpoint["active_streams"] == 0
-    model_stats = {m["name"]: m for m in next(iter(stats["triton"]["model_stats"].values()))}
+    model_stats = {m["name"]: m for m in next(iter(after["triton"]["model_stats"].values()))}
     assert int(model_stats["head"]["inference_stats"]["success"]["count"]) >= 3
-    backend = next(iter(stats["triton"]["backend"].values()))
+    backend = next(iter(after["triton"]["backend"].values()))
     assert {s["labels"]["model"] for s in backend["nanochat_active_slots"]} >= {"head"}  # the backend's own gauges
     # every prompt token is counted once, reused from a slot or prefilled (the backend exports every 50 ms)
     prompt = events[-1]["usage"]["prompt_tokens"]
@@ -51,7 +52,7 @@ def test_stats_and_metrics_count_a_known_workload(bff_url):
         return pc["reused_tokens"], pc["prefilled_tokens"]
 
     def counted() -> bool:
-        now = httpx.get(bff_url + "/stats", headers=AUTH).json()
+        now = stats(bff_url)
         moved = [a - b for a, b in zip(cache_counts(now), cache_counts(stats_before), strict=True)]
         return sum(moved) == 3 * prompt and 0 <= now["triton"]["prefix_cache"]["token_hit_rate"] <= 1
     wait_until(counted, "the backend's prefix-cache counters did not count the three prompts")

@@ -18,11 +18,13 @@ from tests.bff.bffkit import (
     is_done,
     parse_events,
     run_bff,
+    stats,
     text_of,
     triton_settings,
     wait_until,
 )
 from tests.tritonkit import stub_process
+from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton
 
@@ -41,7 +43,8 @@ def test_greedy_matches_nanochat(triton_server, oracle_references, oracle):
 
 def test_stream_headers_and_framing(bff_url):
     body = {"messages": [{"role": "user", "content": "line\nbreaks \"quoted\""}], "max_tokens": 8}
-    with httpx.stream("POST", bff_url + "/generate", json=body, headers={**AUTH, "X-Request-ID": "abc"}) as r:
+    with httpx.stream("POST", bff_url + "/generate", json=body, headers={**AUTH, "X-Request-ID": "abc"},
+                      timeout=SERVER_TIMEOUT_S) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["cache-control"] == "no-cache"
@@ -58,7 +61,7 @@ def test_a_request_waiting_for_its_first_token_gets_pings(triton_server):
     settings = triton_settings(triton_server, model="head", first_response_wait_s=0, ping_interval_s=0.001)
     with run_bff(**settings) as url:
         body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 16}
-        with httpx.stream("POST", url + "/generate", json=body, headers=AUTH) as r:
+        with httpx.stream("POST", url + "/generate", json=body, headers=AUTH, timeout=SERVER_TIMEOUT_S) as r:
             assert r.status_code == 200
             lines = [line for line in r.iter_lines() if line]
     first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
@@ -76,7 +79,7 @@ def test_prompt_longer_than_the_context_is_a_400(bff_url):
 
 
 def disconnects(url: str) -> int:
-    return httpx.get(url + "/stats", headers=AUTH).json()["bff"]["streams"]["ended"].get("disconnect", 0)
+    return stats(url)["bff"]["streams"]["ended"].get("disconnect", 0)
 
 
 def test_disconnect_mid_stream_cancels_the_triton_request(triton_server):
@@ -90,7 +93,7 @@ def test_disconnect_mid_stream_cancels_the_triton_request(triton_server):
         body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0,
                 "max_tokens": 4096}  # greedy: head runs this prompt to its context, never to an early stop
         try:
-            with httpx.stream("POST", url + "/generate", json=body, headers=AUTH) as r:
+            with httpx.stream("POST", url + "/generate", json=body, headers=AUTH, timeout=SERVER_TIMEOUT_S) as r:
                 first = next(line for line in r.iter_lines() if line.startswith("data:"))
                 stub.suspend()
                 assert "token" in orjson.loads(first[5:])
@@ -98,4 +101,4 @@ def test_disconnect_mid_stream_cancels_the_triton_request(triton_server):
         finally:
             stub.resume()
         assert_cancelled_and_freed(triton_server, "head", before)
-        assert httpx.get(url + "/stats", headers=AUTH).json()["bff"]["streams"]["active"] == 0
+        assert stats(url)["bff"]["streams"]["active"] == 0

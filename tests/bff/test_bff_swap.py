@@ -15,10 +15,14 @@ import tritonclient.grpc.aio as grpcclient
 
 from tests.bff.bffkit import (
     AUTH,
+    first_tokens,
     generate,
+    health,
     is_done,
     loaded_models,
+    model_ready,
     run_bff,
+    stats,
     stream_events,
     text_of,
     triton_settings,
@@ -26,6 +30,7 @@ from tests.bff.bffkit import (
 )
 from tests.tritonkit import stub_process
 from tools.local_triton import LocalTriton, derive_model
+from tools.measure import SERVER_TIMEOUT_S
 from tools.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
@@ -48,7 +53,7 @@ def _stream(client: httpx.AsyncClient, url: str, on_first_token=None):
 
 
 def _swap(url: str, model: str) -> httpx.Response:
-    return httpx.post(url + "/models/swap", json={"model_tag": model}, headers=AUTH, timeout=60)
+    return httpx.post(url + "/models/swap", json={"model_tag": model}, headers=AUTH, timeout=SERVER_TIMEOUT_S)
 
 
 def _direct_text(server, model: str) -> str:
@@ -68,7 +73,7 @@ def _direct_text(server, model: str) -> str:
 
 
 def _wait_unloaded(server, model: str, timeout: float = 30) -> None:
-    wait_until(lambda: httpx.get(f"{server.http_url}/v2/models/{model}/ready").status_code != 200,
+    wait_until(lambda: not model_ready(server, model),
                f"{model} was never unloaded", timeout)
 
 
@@ -93,12 +98,11 @@ def test_swap_drains_the_old_models_streams_while_new_ones_get_the_new_model(swa
                     stub.suspend()
                     held.set()
 
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(timeout=SERVER_TIMEOUT_S) as client:
                 streams = [asyncio.create_task(_stream(client, url, first_token)) for _ in range(4)]
                 await asyncio.wait_for(held.wait(), 60)
                 try:
-                    swap = await client.post(url + "/models/swap", json={"model_tag": "orig"}, headers=AUTH,
-                                             timeout=60)
+                    swap = await client.post(url + "/models/swap", json={"model_tag": "orig"}, headers=AUTH)
                     after = await _stream(client, url)  # the new model serves while the old streams wait
                     still_open = sum(not t.done() for t in streams)
                     state = (await client.get(url + "/stats", headers=AUTH)).json()["swap"]
@@ -113,46 +117,47 @@ def test_swap_drains_the_old_models_streams_while_new_ones_get_the_new_model(swa
         for events in results:  # every stream on the old model ran to its end, with the old model's text
             assert is_done(events[-1]) and text_of(events) == old
         _wait_unloaded(swap_triton, "head")  # drained, then unloaded
-        models = httpx.get(url + "/models", headers=AUTH).json()
+        models = httpx.get(url + "/models", headers=AUTH, timeout=SERVER_TIMEOUT_S).json()
         assert models["current_model"] == "orig"
         assert {m["model_tag"]: m["loaded"] for m in models["models"]}["head"] is False
-        assert httpx.get(url + "/stats", headers=AUTH).json()["swap"]["state"] == "idle"
+        assert stats(url)["swap"]["state"] == "idle"
 
     # A restarted BFF (no BFF_MODEL) reads the current model back from Triton.
     with run_bff(**triton_settings(swap_triton)) as url:
-        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "orig"}
+        assert health(url) == {"status": "ok", "ready": True, "current_model": "orig"}
 
 
 def test_failed_swap_keeps_the_old_model(swap_triton):
     with run_bff(**triton_settings(swap_triton)) as url:
-        current = httpx.get(url + "/health").json()["current_model"]
-        r = httpx.post(url + "/models/swap", json={"model_tag": "demo_broken"}, headers=AUTH, timeout=60)
+        current = health(url)["current_model"]
+        r = httpx.post(url + "/models/swap", json={"model_tag": "demo_broken"}, headers=AUTH, timeout=SERVER_TIMEOUT_S)
         assert r.status_code == 502
         assert "demo_broken" in r.json()["detail"] and f"still serving {current}" in r.json()["detail"]
-        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": current}
+        assert health(url) == {"status": "ok", "ready": True, "current_model": current}
         r, events = generate(url, LONG)
         assert r.status_code == 200 and is_done(events[-1]) and text_of(events)
-        swap = httpx.get(url + "/stats", headers=AUTH).json()["swap"]
+        swap = stats(url)["swap"]
         assert swap["state"] == "idle" and "demo_broken" in swap["last_error"]
 
 
 def test_unknown_model_is_404(swap_triton):
     with run_bff(**triton_settings(swap_triton)) as url:
-        r = httpx.post(url + "/models/swap", json={"model_tag": "no-such-model"}, headers=AUTH)
+        r = _swap(url, "no-such-model")
         assert r.status_code == 404
         assert "no-such-model" in r.json()["detail"]
 
 
 def test_drain_first_refuses_new_streams_until_the_new_model_is_loaded(swap_triton):
     with run_bff(**triton_settings(swap_triton, swap_strategy="drain-first")) as url:
-        old = httpx.get(url + "/health").json()["current_model"]
+        old = health(url)["current_model"]
         new = "demo" if old == "demo_b" else "demo_b"
 
         async def scenario():
-            async with httpx.AsyncClient() as client:
-                running = asyncio.create_task(_stream(client, url))
-                await asyncio.sleep(0.3)
-                swap = await client.post(url + "/models/swap", json={"model_tag": new}, headers=AUTH, timeout=60)
+            async with httpx.AsyncClient(timeout=SERVER_TIMEOUT_S) as client:
+                on_first_token, streaming = first_tokens(1)
+                running = asyncio.create_task(_stream(client, url, on_first_token))
+                await asyncio.wait_for(streaming.wait(), SERVER_TIMEOUT_S)  # admitted before the swap
+                swap = await client.post(url + "/models/swap", json={"model_tag": new}, headers=AUTH)
                 refused = await client.post(url + "/generate", json=LONG, headers=AUTH)
                 return swap, refused, await running
 
@@ -160,21 +165,21 @@ def test_drain_first_refuses_new_streams_until_the_new_model_is_loaded(swap_trit
         assert swap.status_code == 202 and swap.json() == {"status": "draining", "current_model": old}
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert is_done(events[-1])
-        wait_until(lambda: httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": new},
+        wait_until(lambda: health(url) == {"status": "ok", "ready": True, "current_model": new},
                    "drain-first swap did not finish", timeout=60)
         assert generate(url, LONG)[0].status_code == 200
 
 
 def test_drain_first_whose_load_fails_brings_the_old_model_back(swap_triton):
     with run_bff(**triton_settings(swap_triton, swap_strategy="drain-first")) as url:
-        old = httpx.get(url + "/health").json()["current_model"]
+        old = health(url)["current_model"]
         r = _swap(url, "demo_broken")
         assert r.status_code == 202 and r.json() == {"status": "draining", "current_model": old}
-        wait_until(lambda: httpx.get(url + "/stats", headers=AUTH).json()["swap"]["state"] == "idle",
+        wait_until(lambda: stats(url)["swap"]["state"] == "idle",
                    "the failed drain-first swap never finished", timeout=60)
-        swap = httpx.get(url + "/stats", headers=AUTH).json()["swap"]
+        swap = stats(url)["swap"]
         assert "loading demo_broken failed" in swap["last_error"] and f"{old} reloaded" in swap["last_error"]
-        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": old}
+        assert health(url) == {"status": "ok", "ready": True, "current_model": old}
         r, events = generate(url, LONG)
         assert r.status_code == 200 and is_done(events[-1])
 
@@ -183,13 +188,13 @@ def test_another_workers_swap_is_seen_after_a_probe(swap_triton):
     # two BFF processes' views of one Triton (gunicorn workers, or replicas): a swap through one moves the other
     settings = triton_settings(swap_triton)
     with run_bff(**settings) as one, run_bff(**settings) as other:
-        before = httpx.get(other + "/health").json()["current_model"]
+        before = health(other)["current_model"]
         target = "demo" if before != "demo" else "demo_b"
         assert _swap(one, target).status_code == 202
         _wait_unloaded(swap_triton, before)
-        wait_until(lambda: httpx.get(other + "/health").json() == {"status": "ok", "ready": True,
+        wait_until(lambda: health(other) == {"status": "ok", "ready": True,
                                                                     "current_model": target},
-                   "the other BFF kept serving the unloaded model", timeout=10)
+                   "the other BFF kept serving the unloaded model")
         r, events = generate(other, LONG)
         assert r.status_code == 200 and is_done(events[-1])
 
@@ -197,14 +202,14 @@ def test_another_workers_swap_is_seen_after_a_probe(swap_triton):
 def _unload_all(server) -> None:
     """Straight through Triton's repository API, as no BFF would."""
     for name in loaded_models(server):
-        httpx.post(f"{server.http_url}/v2/repository/models/{name}/unload").raise_for_status()
+        httpx.post(f"{server.http_url}/v2/repository/models/{name}/unload", timeout=SERVER_TIMEOUT_S).raise_for_status()
         _wait_unloaded(server, name)
 
 
 def test_no_model_loaded_is_a_503_until_a_swap_loads_one(swap_triton):
     _unload_all(swap_triton)
     with run_bff(**triton_settings(swap_triton)) as url:
-        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": False, "current_model": None}
+        assert health(url) == {"status": "ok", "ready": False, "current_model": None}
         r, _ = generate(url, LONG)
         assert r.status_code == 503 and r.json() == {"detail": "no model is loaded"} and r.headers["retry-after"]
         assert _swap(url, "demo").json() == {"status": "draining", "current_model": "demo"}
@@ -219,18 +224,18 @@ def test_models_a_dead_swap_left_beside_its_own_are_unloaded_once_no_swap_can_st
 
     _unload_all(swap_triton)
     # demo as Triton's --load-model loads it; demo_b by a swap two minutes ago whose BFF died before unloading demo
-    httpx.post(f"{swap_triton.http_url}/v2/repository/models/demo/load").raise_for_status()
+    httpx.post(f"{swap_triton.http_url}/v2/repository/models/demo/load", timeout=SERVER_TIMEOUT_S).raise_for_status()
     config = epoch_config(swap_triton.model_repository, "demo_b", time.time() - 120)
     httpx.post(f"{swap_triton.http_url}/v2/repository/models/demo_b/load",
-               json={"parameters": {"config": config}}, timeout=60).raise_for_status()
+               json={"parameters": {"config": config}}, timeout=SERVER_TIMEOUT_S).raise_for_status()
     assert loaded_models(swap_triton) == ["demo", "demo_b"]
 
     with run_bff(**triton_settings(swap_triton)) as url:  # the default bounds: a swap may take 22 minutes
         time.sleep(2.5)  # five probes
         assert loaded_models(swap_triton) == ["demo", "demo_b"]
-        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo_b"}
+        assert health(url) == {"status": "ok", "ready": True, "current_model": "demo_b"}
     with run_bff(**triton_settings(swap_triton, model_load_timeout_s=20, drain_timeout_s=10)) as url:  # bound 60 s
-        wait_until(lambda: loaded_models(swap_triton) == ["demo_b"], "the stray model was never unloaded", timeout=20)
-        assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo_b"}
+        wait_until(lambda: loaded_models(swap_triton) == ["demo_b"], "the stray model was never unloaded")
+        assert health(url) == {"status": "ok", "ready": True, "current_model": "demo_b"}
         r, events = generate(url, LONG)
         assert r.status_code == 200 and is_done(events[-1])

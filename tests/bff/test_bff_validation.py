@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from tests.bff.bffkit import AUTH, generate, is_done
+from tools.measure import SERVER_TIMEOUT_S
 
 USER = {"role": "user", "content": "hi"}
 
@@ -52,14 +53,15 @@ def test_rule_is_enforced(bff_url, body, detail):
 @pytest.mark.triton
 @pytest.mark.parametrize(("raw", "detail"), [(b"{not json", "not valid JSON"), (b"", "JSON object is required")])
 def test_body_must_be_json(bff_url, raw, detail):
-    r = httpx.post(bff_url + "/generate", content=raw, headers={**AUTH, "Content-Type": "application/json"})
+    r = httpx.post(bff_url + "/generate", content=raw, headers={**AUTH, "Content-Type": "application/json"},
+                   timeout=SERVER_TIMEOUT_S)
     assert r.status_code == 400
     assert detail in r.json()["detail"]
 
 
 @pytest.mark.triton
 def test_body_size_is_bounded(bff_url):
-    r = httpx.post(bff_url + "/generate", content=b" " * ((1 << 20) + 1), headers=AUTH)
+    r = httpx.post(bff_url + "/generate", content=b" " * ((1 << 20) + 1), headers=AUTH, timeout=SERVER_TIMEOUT_S)
     assert r.status_code == 413
     assert "larger than" in r.json()["detail"]
 

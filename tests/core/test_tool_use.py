@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.calculator import use_calculator
+from core.calculator import MAX_STRING, use_calculator
 from core.generation import SamplingParams, generate
 from core.sampling import make_generator, sample_next_token
 from core.tokenizer import Tokenizer
@@ -100,11 +100,15 @@ def test_calculator_rules(expr, result):
     ("('Hello').lower().count('l')", 2), ("'x'.join('abc').count('x')", 2), ("9" * 40 + "*2", int("9" * 40) * 2),
 ])
 def test_calculator_work_is_bounded_and_results_are_nanochats(expr, result):
-    import time
+    import tracemalloc
 
-    t = time.perf_counter()
-    assert use_calculator(expr) == result
-    assert time.perf_counter() - t < 0.5  # no gigabyte built, no huge int printed
+    tracemalloc.start()
+    try:
+        assert use_calculator(expr) == result
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * MAX_STRING, peak  # no gigabyte built, no huge int printed
 
 
 def test_a_refused_bomb_forces_nothing(tok):

@@ -17,10 +17,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, KEY, generate, is_done, ready, text_of, wait_until
+from tests.bff.bffkit import AUTH, KEY, generate, health, is_done, ready, text_of, wait_until
 from tools.local_triton import LocalTriton, free_port
 from tools.paths import PROJECT
 
@@ -155,7 +154,7 @@ def test_a_stream_through_both_images_environments(triton_image_env, bff_image_e
         try:
             wait_until(lambda: proc.poll() is None and ready(url), "the BFF image's environment did not serve",
                        timeout=60)
-            assert httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": "demo"}
+            assert health(url) == {"status": "ok", "ready": True, "current_model": "demo"}
             r, events = generate(url, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
                                        "max_tokens": 8}, headers=AUTH)
             assert r.status_code == 200 and is_done(events[-1]) and text_of(events)

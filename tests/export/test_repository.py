@@ -268,16 +268,14 @@ def test_engine_mismatch_is_refused_with_a_clear_message():
         check_engine({"tensorrt": None}, "10.9.0", "9.0", Path("model.plan"))
 
 
-def test_gpu_check_fails_fast_without_gpu():
+def test_gpu_check_exits_2_without_gpu():
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: make gpu-check would run for real")
-    t = time.perf_counter()
     proc = subprocess.run("make gpu-check", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "needs a CUDA GPU: no CUDA GPU is visible" in proc.stderr
-    assert time.perf_counter() - t < 30
 
 
 def model_folder(path: Path, marker: str) -> Path:

@@ -13,7 +13,6 @@ import asyncio
 import shutil
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -21,7 +20,7 @@ import tritonclient.grpc.aio as grpcclient
 from onnx import helper, numpy_helper
 
 from backend.protocol import INPUT_IDS, LOGITS, METRIC_HEALTHY
-from tests.bff.bffkit import generate, run_bff, triton_settings, wait_until
+from tests.bff.bffkit import generate, health, run_bff, triton_settings, wait_until
 from tools.local_triton import LocalTriton, derive_model
 from tools.measure import metric
 from tools.stream_client import make_inputs, stream
@@ -87,10 +86,10 @@ def test_repeated_runner_failures_make_the_model_unhealthy_until_a_step_succeeds
         assert generate(url, SHORT)[0].status_code == 200 and healthy(faulty_triton) == 1
         for _ in range(3):
             assert "inference failed" in raw(faulty_triton, [0, 1, 2])
-        wait_until(lambda: healthy(faulty_triton) == 0, "the gauge still says healthy", timeout=5)
-        wait_until(lambda: httpx.get(url + "/health").json()["ready"] is False,
-                   "the BFF still reports ready with a failing model", timeout=5)
+        wait_until(lambda: healthy(faulty_triton) == 0, "the gauge still says healthy")
+        wait_until(lambda: health(url)["ready"] is False,
+                   "the BFF still reports ready with a failing model")
         r, events = generate(url, SHORT)  # still tried, and it works: healthy again
         assert r.status_code == 200 and events[-1].get("done"), events[-1]
-        wait_until(lambda: healthy(faulty_triton) == 1, "the gauge still says unhealthy", timeout=5)
-        wait_until(lambda: httpx.get(url + "/health").json()["ready"] is True, "the BFF never recovered", timeout=5)
+        wait_until(lambda: healthy(faulty_triton) == 1, "the gauge still says unhealthy")
+        wait_until(lambda: health(url)["ready"] is True, "the BFF never recovered")

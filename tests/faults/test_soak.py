@@ -67,7 +67,7 @@ def burst(url: str, indices: range) -> list[str]:
 
 def idle(server) -> None:
     wait_until(lambda: metric(server.metrics_url, METRIC_ACTIVE_SLOTS, model=MODEL) == 0,
-               "KV slots still in use after the load", timeout=30)
+               "KV slots still in use after the load")
 
 
 def test_1000_requests_a_quarter_disconnected_leave_no_growth(triton_server):

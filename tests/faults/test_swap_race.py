@@ -15,8 +15,21 @@ import time
 import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, gunicorn, is_done, run_bff, stream_events, triton_settings, wait_until
+from tests.bff.bffkit import (
+    AUTH,
+    first_tokens,
+    gunicorn,
+    health,
+    is_done,
+    model_ready,
+    run_bff,
+    stats,
+    stream_events,
+    triton_settings,
+    wait_until,
+)
 from tools.local_triton import LocalTriton, derive_model
+from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton
 BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 48}
@@ -32,7 +45,7 @@ def race_triton(oracle_repository):
 
 
 def loaded(server) -> list[str]:
-    return [m for m in MODELS if httpx.get(f"{server.http_url}/v2/models/{m}/ready").status_code == 200]
+    return [m for m in MODELS if model_ready(server, m)]
 
 
 def settled(server, urls: list[str]) -> str | None:
@@ -41,8 +54,8 @@ def settled(server, urls: list[str]) -> str | None:
     if len(models) != 1:
         return None
     for url in urls:
-        health, stats = httpx.get(url + "/health").json(), httpx.get(url + "/stats", headers=AUTH).json()
-        if health != {"status": "ok", "ready": True, "current_model": models[0]} or stats["swap"]["state"] != "idle":
+        if health(url) != {"status": "ok", "ready": True, "current_model": models[0]} \
+                or stats(url)["swap"]["state"] != "idle":
             return None
     return models[0]
 
@@ -51,13 +64,15 @@ def settled(server, urls: list[str]) -> str | None:
 def test_two_swaps_at_once_on_two_bffs_end_with_one_model_everywhere(race_triton, strategy):
     settings = triton_settings(race_triton, swap_strategy=strategy, drain_timeout_s=20)
     with run_bff(**settings) as one, run_bff(**settings) as two:
-        start = httpx.get(one + "/health").json()["current_model"]
+        start = health(one)["current_model"]
         targets = [m for m in MODELS if m != start]
 
         async def go():
             async with httpx.AsyncClient(timeout=120) as client:
-                streams = [asyncio.create_task(stream_events(client, url, BODY)) for url in (one, two, one, two)]
-                await asyncio.sleep(0.3)  # the streams are running when the swaps arrive
+                on_first_token, streaming = first_tokens(4)
+                streams = [asyncio.create_task(stream_events(client, url, BODY, on_first_token))
+                           for url in (one, two, one, two)]
+                await asyncio.wait_for(streaming.wait(), SERVER_TIMEOUT_S)  # running when the swaps arrive
                 pairs = zip((one, two), targets, strict=True)
                 swaps = await asyncio.gather(*(client.post(url + "/models/swap", json={"model_tag": model},
                                                            headers=AUTH) for url, model in pairs))
@@ -81,16 +96,16 @@ def test_a_stream_whose_model_another_bff_swapped_away_goes_to_the_new_one(race_
     endpoint answers that its model is gone, it reads Triton again and streams from what Triton serves."""
     settings = triton_settings(race_triton, drain_timeout_s=20)
     with run_bff(**settings) as one, run_bff(**{**settings, "probe_interval_s": 60}) as other:
-        start = httpx.get(other + "/health").json()["current_model"]
+        start = health(other)["current_model"]
         target = next(m for m in MODELS if m != start)
         assert httpx.post(one + "/models/swap", json={"model_tag": target}, headers=AUTH,
-                          timeout=60).status_code == 202
-        wait_until(lambda: loaded(race_triton) == [target], f"{start} was not unloaded", timeout=30)
-        assert httpx.get(other + "/health").json()["current_model"] == start  # it has not looked yet
+                          timeout=SERVER_TIMEOUT_S).status_code == 202
+        wait_until(lambda: loaded(race_triton) == [target], f"{start} was not unloaded")
+        assert health(other)["current_model"] == start  # it has not looked yet
         with httpx.stream("POST", other + "/generate", json=BODY, headers=AUTH, timeout=60) as r:
             assert r.status_code == 200, r.read()
             assert any('"done"' in line for line in r.iter_lines())
-        assert httpx.get(other + "/health").json()["current_model"] == target
+        assert health(other)["current_model"] == target
 
 
 def worker_pids(proc, request_ids: list[str]) -> dict[str, int]:
@@ -143,8 +158,9 @@ def test_two_swaps_at_once_on_the_two_gunicorn_workers_end_with_one_model_every_
             try:
                 start = (await workers[0].get(url + "/health")).json()["current_model"]
                 targets = [m for m in MODELS if m != start]
-                streams = [asyncio.create_task(stream_events(c, url, BODY)) for c in streaming]
-                await asyncio.sleep(0.3)  # the streams are running when the swaps arrive
+                on_first_token, started = first_tokens(4)
+                streams = [asyncio.create_task(stream_events(c, url, BODY, on_first_token)) for c in streaming]
+                await asyncio.wait_for(started.wait(), SERVER_TIMEOUT_S)  # running when the swaps arrive
                 swaps = await asyncio.gather(*(
                     c.post(url + "/models/swap", json={"model_tag": model},
                            headers={**AUTH, "X-Request-ID": f"swap-to-{model}"})

@@ -13,6 +13,7 @@ import pytest
 from tests.bff.bffkit import (
     AUTH,
     generate,
+    health,
     is_done,
     loaded_models,
     run_bff,
@@ -37,7 +38,7 @@ def busy_triton(oracle_repository):
 @pytest.mark.parametrize("strategy", ["load-first", "drain-first"])
 def test_a_swap_while_16_streams_run_fails_none_of_them(busy_triton, strategy):
     with run_bff(**triton_settings(busy_triton, swap_strategy=strategy, drain_timeout_s=60)) as url:
-        start = httpx.get(url + "/health").json()["current_model"]
+        start = health(url)["current_model"]
         target = "head_b" if start == "head" else "head"
 
         async def go():
@@ -62,7 +63,7 @@ def test_a_swap_while_16_streams_run_fails_none_of_them(busy_triton, strategy):
         failed = [events[-1] for events in results if not (events and is_done(events[-1]))]
         assert failed == [], failed
         wait_until(lambda: loaded_models(busy_triton) == [target]
-                   and httpx.get(url + "/health").json() == {"status": "ok", "ready": True, "current_model": target},
+                   and health(url) == {"status": "ok", "ready": True, "current_model": target},
                    f"the swap to {target} did not finish: {loaded_models(busy_triton)}", timeout=90)
         r, events = generate(url, BODY)
         assert r.status_code == 200 and is_done(events[-1])
