@@ -13,9 +13,11 @@ Exporter: torch.onnx.export with dynamo=True (torch.export, then onnxscript), th
 supports; the legacy TorchScript exporter is deprecated. Opset 18: ONNX Runtime and TensorRT 10's
 parser both take it, and the ops the model core traces to (MatMul/Gemm, Gather/GatherND, Range,
 ReduceMean, Softmax, Where, Tanh, ...) are all in TensorRT's supported list; RMSNorm is already
-decomposed in the model core. Weights go to one external data file (model.onnx.data), written from
-the model's own tensors, so models over protobuf's 2 GB limit export too. The graph's metadata_props
-record the serving shape.
+decomposed in the model core. torch.export leaves small integer constants computed (a ReduceMean's axes
+as Reshape(Constant, Constant)), which TensorRT's parser refuses, so they are folded into initializers
+(export/tensorrt_rules.py checks the result). Weights go to one external data file (model.onnx.data),
+written from the model's own tensors, so models over protobuf's 2 GB limit export too. The graph's
+metadata_props record the serving shape.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from core.gpt import GPT
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 OPSET = 18
+FOLD_LIMIT = 1024  # elements: axes, shapes and slice bounds fold; nothing of a weight's size is computed
 
 
 def input_names(n_layer: int, smear: bool) -> list[str]:
@@ -123,11 +126,30 @@ def export_onnx(model: GPT, out_dir: Path, max_slots: int, max_seq: int, log=pri
             input_names=input_names(cfg.n_layer, cfg.smear), output_names=output_names(cfg.n_layer, cfg.smear),
             dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes, verbose=False, optimize=False,
         )
+    fold_integer_constants(program.model)
     # the exporter's own IR model: its weights are the model's tensors, written one at a time by save(), never
     # gathered into one protobuf (for a d20 that copy alone was the size of the weights)
     meta = dict(generation=cfg.generation, max_slots=max_slots, max_seq=max_seq, precision="fp32")
     set_metadata(program.model, meta)
     return save(program.model, out_dir)
+
+
+def fold_integer_constants(model) -> None:
+    """Small integer subgraphs of constants (axes, shapes, slice bounds) computed once, into initializers, as
+    NVIDIA's own tools prepare graphs for TensorRT (polygraphy's --fold-constants). Float constants stay as
+    traced: folding them would change what export/precision.py lowers."""
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+    from onnxscript.optimizer import fold_constants
+
+    def integer_only(node) -> bool | None:  # None: the folder's own rules decide
+        values = [v for v in (*node.inputs, *node.outputs) if v is not None and v.dtype is not None]
+        return False if any(v.dtype.is_floating_point() for v in values) else None
+
+    # shape inference types the traced Constants (the exporter leaves them untyped); it reads no large tensor
+    fold_constants(model, onnx_shape_inference=True, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT,
+                   should_fold=integer_only)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    RemoveUnusedNodesPass()(model)
 
 
 def set_metadata(model, values: dict) -> None:

@@ -28,7 +28,7 @@ from backend import protocol
 from backend.model_config import AUTO, ModelShape, config_pbtxt
 from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint
 from core.config import parse_overrides
-from export import graph, repository
+from export import graph, repository, tensorrt_rules
 from export.options import DEFAULT_SOURCE, ExportOptions
 from export.precision import lower_file
 
@@ -263,6 +263,10 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
                 lower_file(onnx_path, precision)
             log(f"traced in {time.perf_counter() - t:.1f}s; checking the ONNX graph ...")
             graph.check(onnx_path)
+            refused = tensorrt_rules.problems(onnx_path)
+            if refused and runtime == "tensorrt":
+                raise ExportError(f"TensorRT's ONNX parser would refuse the graph: {'; '.join(refused)}")
+            log("tensorrt's parser rules: " + (f"{len(refused)} broken, e.g. {refused[0]}" if refused else "followed"))
             if reference is not None:
                 verify_onnx(onnx_path, reference, max_slots, precision, log)
             trt_info = None

@@ -11,7 +11,8 @@ nanochat itself computes norms, softmax and the softcap in fp32. The rewrite is 
     stored in the low dtype; those matmuls run in it, and their results and looked-up rows are cast
     back to fp32 (this is what halves the bytes a decode step reads);
   - the KV cache and G4's prev_embedding are inputs and outputs in the low dtype (nanochat's CUDA
-    cache is bf16 too), cast to fp32 where the graph reads them;
+    cache is bf16 too), cast to fp32 where the graph reads them: after the Gather that picks the batch's
+    slots, so a step converts the rows it reads, never every slot's cache;
   - everything else stays fp32: RMSNorm, rotary (its small tables too), QK norm, attention scores and softmax, residual
     stream, lambdas, softcap. logits stay float32.
 """
@@ -111,7 +112,21 @@ def lower_precision(proto, precision: str, base_dir: Path) -> None:
                 field[j] = inner.get(x, x)
     for v in state_in + state_out:
         v.type.tensor_type.elem_type = onnx_low
-    head = [cast(v.name, inner[v.name], TensorProto.FLOAT) for v in state_in]
+    # a Gather of the state (the batch's slots) reads the low dtype and casts only the rows it picked; a Shape
+    # reads it as it is
+    outer = {inner[v.name]: v.name for v in state_in}
+    picked = []
+    for node in nodes:
+        picked.append(node)
+        if node.op_type in ("Gather", "Shape") and node.input[0] in outer:
+            node.input[0] = outer[node.input[0]]
+            if node.op_type == "Gather":
+                out = node.output[0]
+                node.output[0] = f"{out}__{precision}"
+                picked.append(cast(node.output[0], out, TensorProto.FLOAT))
+    nodes = picked
+    read_whole = {x for n in nodes for x in n.input}
+    head = [cast(v.name, inner[v.name], TensorProto.FLOAT) for v in state_in if inner[v.name] in read_whole]
     tail = [cast(inner[v.name], v.name, onnx_low) for v in state_out]
     rewritten = [type(n)() for n in nodes]
     for new, old in zip(rewritten, nodes, strict=True):

@@ -19,6 +19,20 @@ from pathlib import Path
 from export import ExportOptions, export_model
 
 
+def lowered(fp32_path: Path, precision: str, out_dir: Path) -> tuple[Path, object]:
+    """A copy of the traced fp32 graph lowered to a precision, as export_model does for PRECISION=; (path, its
+    ModelProto without weights)."""
+    import shutil
+
+    import onnx
+
+    from export.precision import lower_file
+
+    shutil.copytree(fp32_path.parent, out_dir / precision)
+    path = lower_file(out_dir / precision / fp32_path.name, precision)
+    return path, onnx.load(str(path), load_external_data=False)
+
+
 def export_quietly(opts: ExportOptions) -> Path:
     return export_model(opts, log=lambda _: None)
 

@@ -15,6 +15,7 @@ import pytest
 from backend.onnx_runner import OrtRunner
 from core.checkpoint import find_checkpoint, open_checkpoint
 from core.gpt import TorchRunner, build_gpt
+from tests.exports import lowered
 from tests.oracles import oracle_or_skip
 
 TOL = 1e-3
@@ -117,19 +118,6 @@ def test_ort_runner_batches_slots_and_chunks(demo_base, demo_exports):
         tokens, positions = a.argmax(-1)[:, None], positions + 1
     with pytest.raises(ValueError, match="exceed the cache"):
         ours.forward(tokens, np.array([512, 0]), np.array([0, 1]))
-
-
-def lowered(fp32_path, precision: str, out_dir):
-    """A copy of the traced fp32 graph lowered to a precision, as export_model does for PRECISION=."""
-    import shutil
-
-    import onnx
-
-    from export.precision import lower_file
-
-    shutil.copytree(fp32_path.parent, out_dir / precision)
-    path = lower_file(out_dir / precision / fp32_path.name, precision)
-    return path, onnx.load(str(path), load_external_data=False)
 
 
 def test_fp16_and_bf16_graphs_are_typed_and_valid(tmp_path, demo_exports):

@@ -15,6 +15,7 @@ import pytest
 
 from backend.onnx_runner import OrtRunner
 from backend.protocol import METADATA_FILE, ONNX_FILE, VERSION
+from export.tensorrt_rules import problems
 from tests.oracles import generation_oracle, generation_oracles, overrides_of
 
 TOL = 1e-3
@@ -42,4 +43,5 @@ def test_exported_graph_decodes_as_nanochat(name, exported):
     err = decode(name, exported[name])
     meta = json.loads((exported[name] / VERSION / METADATA_FILE).read_text())
     assert err < TOL, f"max |logits - nanochat| = {err:.2e}"
+    assert problems(exported[name] / VERSION / ONNX_FILE) == []  # TensorRT's parser would take it too
     assert meta["generation"] == entry["generation"] and meta["overrides"] == overrides_of(entry)
