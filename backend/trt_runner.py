@@ -64,6 +64,15 @@ def check_engine(meta: dict, trt_version: str, cc: str, plan_path: Path) -> None
                              "TensorRT version and GPU architecture that built it)")
 
 
+def bind(ctx, name: str, address: int, shape: tuple | None = None) -> None:
+    """Give the context a tensor's address (and an input's shape); TensorRT says no by returning False, which
+    would otherwise run the step on the previous binding."""
+    if shape is not None and not ctx.set_input_shape(name, shape):
+        raise RuntimeError(f"TensorRT refused shape {shape} for {name} (outside the engine's profile?)")
+    if not ctx.set_tensor_address(name, address):
+        raise RuntimeError(f"TensorRT refused the address of {name}")
+
+
 class TrtRunner:
     """A Runner on a TensorRT plan; the KV cache is GPU memory this object owns."""
 
@@ -118,6 +127,7 @@ class TrtRunner:
             p_shape = tuple(self.engine.get_tensor_shape(P.PREV_EMBEDDING))
             self.prev = torch.zeros(p_shape, dtype=dtype(P.PREV_EMBEDDING), device=self.device)
         self.out_dtype = {n: dtype(n) for n in self.outputs}  # outputs are per step, from torch's allocator
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the zeroed cache, before any step reads it
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
         B, T = input_ids.shape
@@ -141,19 +151,17 @@ class TrtRunner:
             sl = torch.as_tensor(np.asarray(slots, dtype=np.int64)).to(self.device, non_blocking=True)
             bound = {P.INPUT_IDS: ids, P.POSITIONS: pos, P.SLOTS: sl}
             for name, t in bound.items():
-                ctx.set_input_shape(name, tuple(t.shape))
-                ctx.set_tensor_address(name, t.data_ptr())
+                bind(ctx, name, t.data_ptr(), tuple(t.shape))
             for i in range(self.n_layer):
                 for name, cache in ((P.k_cache(i), self.k[i]), (P.v_cache(i), self.v[i])):
-                    ctx.set_input_shape(name, (Lc, *cache.shape[1:]))
-                    ctx.set_tensor_address(name, cache.data_ptr())  # the first Lc rows, in place
+                    bind(ctx, name, cache.data_ptr(), (Lc, *cache.shape[1:]))  # the first Lc rows, in place
             if self.prev is not None:
-                ctx.set_tensor_address(P.PREV_EMBEDDING, self.prev.data_ptr())
+                bind(ctx, P.PREV_EMBEDDING, self.prev.data_ptr())
             out = {}
             for name in self.outputs:
                 out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self.out_dtype[name],
                                         device=self.device)
-                ctx.set_tensor_address(name, out[name].data_ptr())
+                bind(ctx, name, out[name].data_ptr())
             if not ctx.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed (see its messages above)")
             rows = pos[None, :] + torch.arange(T, device=self.device)[:, None]  # (T, B)

@@ -7,8 +7,11 @@ A TensorRT engine (model.plan) from the exported ONNX graph, with the tensorrt P
 - Two optimization profiles, one per execution context in backend/trt_runner.py (the NeMo GPT demo
   pattern): 0 = prefill (up to PREFILL_ROWS rows of up to prefill_chunk tokens), 1 = decode (T = 1,
   tuned for every slot busy at half the context). Lc (the cache rows read) ranges 1..max_seq.
-- A timing cache per TensorRT version and GPU under ~/.cache/nanochat-triton, so rebuilds (other
-  precisions, other models) reuse kernel timings.
+- A timing cache per TensorRT version and GPU model (its name, not only its compute capability: an H100
+  and an H200, or an L4 and an L40S, share one) under ~/.cache/nanochat-triton, so rebuilds (other
+  precisions, other models) reuse kernel timings; a cache TensorRT refuses is set aside, not fatal.
+- TF32 off for every precision: fp32 means fp32, and the matmuls a fp16/bf16 graph keeps in fp32
+  (attention scores, norms) stay fp32 too.
 - Progress through IProgressMonitor (TensorRT 10+), printed as phase lines.
 - The engine's TensorRT version and GPU compute capability are returned for metadata.json, where
   the runner checks them before it deserializes anything.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -55,9 +59,10 @@ def device_name(device: int = 0) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def timing_cache_path(trt_version: str, cc: str) -> Path:
+def timing_cache_path(trt_version: str, device: str, cc: str) -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanochat-triton"
-    return root / f"trt-{trt_version}-sm{cc.replace('.', '')}.timing"
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return root / f"trt-{trt_version}-{slug}-sm{cc.replace('.', '')}.timing"
 
 
 def _progress_monitor(trt, log: Callable[[str], None]):
@@ -110,8 +115,8 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
     precision = graph_precision(onnx_path)
     if not strongly_typed and precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
-    if precision == "fp32":  # fp32 means fp32: TensorRT would run matmuls in TF32 by default on Ampere and later
-        config.clear_flag(trt.BuilderFlag.TF32)
+    # what the graph keeps in fp32 runs in fp32: TensorRT would run those matmuls in TF32 on Ampere and later
+    config.clear_flag(trt.BuilderFlag.TF32)
     if hasattr(config, "progress_monitor"):
         config.progress_monitor = _progress_monitor(trt, log)
 
@@ -124,22 +129,26 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
                 profile.set_shape(tensor.name, *shapes)
         config.add_optimization_profile(profile)
 
-    cc = compute_capability()
-    cache_file = timing_cache_path(trt.__version__, cc)
+    cc, device = compute_capability(), device_name()
+    cache_file = timing_cache_path(trt.__version__, device, cc)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # another GPU's or a damaged file
+        log(f"tensorrt: {cache_file} does not match this GPU; building without it (it will be replaced)")
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise RuntimeError("TensorRT refused an empty timing cache")
 
-    log(f"tensorrt: building the engine for {device_name()} (sm {cc}), {precision}, "
+    log(f"tensorrt: building the engine for {device} (sm {cc}), {precision}, "
         f"{'strongly' if strongly_typed else 'weakly'} typed ...")
     t = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError("TensorRT failed to build the engine (see the TensorRT messages above)")
     plan_path.write_bytes(plan)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    if (timings := config.get_timing_cache()) is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_bytes(memoryview(timings.serialize()))
     log(f"tensorrt: engine built in {time.perf_counter() - t:.1f}s ({plan_path.stat().st_size / 1e6:.1f} MB)")
-    return dict(version=trt.__version__, compute_capability=cc, device=device_name(),
+    return dict(version=trt.__version__, compute_capability=cc, device=device,
                 strongly_typed=strongly_typed, profiles={"prefill": PREFILL_PROFILE, "decode": DECODE_PROFILE})
 
 

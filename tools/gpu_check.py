@@ -34,8 +34,10 @@ from tools.paths import ORACLE_DIR
 BATCHES = (1, 8, 64)
 AGREEMENT_STEPS = 32
 SPEED_STEPS = 32
-PEAK_BANDWIDTH = [  # (substring of the device name, bytes/s), nanochat infer_bench's table; first match wins
+PEAK_BANDWIDTH = [  # (substring of the device name, bytes/s), nanochat infer_bench's table and NVIDIA's data
+    # sheets; first match wins, so "L40S" before "L4"
     ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12),
+    ("L40S", 8.64e11), ("L4", 3.0e11), ("A10", 6.0e11),
 ]
 WIDTH = {"fp32": 4, "fp16": 2, "bf16": 2}
 

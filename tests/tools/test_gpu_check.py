@@ -37,3 +37,12 @@ def test_the_stream_through_triton_and_the_bff(oracle_repository):
     row = gpu_check.serve_row("demo", oracle_repository, "demo", lines.append)
     assert row.skipped is None and row.note.startswith("/generate streamed ") and "to done" in row.note, row
     assert "TTFT" in row.note and "serving demo through Triton and the BFF" in lines[0]
+
+
+def test_peak_bandwidth_knows_the_common_serving_gpus():
+    assert gpu_check.peak_bandwidth("NVIDIA L4") == 3.0e11
+    assert gpu_check.peak_bandwidth("NVIDIA L40S") == 8.64e11  # not the L4's, though its name contains "L4"
+    assert gpu_check.peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.0e12  # not the A10's
+    assert gpu_check.peak_bandwidth("NVIDIA A10G") == 6.0e11
+    assert gpu_check.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert gpu_check.peak_bandwidth("Tesla T4") is None
