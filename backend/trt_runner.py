@@ -20,6 +20,7 @@ with a message that says what to rebuild where: TensorRT plans are specific to b
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,12 @@ class TrtRunner:
         k_shape = tuple(self.engine.get_tensor_shape(P.k_cache(0)))
         self.cache_dtype = dtype(P.k_cache(0))
         shape = (max_seq, max_slots, *k_shape[2:])
+        need = 2 * self.n_layer * math.prod(shape) * torch.empty((), dtype=self.cache_dtype).element_size()
+        free = torch.cuda.mem_get_info(self.device)[0]
+        if need > free:  # say so, instead of a CUDA out-of-memory error halfway through the layers
+            raise RuntimeError(f"the KV cache needs {need / 1e9:.1f} GB ({self.n_layer} layers, K and V of {shape}) "
+                               f"but {free / 1e9:.1f} GB of the GPU is free after the engine's {scratch / 1e9:.1f} GB "
+                               "of activations: export with a smaller MAX_SLOTS or MAX_SEQ")
         self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layer)]
         self.v = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layer)]
         self.prev = None

@@ -106,26 +106,57 @@ def gpu_memory() -> tuple[int, int] | None:
         return None
 
 
+def decode_scratch_per_seq(cfg, max_seq: int, width: int) -> int:
+    """An upper bound on the engine's activation memory per sequence at the decode profile's largest shape (every
+    slot, max_seq rows): one layer's gathered K and V rows in the cache's dtype and twice more in fp32 (the cast
+    after the gather, then the transposed and concatenated copies), and its attention scores and softmax in fp32."""
+    kv_layer = 2 * max_seq * cfg.n_kv_head * cfg.head_dim
+    return kv_layer * (width + 2 * 4) + 2 * cfg.n_head * max_seq * 4
+
+
+def margin_of(total: int) -> int:
+    """What sizing leaves free on a GPU of `total` bytes: the CUDA context, fragmentation, other allocations."""
+    return max(GPU_MARGIN, total // 10)
+
+
 def choose_max_slots(asked: int | str, memory: tuple[int, int] | None, weight_bytes: int, kv_bytes_per_seq: int,
-                     log: Callable[[str], None]) -> int:
-    """MAX_SLOTS=auto: the sequences whose KV cache at max_seq fits in the GPU's free memory after the weights and a
-    margin (a tenth of the GPU, at least GPU_MARGIN bytes: activations, the CUDA context, fragmentation), at most
-    MAX_AUTO_SLOTS; CPU_SLOTS on CPU or where the free memory cannot be read. A number is taken as it is."""
+                     scratch_bytes_per_seq: int, log: Callable[[str], None]) -> int:
+    """MAX_SLOTS=auto: the sequences whose KV cache at max_seq and the engine's activations for them fit in the GPU's
+    free memory after the weights and a margin (margin_of), at most MAX_AUTO_SLOTS; CPU_SLOTS on CPU or where the
+    free memory cannot be read. A number is taken as it is."""
     if asked != AUTO:
         return int(asked)
     if memory is None:
         log(f"max_slots: {CPU_SLOTS} (auto: no GPU memory to size the KV cache by)")
         return CPU_SLOTS
     free, total = memory
-    margin = max(GPU_MARGIN, total // 10)
+    margin, per_seq = margin_of(total), kv_bytes_per_seq + scratch_bytes_per_seq
     room = free - weight_bytes - margin
-    slots = max(1, min(MAX_AUTO_SLOTS, room // kv_bytes_per_seq))
+    slots = max(1, min(MAX_AUTO_SLOTS, room // per_seq))
     log(f"max_slots: {slots} (auto: {free / 1e9:.1f} GB free - {weight_bytes / 1e9:.1f} GB weights - "
-        f"{margin / 1e9:.1f} GB margin, over {kv_bytes_per_seq / 1e9:.3f} GB of KV cache per sequence)")
-    if room < kv_bytes_per_seq:
+        f"{margin / 1e9:.1f} GB margin, over {kv_bytes_per_seq / 1e9:.3f} GB of KV cache + "
+        f"{scratch_bytes_per_seq / 1e9:.3f} GB of activations per sequence)")
+    if room < per_seq:
         log("warning: the GPU's free memory does not hold one sequence's KV cache after the weights; serving may "
             "run out of memory (a smaller MAX_SEQ needs less)")
     return slots
+
+
+def check_engine_memory(memory: tuple[int, int], weight_bytes: int, kv_bytes_per_seq: int, slots: int,
+                        scratch_bytes: int, log: Callable[[str], None]) -> None:
+    """The built engine's real activation memory (its largest profile's) beside the weights, the KV cache of every
+    slot and the margin: printed, and an ExportError naming a MAX_SLOTS that fits when they do not fit."""
+    free, total = memory
+    need = weight_bytes + kv_bytes_per_seq * slots + scratch_bytes + margin_of(total)
+    log(f"gpu memory: {weight_bytes / 1e9:.1f} GB weights + {kv_bytes_per_seq * slots / 1e9:.1f} GB KV cache "
+        f"({slots} slots) + {scratch_bytes / 1e9:.1f} GB engine activations + {margin_of(total) / 1e9:.1f} GB margin "
+        f"= {need / 1e9:.1f} GB of {free / 1e9:.1f} GB free")
+    if need > free:
+        per_seq = kv_bytes_per_seq + scratch_bytes / slots  # the decode profile's activations grow with the slots
+        fits = int((free - weight_bytes - margin_of(total)) // per_seq)
+        raise ExportError(f"the engine would not fit this GPU when serving: export again with MAX_SLOTS={fits}"
+                          if fits >= 1 else "the engine does not fit this GPU even with one slot: a smaller MAX_SEQ "
+                          "needs less")
 
 
 def instance_kind(runtime: str) -> str:
@@ -243,8 +274,9 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
         f"vocab {cfg.vocab_size}, sequence_len {cfg.sequence_len}")
     width = 4 if o.precision == "fp32" else 2
     memory = gpu_memory() if kind == "KIND_GPU" else None
-    slots = choose_max_slots(o.max_slots, memory, n_params * width,
-                             2 * cfg.n_layer * max_seq * cfg.n_kv_head * cfg.head_dim * width, log)
+    kv_per_seq = 2 * cfg.n_layer * max_seq * cfg.n_kv_head * cfg.head_dim * width
+    slots = choose_max_slots(o.max_slots, memory, n_params * width, kv_per_seq,
+                             decode_scratch_per_seq(cfg, max_seq, width), log)
     shape = ModelShape(runtime=runtime, precision=o.precision, max_seq=max_seq, max_slots=slots)
     max_slots, precision = shape.max_slots, shape.precision
 
@@ -275,6 +307,9 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
 
                 trt_info = build_engine(onnx_path, vdir / protocol.PLAN_FILE, max_slots=max_slots,
                                         max_seq=max_seq, prefill_chunk=o.engine.prefill_chunk, log=log)
+                if memory is not None:
+                    check_engine_memory(memory, n_params * width, kv_per_seq, max_slots,
+                                        max(trt_info["scratch_bytes"].values()), log)
             shutil.copyfile(ref.tokenizer_path, vdir / protocol.TOKENIZER_FILE)
             for f in vdir.iterdir():
                 f.chmod(0o644)  # onnx writes its data file 0600; the server may run as another user

@@ -14,7 +14,8 @@ A TensorRT engine (model.plan) from the exported ONNX graph, with the tensorrt P
   (attention scores, norms) stay fp32 too.
 - Progress through IProgressMonitor (TensorRT 10+), printed as phase lines.
 - The engine's TensorRT version and GPU compute capability are returned for metadata.json, where
-  the runner checks them before it deserializes anything.
+  the runner checks them before it deserializes anything, with each profile's activation memory
+  (what the runner allocates beside the KV cache; export checks that both fit).
 """
 
 from __future__ import annotations
@@ -148,8 +149,12 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_bytes(memoryview(timings.serialize()))
     log(f"tensorrt: engine built in {time.perf_counter() - t:.1f}s ({plan_path.stat().st_size / 1e6:.1f} MB)")
-    return dict(version=trt.__version__, compute_capability=cc, device=device,
-                strongly_typed=strongly_typed, profiles={"prefill": PREFILL_PROFILE, "decode": DECODE_PROFILE})
+    profiles = {"prefill": PREFILL_PROFILE, "decode": DECODE_PROFILE}
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    scratch = {name: int(engine.get_device_memory_size_for_profile_v2(p)) for name, p in profiles.items()}
+    log("tensorrt: activation memory per profile: " + ", ".join(f"{n} {b / 1e9:.2f} GB" for n, b in scratch.items()))
+    return dict(version=trt.__version__, compute_capability=cc, device=device, strongly_typed=strongly_typed,
+                profiles=profiles, scratch_bytes=scratch)
 
 
 def profile_shapes(max_slots: int, max_seq: int, prefill_chunk: int) -> dict[int, tuple]:

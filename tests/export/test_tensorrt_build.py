@@ -61,12 +61,14 @@ def fake_tensorrt(config: FakeConfig) -> types.ModuleType:
         create_network=lambda flags: network, create_builder_config=lambda: config,
         create_optimization_profile=profile, build_serialized_network=lambda net, cfg: b"plan")
     trt.OnnxParser = lambda net, logger: types.SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+    engine = types.SimpleNamespace(get_device_memory_size_for_profile_v2=lambda profile: (1 + profile) << 30)
+    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
     return trt
 
 
 @pytest.fixture
 def build(tmp_path, monkeypatch):
-    """build_engine on a graph of `precision` for a GPU called `device`; returns (config, log lines)."""
+    """build_engine on a graph of `precision` for a GPU called `device`; returns (config, log lines, its result)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(tensorrt_build, "compute_capability", lambda: "9.0")
 
@@ -78,16 +80,23 @@ def build(tmp_path, monkeypatch):
         helper.set_model_props(model, {"nanochat": json.dumps({"precision": precision})})
         onnx.save(model, str(tmp_path / "model.onnx"))
         lines = []
-        tensorrt_build.build_engine(tmp_path / "model.onnx", tmp_path / "model.plan", 2, 64, 16, log=lines.append)
-        return config, lines
+        info = tensorrt_build.build_engine(tmp_path / "model.onnx", tmp_path / "model.plan", 2, 64, 16,
+                                           log=lines.append)
+        return config, lines, info
 
     return run
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_tf32_is_off_for_every_precision(build, precision):
-    config, _ = build(precision)
+    config, _, _ = build(precision)
     assert config.cleared == {"TF32"} and not config.flags  # strongly typed: the graph's types decide
+
+
+def test_each_profiles_activation_memory_is_returned_and_printed(build):
+    _, lines, info = build("bf16")
+    assert info["scratch_bytes"] == {"prefill": 1 << 30, "decode": 2 << 30}
+    assert "tensorrt: activation memory per profile: prefill 1.07 GB, decode 2.15 GB" in lines
 
 
 def test_each_gpu_model_keeps_its_own_timing_cache(build, tmp_path):
@@ -102,7 +111,7 @@ def test_a_timing_cache_tensorrt_refuses_is_replaced_not_fatal(build, tmp_path):
     folder.mkdir(parents=True)
     stale = folder / "trt-10.9.0.34-nvidia-l4-sm90.timing"
     stale.write_bytes(b"another gpu's timings")
-    config, lines = build("fp16", "NVIDIA L4", accepts=lambda data: data != b"another gpu's timings")
+    config, lines, _ = build("fp16", "NVIDIA L4", accepts=lambda data: data != b"another gpu's timings")
     assert config.cache.data == b"" and any("does not match this GPU" in line for line in lines)
     assert stale.read_bytes() == b"timings of this gpu"
 
