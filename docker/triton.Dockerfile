@@ -8,7 +8,7 @@
 # cancels on every client disconnect; 25.01 crashed under such storms, docker/README.md), with decoupled-model
 # cancellation (since 23.10) and numpy 2 support (since 24.11); we still install numpy 1.26.4 because the project
 # pins numpy<2. It ships Ubuntu 24.04 with Python 3.12 (the stub's Python, so packages go into that
-# interpreter), CUDA 12.9 (R575+ drivers, or older data-center drivers with forward compatibility) and TensorRT
+# interpreter), CUDA 12.9 (R575+; PyPI's torch 2.13.0 below is a CUDA 13.0 build, so nodes need R580+) and TensorRT
 # 10.9.0.34, which is the version pinned for the `tensorrt` Python package below: the engine is built and served
 # by the same TensorRT.
 # Bumping TRITON_RELEASE means bumping the tensorrt* pins in docker/constraints-gpu.txt to that release's TensorRT.
@@ -31,7 +31,7 @@ COPY docker/constraints-gpu.txt docker/
 COPY core/ core/
 COPY backend/ backend/
 # Exactly the extras of the folders copied: core (torch, tiktoken, numpy) and backend (ONNX Runtime), plus
-# TensorRT and cuda-python, all pinned by the constraints. torch is PyPI's CUDA build: the backend's seeded
+# TensorRT's Python API, all pinned by the constraints. torch is PyPI's CUDA build: the backend's seeded
 # sampling matches nanochat's torch.Generator, and the TensorRT runner keeps the KV cache in torch tensors.
 # tests/deploy/test_images.py builds this environment (minus the GPU wheels) and serves a model from it.
 # The smoke step imports what tritonserver's stub imports: the scheduler and both runners.
@@ -74,11 +74,12 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
 FROM triton AS export
 
 USER 0:0
-# make: the export runs as `make export`, the same command a user types. No pins for apt packages: the base
-# image tag fixes the Ubuntu release, and the archive drops superseded versions, which would break pinned builds.
+# make: the export runs as `make export`, the same command a user types; python3-venv: Ubuntu 24.04's python3 has
+# no ensurepip without it, so `python3 -m venv` below would stop. No pins for apt packages: the base image tag fixes
+# the Ubuntu release, and the archive drops superseded versions, which would break pinned builds.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make \
+    && apt-get install -y --no-install-recommends make python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
 COPY export/ export/
