@@ -1,11 +1,14 @@
 """
 TensorRT's parser rules (export/tensorrt_rules.py, from onnx-tensorrt's docs/operators.md) on the graphs export
-writes: every generation in fp32, fp16 and bf16 follows them; the graph as torch.export traces it (before
+writes: every generation oracle's graph (tests/conftest.py exports them) lowered to fp16 and bf16 follows them (at
+fp32 tests/export/test_generation_oracles.py checks it); the graph as torch.export traces it (before
 export/graph.py folds its integer constants) and hand-made breaches are refused. A lowered graph casts only the
 cache rows its Gather picked, never a whole cache input.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import onnx
 import pytest
@@ -14,8 +17,8 @@ from onnx import TensorProto, helper
 from backend.protocol import CACHE_PREFIXES, ONNX_FILE, PREV_EMBEDDING, VERSION
 from export import graph
 from export.tensorrt_rules import TOPK_MAX, problems
-from tests.export.conftest import GENERATIONS
 from tests.exports import lowered
+from tests.oracles import generation_oracles
 
 
 def state_readers(proto) -> list[str]:
@@ -24,15 +27,18 @@ def state_readers(proto) -> list[str]:
     return [n.op_type for n in proto.graph.node if state & set(n.input)]
 
 
-@pytest.mark.parametrize("generation", GENERATIONS)
-def test_every_generation_and_precision_follows_the_parsers_rules(generation, demo_exports, tmp_path):
-    fp32 = demo_exports(generation) / VERSION / ONNX_FILE
-    assert problems(fp32) == []
-    for precision in ("fp16", "bf16"):
-        path, proto = lowered(fp32, precision, tmp_path)
-        assert problems(path) == [], precision
-        # the slots are gathered first and only those rows cast: no Cast reads a whole cache
-        assert set(state_readers(proto)) <= {"Gather", "Shape"}, (precision, state_readers(proto))
+@pytest.fixture(scope="module")
+def exported(generation_exports) -> dict[str, Path]:
+    return generation_exports()
+
+
+@pytest.mark.parametrize("name", generation_oracles() or ["missing"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_every_generation_lowered_follows_the_parsers_rules(name, precision, exported, tmp_path):
+    path, proto = lowered(exported[name] / VERSION / ONNX_FILE, precision, tmp_path)
+    assert problems(path) == []
+    # the slots are gathered first and only those rows cast: no Cast reads a whole cache
+    assert set(state_readers(proto)) <= {"Gather", "Shape"}, state_readers(proto)
 
 
 def test_the_graph_as_traced_is_refused_for_its_computed_axes(demo_base, tmp_path, monkeypatch):
