@@ -39,7 +39,7 @@ import urllib.request
 from pathlib import Path
 
 from backend.model_config import EngineConfig, config_pbtxt
-from backend.protocol import CONFIG_FILE, TRITON_KEEPALIVE_FLAGS
+from backend.protocol import BACKEND, CONFIG_FILE, TRITON_KEEPALIVE_FLAGS
 from bff.triton import ADMIN_HEADER
 from tools.paths import PROJECT
 
@@ -89,8 +89,8 @@ def make_backend_dir(root: Path) -> Path:
     shutil.copytree(tritonserver / "backends" / "python", python, ignore=shutil.ignore_patterns("__pycache__"))
     stub = tritonserver / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
     shutil.copy2(stub / "triton_python_backend_stub", python / "triton_python_backend_stub")
-    (backends / "nanochat").mkdir()
-    shutil.copy2(BACKEND_SOURCE, backends / "nanochat" / "model.py")
+    (backends / BACKEND).mkdir()
+    shutil.copy2(BACKEND_SOURCE, backends / BACKEND / "model.py")
     return backends
 
 
@@ -148,6 +148,9 @@ class LocalTriton:
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log = None
+        # the shared-memory regions of the Python backend (which runs ours) in /dev/shm: named per server, so
+        # stop() can remove what a killed server and its stubs never unlinked
+        self.shm_prefix = f"nanochat_triton_{os.getpid()}_{id(self):x}_"
 
     @property
     def grpc_url(self) -> str:
@@ -169,7 +172,7 @@ class LocalTriton:
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
                f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
                "--exit-timeout-secs=3", "--strict-readiness=true", f"--log-verbose={int(self.verbose)}",
-               *TRITON_KEEPALIVE_FLAGS]
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}", *TRITON_KEEPALIVE_FLAGS]
         if self.admin_key:
             restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
             cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
@@ -240,6 +243,8 @@ class LocalTriton:
             # crashed, or one that exited before a busy stub did), which would otherwise spin on.
             _kill_session(p.pid)
             p.wait(timeout=10)
+            for region in Path("/dev/shm").glob(self.shm_prefix + "*"):
+                region.unlink(missing_ok=True)
             _log_event("triton_stopped", pid=p.pid, returncode=p.returncode)
         if self._log is not None:
             self._log.close()

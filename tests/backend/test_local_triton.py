@@ -4,6 +4,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,14 +15,16 @@ from tools.paths import PROJECT
 pytestmark = pytest.mark.triton
 
 
-def test_a_crashed_server_leaves_no_backend_stubs(oracle_repository):
+def test_a_crashed_server_leaves_no_backend_stubs_and_no_shared_memory(oracle_repository):
     with LocalTriton(oracle_repository, load=["demo"]) as server:  # stops it also when an assert fails
         sid = server.process.pid  # the server leads its own session; its backend stubs are in it
         assert len(session_members(sid)) >= 2, "expected the server and the model's backend stub"
-        server.process.kill()  # as a crash would: the stub outlives its server
+        regions = lambda: list(Path("/dev/shm").glob(server.shm_prefix + "*"))
+        assert regions(), "expected the backend's shared-memory regions under the server's own prefix"
+        server.process.kill()  # as a crash would: the stub outlives its server, nobody unlinks the regions
         server.process.wait()
         server.stop()
-        assert session_members(sid) == []
+        assert session_members(sid) == [] and regions() == []
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning to a subset needs two CPUs")
