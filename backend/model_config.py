@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from backend import protocol
 
-RUNTIMES = ("onnx", "tensorrt")
+RUNTIMES = ("onnx", "tensorrt", "sim")  # sim: backend/sim_runner.py, a GPU's step time without a GPU
+STREAM_INTERVAL_MS = 20  # docs/benchmarks.md: fewer messages at every hop at a latency no reader sees
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -49,6 +50,10 @@ class EngineConfig:
                                                   "decodes")
     stream_interval: int = knob(1, 1, 1024, "tokens per response after the first, which goes out at once (1: every "
                                             "token on its own; 2-4 leave more CPU to the model on CPU-bound hosts)")
+    stream_interval_ms: int = knob(STREAM_INTERVAL_MS, 0, 10_000,
+                                   "at most one response per request per this many ms after the first (tokens "
+                                   "made in between travel together), so responses grow with time, not tokens; "
+                                   "0: by stream_interval alone")
 
     prefix_cache: int = knob(1, 0, 1, "1: a finished request's KV stays in its slot, and a prompt that begins with "
                                       "what a free slot holds is placed there and prefilled from where it ends; 0: "

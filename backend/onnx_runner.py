@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from backend import protocol as P
+from core.device_sampling import DrawsOnHost
 
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -35,7 +36,7 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OrtRunner:
+class OrtRunner(DrawsOnHost):
     """A Runner on an exported model.onnx: the KV cache is host memory this object owns."""
 
     def __init__(self, onnx_path: str | Path, max_slots: int, max_seq: int,

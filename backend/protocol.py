@@ -59,8 +59,8 @@ INPUTS = (
     Input("top_p", "TYPE_FP32", (1,), "nucleus sampling: draw from the most likely tokens whose probabilities "
           "reach top_p (after top_k); 1 is off, nanochat's own sampling", 1.0, 0.0, 1.0),
     Input("max_tokens", "TYPE_INT32", (1,), "tokens to generate at most", 512, 1, 4096),
-    Input("seed", "TYPE_INT64", (1,), "default: random; with the same seed a request gets the same tokens",
-          None, 0, 2**63 - 1),
+    Input("seed", "TYPE_INT64", (1,), "default: none (drawn with the batch on the device); with a seed, nanochat's "
+          "exact draw: the same seed gives the same tokens", None, 0, 2**63 - 1),
     Input("stop", "TYPE_STRING", (-1,), "strings that end the answer where one first appears in its text, which "
           f"is cut just before it (finish_reason stop); at most {MAX_STOPS} of up to {MAX_STOP_CHARS} characters each"),
     Input("return_num_input_tokens", "TYPE_BOOL", (1,), "vLLM's backend's flag, accepted so its clients work "

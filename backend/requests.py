@@ -3,14 +3,14 @@ A Triton request's inputs -> prompt token ids and SamplingParams, with the check
 
 Inputs are read through a `get(name) -> np.ndarray | None` function, so this runs without Triton.
 Each input's default and range are backend/protocol.py's (nanochat chat_web's); values outside a range
-are refused, not clamped. A missing seed is a random one. top_k 0 means the whole vocabulary
+are refused, not clamped. Without a seed a sampled request is drawn in the runner's batched draw
+(core/device_sampling.py); with one, exactly as nanochat draws. top_k 0 means the whole vocabulary
 (SamplingParams.top_k None).
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Callable
 
 import numpy as np
@@ -54,7 +54,7 @@ def parse_params(get: Callable[[str], np.ndarray | None]) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_k=_number(get, "top_k", int) or None,
                           top_p=_number(get, "top_p", float),
                           max_tokens=_number(get, "max_tokens", int),
-                          seed=secrets.randbelow(INPUT["seed"].high + 1) if seed is None else seed)
+                          seed=seed)
 
 
 def parse_messages(raw: bytes | str) -> list[dict]:

@@ -28,11 +28,11 @@ def make_runner(shape: ModelShape, version_dir: Path, gpu: bool, device_id: int)
     return TrtRunner(version_dir / PLAN_FILE, shape.max_slots, shape.max_seq, device_id=device_id)
 
 
-def in_pieces(forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], input_ids: np.ndarray,
-              positions: np.ndarray, slots: np.ndarray, max_rows: int, max_tokens: int) -> np.ndarray:
+def in_pieces(forward: Callable, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, max_rows: int,
+              max_tokens: int) -> list:
     """forward() on a batch larger than an engine's profile takes: groups of at most max_rows rows, each fed
     max_tokens tokens at a time (positions advancing, so each piece reads the cache the one before wrote).
-    Returns each row's logits after its last token, as one call would."""
+    Returns each group's logits after its last token, in row order: concatenated, what one call would return."""
     T = input_ids.shape[1]
     out = []
     for r in range(0, len(input_ids), max_rows):
@@ -40,4 +40,4 @@ def in_pieces(forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray
         for t in range(0, T, max_tokens):
             logits = forward(ids[:, t : t + max_tokens], pos + t, sl)
         out.append(logits)
-    return np.concatenate(out)
+    return out

@@ -8,17 +8,20 @@ One step thread owns the runner and its KV cache of max_slots rows. Each step:
   4. prefills one chunk: rows still reading their prompt advance by the same T tokens in one call
      (T = the shortest remaining prompt part, capped so T x rows <= prefill_chunk), so a long prompt
      costs the others at most one chunk of latency per step instead of its whole length;
-  5. samples all rows at once (core.sampling.sample_rows, each row with its own seeded generator)
-     and applies each row's core.generation.Sequence rules (forced calculator tokens, stop tokens,
-     limits) and its stop strings (backend/stops.py), so a request's tokens never depend on the rest of
-     the batch; a row whose draw or rules fail ends with an error of its own while the others go on.
+  5. each row takes its token: the runner draws every row at once where the logits are (runner.step,
+     core/device_sampling.py) and hands back only ids, except for requests with a seed, whose logits come
+     back and are drawn from their own generator as nanochat does (core.sampling.sample_rows); then each
+     row's core.generation.Sequence rules (forced calculator tokens, stop tokens,
+     limits) and its stop strings (backend/stops.py), so a seeded request's tokens never depend on the rest
+     of the batch; a row whose draw or rules fail ends with an error of its own while the others go on.
 Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
 bounded queue; one that does not fit is refused at once with an error.
 
-A request's first token is sent at once; after that its tokens go out stream_interval at a time (the
-last response carries whatever is left), as vLLM's --stream-interval does. Each response is a blocking
-IPC round trip into the server and a gRPC message that every hop relays, so on a CPU-bound host
-fewer, larger responses leave more of the cores to the model; 1 sends every token on its own.
+A request's first token is sent at once; after that a response goes out when stream_interval tokens are
+ready (vLLM's --stream-interval) and stream_interval_ms has passed since the request's last one: tokens
+made in between travel together, and the last response carries whatever is left. Each response is a
+blocking IPC round trip into the server and a gRPC message and SSE event that every hop relays, so the
+number of messages grows with time instead of with tokens (on a GPU a step takes a millisecond or a few).
 
 The step thread never blocks on clients: it puts outputs on a ResponseThread (backend/responses.py),
 which sends them and reports cancellations back through Request.cancelled, checked once per step.
@@ -39,7 +42,8 @@ from backend.model_config import EngineConfig
 from backend.protocol import INVALID, QUEUE_FULL, SHUTTING_DOWN
 from backend.responses import Output, ResponseThread, Sink
 from backend.stops import StopMatcher
-from core.generation import Runner, SamplingParams, Sequence
+from core.device_sampling import NOT_FINITE
+from core.generation import Runner, SamplingParams, Sequence, batch_sampling
 from core.sampling import sample_rows
 from core.tokenizer import Detokenizer, Tokenizer
 
@@ -55,7 +59,8 @@ class Request:
     emitted: int = 0  # tokens streamed so far (stop tokens are not streamed)
     last_token_at: float = 0.0
     cancelled: bool = False  # set by the ResponseThread, read by the step thread
-    unsent_text: str = ""  # streamed tokens held back until stream_interval of them are ready
+    unsent_text: str = ""  # streamed tokens held back until stream_interval of them are ready and send_at has come
+    send_at: float = 0.0  # monotonic time before which no further response goes out
     unsent_ids: list[int] = field(default_factory=list)
     dropped_turns: int = 0  # reported in the outputs: the conversation was cut to fit the context
     stream: bool = True  # false: no response before the final one, which carries the whole answer
@@ -70,6 +75,7 @@ class Scheduler:
         engine = engine or EngineConfig()
         self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, engine.max_queue, engine.prefill_chunk
         self.stream_interval, self.unhealthy_after = engine.stream_interval, engine.unhealthy_after
+        self.stream_interval_s = engine.stream_interval_ms / 1000
         self.prefix_cache = bool(engine.prefix_cache)
         # a runner that keeps state of each row's last token (G4's smear) is exact only when a prompt continues
         # a row's whole content; otherwise any prefix of a row's tokens is its KV at those positions
@@ -88,6 +94,9 @@ class Scheduler:
         self._free = list(range(self.max_slots))
         self._held: list[list[int]] = [[] for _ in range(self.max_slots)]  # tokens whose KV each free slot holds
         self._last_used = [0] * self.max_slots  # when each slot was freed, for least-recently-used choices
+        # each slot's request's sampling settings, set when it is placed: a step takes its rows' by slot index
+        self._sampling = batch_sampling([SamplingParams(0.0, None, 1)] * self.max_slots)
+        self._now = 0.0  # when the last step's tokens came back
         self._clock = 0
         self._thread = threading.Thread(target=self._run, name="nanochat-step", daemon=True)
         self._thread.start()
@@ -190,22 +199,39 @@ class Scheduler:
         prefilling = [r for r in self._active if r.prefilled < len(r.seq.prompt)]
         if decoding:
             ids = np.array([[r.seq.generated[-1]] for r in decoding], dtype=np.int64)
-            logits = self._forward(ids, [r.seq.length - 1 for r in decoding], decoding)
-            for req, token in zip(decoding, sample_rows(logits, [r.seq.sampler for r in decoding]), strict=True):
-                self._take(req, token)
+            self._run_rows(ids, [r.seq.length - 1 for r in decoding], decoding, decoding)
         if prefilling:
             T = min(self.prefill_chunk, *(len(r.seq.prompt) - r.prefilled for r in prefilling))
             rows = prefilling[: max(1, self.prefill_chunk // T)]
             ids = np.array([r.seq.prompt[r.prefilled: r.prefilled + T] for r in rows], dtype=np.int64)
-            logits = self._forward(ids, [r.prefilled for r in rows], rows)
+            positions = [r.prefilled for r in rows]
             for req in rows:
                 req.prefilled += T
             self.stats.prefilled_tokens += T * len(rows)
-            done = [i for i, r in enumerate(rows) if r.prefilled == len(r.seq.prompt)]
-            tokens = sample_rows(logits[done], [rows[i].seq.sampler for i in done])
-            for i, token in zip(done, tokens, strict=True):
-                self.stats.prompt_tokens += rows[i].prefilled
-                self._take(rows[i], token)
+            done = [r for r in rows if r.prefilled == len(r.seq.prompt)]
+            for req in done:
+                self.stats.prompt_tokens += req.prefilled
+            self._run_rows(ids, positions, rows, done)
+
+    def _run_rows(self, ids: np.ndarray, positions: list[int], rows: list[Request], taking: list[Request]) -> None:
+        """One runner step over `rows`; each request in `taking` (rows whose prompt is all read) takes its token:
+        the runner's draw, or for a seeded request nanochat's draw on the host from the logits that come back."""
+        slots = np.array([r.slot for r in rows], dtype=np.int64)
+        sampling = self._sampling.rows(slots)
+        if len(taking) < len(rows):
+            sampling.exact &= np.isin(slots, [r.slot for r in taking])  # only rows that take a token need logits
+        t0 = time.thread_time()
+        drawn = self.runner.step(ids, np.array(positions, dtype=np.int64), slots, sampling)
+        self.stats.cpu["model_call"] += time.thread_time() - t0
+        self._now = time.monotonic()
+        tokens = drawn.tokens.tolist()
+        exact = [r for r in taking if r.seq.rng is not None]
+        seeded = dict(zip(exact, sample_rows(drawn.exact_logits, [r.seq.sampler for r in exact]), strict=True)
+                      ) if exact else {}
+        at = {r.slot: i for i, r in enumerate(rows)} if len(taking) < len(rows) else None
+        for i, req in enumerate(taking):
+            token = seeded[req] if req in seeded else tokens[i if at is None else at[req.slot]]
+            self._take(req, ValueError("the model's logits are not finite") if token == NOT_FINITE else token)
 
     def _place(self, req: Request) -> None:
         """Give a request the free slot whose cached tokens share the longest beginning with its prompt and start
@@ -225,6 +251,9 @@ class Scheduler:
         self._free.remove(best)
         self._held[best] = []
         req.slot, req.prefilled = best, reuse
+        params, table = req.seq.params, self._sampling
+        table.temperature[best], table.top_k[best] = params.temperature, params.top_k or 0
+        table.top_p[best], table.exact[best] = params.top_p, params.exact
         if reuse:
             self.stats.prefix_hits += 1
             self.stats.reused_tokens += reuse
@@ -242,13 +271,6 @@ class Scheduler:
             n += 1
         return 0 if self.whole_rows and n < len(held) else n
 
-    def _forward(self, ids: np.ndarray, positions: list[int], rows: list[Request]) -> np.ndarray:
-        t0 = time.thread_time()
-        logits = self.runner.forward(ids, np.array(positions, dtype=np.int64),
-                                     np.array([r.slot for r in rows], dtype=np.int64))
-        self.stats.cpu["model_call"] += time.thread_time() - t0
-        return logits
-
     def _take(self, req: Request, sampled: int | Exception) -> None:
         """A row's draw into its request. Whatever fails here (the draw, the calculator, detokenizing, the
         request's rules) is that request's failure alone: it ends with an error, the batch goes on."""
@@ -261,10 +283,10 @@ class Scheduler:
                 self._finish(req, error=f"generation failed: {type(e).__name__}: {e}")
 
     def _emit(self, req: Request, sampled: int) -> None:
-        """Take a row's token and hand its piece of text to the ResponseThread."""
+        """Take a row's token and hand its piece of text to the ResponseThread when one is due."""
         seq = req.seq
         token, _ = seq.next_token(sampled)
-        now = time.monotonic()
+        now = self._now
         if req.emitted == 0:
             self.stats.ttft.append(now - req.arrived)
         else:
@@ -286,9 +308,10 @@ class Scheduler:
             self._finish(req, finish_reason=finish, text=text)
             return
         req.unsent_text += text
-        if req.stream and (req.emitted == 1 or len(req.unsent_ids) >= self.stream_interval):
+        if req.stream and (req.emitted == 1 or (len(req.unsent_ids) >= self.stream_interval and now >= req.send_at)):
             self.responses.put(req, req.handle, self._output(req, req.unsent_text, req.unsent_ids, ""), None)
             req.unsent_text, req.unsent_ids = "", []
+            req.send_at = now + self.stream_interval_s
 
     def _output(self, req: Request, text: str, ids: list[int], finish_reason: str) -> Output:
         return Output(text, ids, finish_reason, len(req.seq.prompt), req.emitted, self.device_id, req.dropped_turns)

@@ -27,6 +27,7 @@ import numpy as np
 
 from backend import protocol as P
 from backend.runner import in_pieces
+from core.device_sampling import BatchSampling, Drawn, draw, new_generator
 
 # TensorRT's tensor types by name -> torch's. Not trt.nptype: numpy has no bf16, and TensorRT 10 raises
 # TypeError for it there, so a bf16 engine would export and then fail to load.
@@ -134,19 +135,39 @@ class TrtRunner:
             p_shape = tuple(self.engine.get_tensor_shape(P.PREV_EMBEDDING))
             self.prev = torch.zeros(p_shape, dtype=dtype(P.PREV_EMBEDDING), device=self.device)
         self.out_dtype = {n: dtype(n) for n in self.outputs}  # outputs are per step, from torch's allocator
+        self.generator = new_generator(self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the zeroed cache, before any step reads it
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        import torch
+
+        logits = self._logits(input_ids, positions, slots)
+        with torch.cuda.stream(self.stream):
+            return logits.float().cpu().numpy()  # waits for the stream
+
+    def step(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, sampling: BatchSampling) -> Drawn:
+        """The step on the GPU, drawn there on the same stream: only the rows' ids (and seeded rows' logits)
+        cross to the host."""
+        import torch
+
+        logits = self._logits(input_ids, positions, slots)
+        with torch.cuda.stream(self.stream):
+            return draw(logits, sampling, self.generator)
+
+    def _logits(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray):
         B, T = input_ids.shape
         if int(positions.max()) + T > self.max_seq:
             raise ValueError(f"positions {positions.tolist()} + {T} tokens exceed the cache of {self.max_seq}")
         if slots.min() < 0 or slots.max() >= self.max_slots:
             raise ValueError(f"slots {slots.tolist()} outside 0..{self.max_slots - 1}")
         if T > 1 and not (self.prefill_rows >= B and self.prefill_tokens >= T):
-            return in_pieces(self._step, input_ids, positions, slots, self.prefill_rows, self.prefill_tokens)
+            import torch
+
+            return torch.cat(in_pieces(self._step, input_ids, positions, slots, self.prefill_rows, self.prefill_tokens))
         return self._step(input_ids, positions, slots)
 
-    def _step(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    def _step(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray):
+        """One engine call; returns the logits (B, V) on the GPU, in the engine's dtype, queued on the stream."""
         import torch
 
         B, T = input_ids.shape
@@ -178,5 +199,4 @@ class TrtRunner:
                 self.v[i][rows, cols] = out[P.new_v(i)]
             if self.prev is not None:
                 self.prev[sl] = out[P.NEW_PREV]
-            logits = out[P.LOGITS].float().cpu()  # waits for the stream
-        return logits.numpy()
+        return out[P.LOGITS]

@@ -2,8 +2,9 @@
 nanochat's generation semantics for one request, independent of the model runtime.
 
 `Sequence` is nanochat Engine's per-row state (RowState) together with its sampling and stopping
-rules: a seeded generator drawn once per token (by core.sampling.sample_rows, which samples
-many rows at once), forced tokens after a calculator call, stop at
+rules: the runner's batched draw (core/device_sampling.py), or for a request with a seed its own generator
+drawn once per token (by core.sampling.sample_rows, which samples many rows at once), forced tokens after a
+calculator call, stop at
 <|assistant_end|> or <|bos|>, max_tokens counting forced tokens, and the context limit. The Triton
 backend's scheduler drives many Sequences in one batch; `generate` drives one Sequence through any
 `Runner` and is the reference loop the backend is tested against.
@@ -19,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from core.calculator import use_calculator
+from core.device_sampling import NOT_FINITE, BatchSampling, Drawn
 from core.sampling import Sampler, make_generator, sample_rows
 from core.tokenizer import Tokenizer
 
@@ -35,6 +37,11 @@ class Runner(Protocol):
         the cache and return the last position's logits (B, V) as float32."""
         ...
 
+    def step(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, sampling: BatchSampling) -> Drawn:
+        """forward(), then each row's token drawn where the logits are (core.device_sampling.draw): only the
+        ids, and the logits of the rows sampling marks exact, come back to the host."""
+        ...
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -43,8 +50,13 @@ class SamplingParams:
     temperature: float  # 0 is greedy
     top_k: int | None  # None: the whole vocabulary
     max_tokens: int
-    seed: int  # drawn from only when temperature > 0
+    seed: int | None = None  # None: the runner's batched draw; a seed: nanochat's exact, reproducible draw
     top_p: float = 1.0  # 1: off (nanochat has no top_p; with it off sampling is nanochat's to the token)
+
+    @property
+    def exact(self) -> bool:
+        """Drawn on the host from the request's own generator: sampled with a seed."""
+        return self.temperature > 0 and self.seed is not None
 
 
 class Sequence:
@@ -64,8 +76,9 @@ class Sequence:
         self.tok = tokenizer
         self.params = params
         self.max_seq = max_seq
-        self.rng = make_generator(params.seed) if params.temperature > 0 else None
+        self.rng = make_generator(params.seed) if params.exact else None
         self.generated: list[int] = []
+        self.length = len(self.prompt)  # tokens in context so far (prompt + generated); an attribute: read per step
         self.forced: deque[int] = deque()
         self.in_python = False
         self.expr: list[int] = []
@@ -74,11 +87,6 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-    @property
-    def length(self) -> int:
-        """Tokens in context so far (prompt + generated)."""
-        return len(self.prompt) + len(self.generated)
 
     @property
     def sampler(self) -> Sampler:
@@ -97,6 +105,7 @@ class Sequence:
     def _advance(self, token: int) -> None:
         t = self.tok
         self.generated.append(token)
+        self.length += 1
         if token == t.python_start:
             self.in_python, self.expr = True, []
         elif token == t.python_end and self.in_python:
@@ -122,14 +131,25 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params
     """Stream (token, forced) for one prompt, nanochat Engine style, through a runner's cache row."""
     seq = Sequence(prompt_ids, tokenizer, params, runner.max_seq)
     one = np.array([slot], dtype=np.int64)
-    logits = runner.forward(np.array([prompt_ids], dtype=np.int64), np.array([0], dtype=np.int64), one)
+    sampling = batch_sampling([params])
+    step = runner.step(np.array([prompt_ids], dtype=np.int64), np.array([0], dtype=np.int64), one, sampling)
     while True:
-        drawn = sample_rows(logits, [seq.sampler])[0]
+        drawn = sample_rows(step.exact_logits, [seq.sampler])[0] if params.exact else int(step.tokens[0])
         if isinstance(drawn, Exception):
             raise drawn
+        if drawn == NOT_FINITE:
+            raise ValueError("the model's logits are not finite")
         token, forced = seq.next_token(drawn)
         yield token, forced
         if seq.finished:
             return
         position = np.array([seq.length - 1], dtype=np.int64)
-        logits = runner.forward(np.array([[token]], dtype=np.int64), position, one)
+        step = runner.step(np.array([[token]], dtype=np.int64), position, one, sampling)
+
+
+def batch_sampling(params: list[SamplingParams]) -> BatchSampling:
+    """The settings of requests in batch order, as the runner's draw takes them."""
+    return BatchSampling(np.array([p.temperature for p in params], dtype=np.float32),
+                         np.array([p.top_k or 0 for p in params], dtype=np.int64),
+                         np.array([p.top_p for p in params], dtype=np.float32),
+                         np.array([p.exact for p in params], dtype=bool))

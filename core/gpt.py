@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import SMEAR_CHANNELS, ModelConfig
+from core.device_sampling import BatchSampling, Drawn, draw, new_generator
 
 
 def norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -244,9 +245,16 @@ class TorchRunner:
             raise ValueError(f"max_seq {max_seq} exceeds the rotary table ({model.config.rope_len} positions)")
         self.model, self.max_slots, self.max_seq = model, max_slots, max_seq
         self.k, self.v, self.prev = model.empty_cache(max_slots, max_seq)
+        self.generator = new_generator(self.k[0].device)
+
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        return self._logits(input_ids, positions, slots).cpu().numpy()
+
+    def step(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, sampling: BatchSampling) -> Drawn:
+        return draw(self._logits(input_ids, positions, slots), sampling, self.generator)
 
     @torch.inference_mode()
-    def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    def _logits(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> torch.Tensor:
         dev = self.k[0].device
         ids, pos, sl = (torch.from_numpy(np.asarray(a, dtype=np.int64)).to(dev) for a in (input_ids, positions, slots))
         T = ids.shape[1]
@@ -260,4 +268,4 @@ class TorchRunner:
             cache[rows, cols] = new
         if out.new_prev is not None:
             self.prev[sl] = out.new_prev
-        return out.logits.cpu().numpy()
+        return out.logits

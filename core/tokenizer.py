@@ -11,6 +11,7 @@ with a leading system message merged into the first user message, and completion
 from __future__ import annotations
 
 import codecs
+import functools
 import pickle
 from pathlib import Path
 
@@ -66,6 +67,18 @@ class Tokenizer:
 
     def token_bytes(self, token: int) -> bytes:
         return self.enc.decode_single_token_bytes(token)
+
+    @functools.cached_property
+    def byte_table(self) -> list[bytes | None]:
+        """Each id's bytes (None for an id the encoding lacks), built once: the detokenizer looks a streamed token
+        up in a list instead of calling into tiktoken."""
+        table: list[bytes | None] = []
+        for i in range(self.enc.n_vocab):
+            try:
+                table.append(self.enc.decode_single_token_bytes(i))
+            except KeyError:
+                table.append(None)
+        return table
 
     # --- chat format ---
 
@@ -166,11 +179,11 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self._token_bytes = tokenizer.token_bytes
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._bytes = tokenizer.byte_table
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
 
     def push(self, token: int) -> str:
-        return self._decoder.decode(self._token_bytes(token))
+        return self._decode(self._bytes[token])
 
     def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
+        return self._decode(b"", final=True)

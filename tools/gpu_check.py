@@ -29,32 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.roofline import bytes_per_step, dense_params, peak_bandwidth
 from tools.paths import ORACLE_DIR
 
 BATCHES = (1, 8, 64)
 AGREEMENT_STEPS = 32
 SPEED_STEPS = 32
-PEAK_BANDWIDTH = [  # (substring of the device name, bytes/s), nanochat infer_bench's table and NVIDIA's data
-    # sheets; first match wins, so "L40S" before "L4"
-    ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12),
-    ("L40S", 8.64e11), ("L4", 3.0e11), ("A10", 6.0e11),
-]
 WIDTH = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def peak_bandwidth(device: str) -> float | None:
-    return next((bw for key, bw in PEAK_BANDWIDTH if key in device), None)
-
-
-def bytes_per_step(cfg, n_params_dense: int, weight_bytes: int, kv_bytes: int, ctx: int) -> int:
-    """Weights read once per step plus, per layer, K and V of min(ctx, window) positions."""
-    kv = sum(2 * cfg.n_kv_head * cfg.head_dim * kv_bytes * min(ctx, w or ctx) for w in cfg.window_sizes())
-    return n_params_dense * weight_bytes + kv
-
-
-def dense_params(model) -> int:
-    """Parameters a decode step reads in full: everything but the embedding tables (one row each)."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("transformer.wte", "value_embeds")))
 
 
 @dataclass

@@ -125,7 +125,7 @@ def test_slow_client_gets_merged_pieces_with_the_same_text(demo):
 def test_stream_interval_sends_the_first_token_then_groups_and_loses_nothing(demo):
     model, tok = demo
     sink = FakeSink()
-    sched = Scheduler(TorchRunner(model, 4, MAX_SEQ), tok, sink, EngineConfig(stream_interval=4))
+    sched = Scheduler(TorchRunner(model, 4, MAX_SEQ), tok, sink, EngineConfig(stream_interval=4, stream_interval_ms=0))
     cases = [(f"r{n}", prompts(tok)[n % 6], SamplingParams(0.0, None, n, 0)) for n in (1, 2, 5, 22)]
     for handle, prompt, params in cases:
         sched.submit(handle, prompt, params)
@@ -142,6 +142,20 @@ def test_stream_interval_sends_the_first_token_then_groups_and_loses_nothing(dem
         ends = list(itertools.accumulate(len(out.token_ids) for out, _, _ in sink.responses[handle]))
         assert ends[-1] == len(tokens) and all(e % 4 == 1 for e in ends[:-1]), ends
         assert len(ends) <= 1 + -(-(len(tokens) - 1) // 4), ends
+
+
+def test_stream_interval_ms_sends_the_first_token_then_at_most_one_response_per_interval(demo):
+    """An interval longer than the whole answer takes: the first token alone, then the final with the rest."""
+    model, tok = demo
+    sink = FakeSink()
+    sched = Scheduler(TorchRunner(model, 2, MAX_SEQ), tok, sink, EngineConfig(stream_interval_ms=10_000))
+    params = SamplingParams(0.0, None, 20, 0)
+    sched.submit("r", prompts(tok)[1], params)
+    sink.wait(1)
+    sched.close()
+    tokens, _, _, error = sink.result("r")
+    assert error is None and tokens == alone(model, tok, prompts(tok)[1], params)
+    assert [len(out.token_ids) for out, _, _ in sink.responses["r"]] == [1, len(tokens) - 1]
 
 
 def test_engine_settings_are_range_checked():

@@ -15,6 +15,7 @@ import pytest
 from backend.model_config import EngineConfig
 from backend.protocol import QUEUE_FULL, SHUTTING_DOWN
 from backend.scheduler import Scheduler
+from core.device_sampling import DrawsOnHost
 from core.generation import SamplingParams
 from core.gpt import TorchRunner
 from tests.backend.schedkit import MAX_SEQ, FakeSink, alone, prompts
@@ -22,7 +23,7 @@ from tests.backend.schedkit import MAX_SEQ, FakeSink, alone, prompts
 GREEDY = SamplingParams(0.0, None, 30, 0)
 
 
-class GatedRunner:
+class GatedRunner(DrawsOnHost):
     """TorchRunner whose forward waits for `gate` (open by default) and raises `fail` in the next call."""
 
     def __init__(self, model, max_slots: int) -> None:

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from core.calculator import MAX_STRING, use_calculator
+from core.device_sampling import DrawsOnHost
 from core.generation import SamplingParams, generate
 from core.sampling import make_generator, sample_next_token
 from core.tokenizer import Tokenizer
 from tests.oracles import oracle_tokenizer
 
 
-class ScriptedRunner:
+class ScriptedRunner(DrawsOnHost):
     """Logits that put all weight on script[k] at the k-th call (past the script: spread out, so
     sampling is random), and a record of what was fed."""
 

@@ -7,6 +7,7 @@ say why instead of failing, and the stream through Triton and the BFF on a CPU m
 
 from __future__ import annotations
 
+from core import roofline
 from tests.oracles import oracle_or_skip, references
 from tools import gpu_check
 
@@ -40,9 +41,9 @@ def test_the_stream_through_triton_and_the_bff(oracle_repository):
 
 
 def test_peak_bandwidth_knows_the_common_serving_gpus():
-    assert gpu_check.peak_bandwidth("NVIDIA L4") == 3.0e11
-    assert gpu_check.peak_bandwidth("NVIDIA L40S") == 8.64e11  # not the L4's, though its name contains "L4"
-    assert gpu_check.peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.0e12  # not the A10's
-    assert gpu_check.peak_bandwidth("NVIDIA A10G") == 6.0e11
-    assert gpu_check.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
-    assert gpu_check.peak_bandwidth("Tesla T4") is None
+    assert roofline.peak_bandwidth("NVIDIA L4") == 3.0e11
+    assert roofline.peak_bandwidth("NVIDIA L40S") == 8.64e11  # not the L4's, though its name contains "L4"
+    assert roofline.peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.0e12  # not the A10's
+    assert roofline.peak_bandwidth("NVIDIA A10G") == 6.0e11
+    assert roofline.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert roofline.peak_bandwidth("Tesla T4") is None
