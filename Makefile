@@ -125,6 +125,12 @@ bench-prefix: install $(DEMO_REPO)/demo/config.pbtxt $(PREFIX_REPO)/head/config.
 	$(BIN)/python -m tools.bench_prefix --model demo --model-repository $(DEMO_REPO)
 	$(BIN)/python -m tools.bench_prefix --model head --model-repository $(PREFIX_REPO)
 
+# make bench-sim: the host's cost per token at GPU speed without a GPU (tools/bench_sim.py): the scheduler alone and
+# the real Triton + BFF, over a runner that takes a GPU profile's step time (PROFILE=d20-h100 | d20-l4 | zero).
+.PHONY: bench-sim
+bench-sim: install  ## host CPU per token and share of the device used, on a simulated GPU (PROFILE=d20-h100)
+	$(BIN)/python -m tools.bench_sim $(if $(PROFILE),--profile "$(PROFILE)")
+
 # make bench-aiperf: NVIDIA's AIPerf on the BFF's OpenAI surface and genai-perf on Triton's generate_stream, each
 # from an environment of its own (pinned; their dependencies clash with ours and each other), offline.
 # tritonclient's wheel carries the perf_analyzer that genai-perf drives (PyPI's perf-analyzer is a placeholder

@@ -11,7 +11,7 @@ counter families a Prometheus histogram consists of (_bucket{le=...} cumulative,
 histogram_quantile() reads it as usual and an export costs at most one call per bucket.
 
 CPU time is split by where it is spent, per thread (time.thread_time): `model_call` is the step
-thread inside Runner.forward, `schedule` the rest of the step thread (batching, sampling,
+thread inside Runner.step, `schedule` the rest of the step thread (batching, sampling,
 detokenizing), `send` the response thread (building and sending responses, cancellation checks).
 schedule + send per token is the per-token cost outside the model.
 """
@@ -53,6 +53,7 @@ class EngineStats:
         self.max_slots = 0  # for the usage ratio
         self.itl: collections.deque[float] = collections.deque()
         self.cpu = {"step": 0.0, "model_call": 0.0, "send": 0.0}
+        self.runner_seconds = 0.0  # wall time inside Runner.step
 
 
 class TritonMetrics:
@@ -77,6 +78,9 @@ class TritonMetrics:
             "prefilled_tokens": family(P.METRIC_PREFILLED, "Prompt tokens computed", F.COUNTER).Metric(labels=labels),
             "rejected": family(P.METRIC_REJECTED, "Requests refused because the queue was full",
                                F.COUNTER).Metric(labels=labels),
+            "runner_seconds": family(P.METRIC_RUNNER_SECONDS, "Wall time inside the runner's steps (on a GPU, the "
+                                     "device's busy time: its rate is the share of time the model runs)",
+                                     F.COUNTER).Metric(labels=labels),
         }
         finished = family(P.METRIC_FINISHED, "Requests ended, by finish reason", F.COUNTER)
         self.finished = {reason: finished.Metric(labels={**labels, "finish_reason": reason})

@@ -127,6 +127,7 @@ METRIC_FINISHED = "nanochat_finished_requests_total"
 METRIC_ACTIVE_SLOTS = "nanochat_active_slots"
 METRIC_QUEUE_DEPTH = "nanochat_queue_depth"
 METRIC_CPU = "nanochat_cpu_seconds_total"
+METRIC_RUNNER_SECONDS = "nanochat_runner_seconds_total"  # wall time inside runner steps: the device busy
 METRIC_TTFT = "nanochat_time_to_first_token_seconds"
 METRIC_ITL = "nanochat_inter_token_latency_seconds"
 METRIC_E2E = "nanochat_e2e_request_latency_seconds"  # arrival to the final response, per request

@@ -1,20 +1,26 @@
 """
-The response thread: sends the scheduler's outputs so the step loop never waits on a client.
+The response thread: turns the step thread's tokens into responses, so the step loop does only nanochat's token
+rules and its host work per token stays small (vLLM keeps detokenizing out of its engine core for the same reason).
+On a GPU this thread runs while the step thread waits for the device.
 
-Triton's response_sender.send() is a blocking IPC call into the server process (vLLM's backend moved
-it to its own thread for the same reason). The step thread only appends to a queue; this thread:
-  - drains everything queued and merges consecutive pieces of one request into one response, so a
-    slow send costs fewer sends instead of a growing backlog (text and token_ids concatenate; the
-    last piece's finish_reason, counts and FINAL flag win);
-  - after each send, and every poll interval for requests still waiting for a slot, asks the Sink
-    whether the client cancelled, and sets Request.cancelled for the step thread to act on;
-  - pushes the EngineStats to the metrics exporter every poll interval.
+The step thread hands it one batch of (request, token, finish) per step, and the ends it decides (cancelled, errors,
+shutdown); `refuse` answers requests never accepted. Per request this thread owns the text: it detokenizes, applies
+the stop strings (a stop string ends the answer here: the final goes out at once and the request is flagged for the
+step thread to free its slot, as vLLM's output processor aborts a request in the engine), and streams: the first
+token at once, then a response when stream_interval tokens are ready and stream_interval_ms has passed since the
+request's last one (tokens made in between travel together); the final response carries whatever is left.
 
-`Sink` is the Triton-specific part (backend/model.py); tests use a fake one.
+It also counts each request's ending and latencies into EngineStats (the exporter reads them on this thread), asks
+the Sink every poll interval whether the client of each request in flight cancelled (a failed send counts as
+cancelled), flagging it for the step thread, and pushes the stats to the metrics exporter.
+
+Triton's response_sender.send() is a blocking IPC call into the server process; `Sink` is the Triton-specific part
+(backend/model.py); tests use a fake one.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -63,36 +69,58 @@ class Sink(Protocol):
 
 
 _CLOSE = object()
+# How often the clients of requests in flight are asked whether they cancelled, and the metrics exported: each ask
+# is an IPC round trip into the server (about 100 µs), so at 256 streams a 50 ms sweep alone took a tenth of a core;
+# a cancelled request is noticed within this, and its slot freed at the next step.
+POLL_S = 0.25
 
 
 class ResponseThread:
-    def __init__(self, sink: Sink, stats: EngineStats, poll_interval: float = 0.05, exporter=None):
+    def __init__(self, sink: Sink, stats: EngineStats, stream_interval: int = 1, stream_interval_ms: int = 0,
+                 device_id: int = 0, poll_interval: float = POLL_S, exporter=None):
         self.sink, self.stats, self.poll_interval = sink, stats, poll_interval
+        self.stream_interval, self.stream_interval_s = stream_interval, stream_interval_ms / 1000
+        self.device_id = device_id
         self.exporter = exporter  # object with export(stats), e.g. backend.metrics.TritonMetrics
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.flagged: collections.deque = collections.deque()  # requests cancelled or ended here: the step thread
+        self._q: queue.SimpleQueue = queue.SimpleQueue()      # frees their slots (appended here, popped there)
         self._lock = threading.Lock()
         self._closed = False
         self._open: set = set()  # requests accepted and not yet final: swept for cancellation
         self._thread = threading.Thread(target=self._run, name="nanochat-responses", daemon=True)
         self._thread.start()
 
+    # --- called from other threads ---
+
     def open(self, req) -> None:
         self._open.add(req)
 
-    def put(self, req, handle: object, out: Output | None, error: str | None, final: bool = False) -> None:
-        """Queue a response. `req` is None for requests refused before they were accepted."""
-        item = (req, handle, out, error, final or error is not None)
-        with self._lock:
-            if not self._closed:
-                self._q.put(item)
-                return
-        self._send(*item)  # after close() nobody drains the queue: answer on the caller's thread
+    def tokens(self, now: float, events: list) -> None:
+        """One step's tokens: (request, token, finish) with finish "" or the step thread's stop|length."""
+        self._put((self._tokens, now, events))
+
+    def end(self, req, finish_reason: str = "", error: str | None = None) -> None:
+        """The step thread freed the request's slot (or dropped it from the queue) without a token: its final."""
+        self._put((self._end, req, finish_reason, error))
+
+    def refuse(self, handle: object, error: str) -> None:
+        """A request that was never accepted: one final error."""
+        self._put((self._refuse, handle, error))
 
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._closed = True
-            self._q.put(_CLOSE)  # the last item: everything queued before it is still sent
+            self._q.put(_CLOSE)  # the last item: everything queued before it is still handled
         self._thread.join(timeout)
+
+    def _put(self, item: tuple) -> None:
+        with self._lock:
+            if not self._closed:
+                self._q.put(item)
+                return
+        item[0](*item[1:])  # after close() nobody drains the queue: handled on the caller's thread
+
+    # --- this thread ---
 
     def _run(self) -> None:
         next_poll = time.monotonic() + self.poll_interval
@@ -111,15 +139,115 @@ class ResponseThread:
             if items and items[-1] is _CLOSE:
                 closing = True
                 items.pop()
-            for req, handle, out, error, final in _coalesce(items):
-                self._send(req, handle, out, error, final)
+            for handler, *args in items:
+                handler(*args)
             if closing or time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self.poll_interval
                 for req in list(self._open):
                     if not req.cancelled and self._cancelled(req.handle):
-                        req.cancelled = True
+                        self._flag_cancelled(req)
                 self._export()
             self.stats.cpu["send"] += time.thread_time() - cpu
+
+    def _tokens(self, now: float, events: list) -> None:
+        stats = self.stats
+        for req, token, finish in events:
+            if req.final_sent:
+                if finish:
+                    self._count(req, req.ended)  # ended here by a stop string; the step thread has now let it go
+                continue
+            if req.last_token_at:
+                stats.itl.append(now - req.last_token_at)
+            else:
+                stats.ttft.append(now - req.arrived)
+            req.last_token_at = now
+            try:
+                if finish == "stop":  # a stop token ends the stream and is not part of the text
+                    text = req.detok.flush()
+                else:
+                    req.emitted += 1
+                    req.unsent_ids.append(token)
+                    text = req.detok.push(token) + (req.detok.flush() if finish else "")
+                if req.stops is not None:
+                    text, stopped = req.stops.feed(text)
+                    if stopped and not finish:  # the step thread still runs it: flagged, counted when let go
+                        req.unsent_text += text
+                        self._final(req, "stop", None, count=False)
+                        continue
+                    text += "" if stopped or not finish else req.stops.flush()
+                    finish = "stop" if stopped else finish
+            except Exception as e:  # this request's text failed (a token the tokenizer lacks): it alone ends
+                self._final(req, "", f"generation failed: {type(e).__name__}: {e}", count=not finish)
+                continue
+            req.unsent_text += text
+            if finish:
+                self._final(req, finish, None)
+            elif req.stream and (req.emitted == 1 or (len(req.unsent_ids) >= self.stream_interval
+                                                      and now >= req.send_at)):
+                out = self._output(req, "")
+                req.unsent_text, req.unsent_ids = "", []
+                req.send_at = now + self.stream_interval_s
+                self._send(req, out, None, False)
+
+    def _end(self, req, finish_reason: str, error: str | None) -> None:
+        if req.final_sent:
+            self._count(req, req.ended)
+        else:
+            self._final(req, finish_reason, error)
+
+    def _refuse(self, handle: object, error: str) -> None:
+        self.stats.finished["error"] += 1
+        self._deliver(handle, None, error, True)
+
+    def _final(self, req, finish_reason: str, error: str | None, count: bool = True) -> None:
+        """The request's one final response, with whatever it has not sent; count=False: the step thread still
+        runs it, so it is flagged, and counted as ended once the step thread lets it go."""
+        req.final_sent = True
+        req.ended = "error" if error else finish_reason
+        self._open.discard(req)
+        now = time.monotonic()
+        self.stats.requests.append((now - req.arrived, (req.slotted or now) - req.arrived, len(req.seq.prompt),
+                                    req.emitted))
+        self._send(req, None if error else self._output(req, finish_reason), error, True)
+        if count:
+            self._count(req, req.ended)
+        else:
+            self.flagged.append(req)
+
+    def _count(self, req, reason: str) -> None:
+        if not req.counted:
+            req.counted = True
+            self.stats.finished[reason] += 1
+
+    def _output(self, req, finish_reason: str) -> Output:
+        return Output(req.unsent_text, req.unsent_ids, finish_reason, len(req.seq.prompt), req.emitted,
+                      self.device_id, req.dropped_turns)
+
+    def _send(self, req, out: Output | None, error: str | None, final: bool) -> None:
+        if req.cancelled and not final:
+            return  # its client is gone (a send failed) or cancelled: only the final response is still due
+        delivered = self._deliver(req.handle, out, error, final)
+        if not final and not delivered:
+            self._flag_cancelled(req)
+
+    def _deliver(self, handle: object, out: Output | None, error: str | None, final: bool) -> bool:
+        try:
+            self.sink.send(handle, out, error, final)
+            return True
+        except Exception as e:  # the client is gone or the server refused; nothing left to tell it
+            self.stats.send_errors += 1
+            self.stats.last_send_error = f"{type(e).__name__}: {e}"
+            return False
+
+    def _flag_cancelled(self, req) -> None:
+        req.cancelled = True
+        self.flagged.append(req)
+
+    def _cancelled(self, handle) -> bool:
+        try:
+            return self.sink.is_cancelled(handle)
+        except Exception:
+            return True
 
     def _export(self) -> None:
         if self.exporter is None:
@@ -129,43 +257,3 @@ class ResponseThread:
         except Exception as e:  # metrics must never stop responses
             self.stats.export_errors += 1
             self.stats.last_export_error = f"{type(e).__name__}: {e}"
-
-    def _send(self, req, handle, out, error, final) -> None:
-        if req is not None and req.cancelled and not final:
-            return  # its client is gone (a send failed) or cancelled: only the final response is still due
-        try:
-            self.sink.send(handle, out, error, final)
-        except Exception as e:  # the client is gone or the server refused; nothing left to tell it
-            self.stats.send_errors += 1
-            if req is not None and not final:
-                req.cancelled = True
-            self.stats.last_send_error = f"{type(e).__name__}: {e}"
-        if req is None:
-            return
-        if final:
-            self._open.discard(req)
-        elif not req.cancelled and self._cancelled(handle):
-            req.cancelled = True
-
-    def _cancelled(self, handle) -> bool:
-        try:
-            return self.sink.is_cancelled(handle)
-        except Exception:
-            return True
-
-
-def _coalesce(items: list) -> list:
-    """Merge each request's consecutive pieces; an error is sent after the pieces before it."""
-    merged: dict[int, list] = {}
-    for item in items:
-        req, handle, out, _, final = item
-        group = merged.setdefault(id(handle), [])
-        last = group[-1] if group else None
-        if last is not None and last[2] is not None and out is not None and not last[4]:
-            prev = last[2]
-            group[-1] = (req, handle, Output(prev.text + out.text, prev.token_ids + out.token_ids,
-                                             out.finish_reason, out.prompt_tokens, out.completion_tokens,
-                                             out.device_id, out.dropped_turns), None, final)
-        else:
-            group.append(item)
-    return [item for group in merged.values() for item in group]

@@ -1,6 +1,7 @@
 """
 The runner for an exported model: ONNX Runtime (backend/onnx_runner.py) or TensorRT (backend/trt_runner.py),
-as metadata.json's runtime says, on the device of the Triton instance that loads it.
+as metadata.json's runtime says, on the device of the Triton instance that loads it; "sim" is a GPU's step time
+without a model (backend/sim_runner.py, for `make bench-sim`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from core.generation import Runner
 
 
 def make_runner(shape: ModelShape, version_dir: Path, gpu: bool, device_id: int) -> Runner:
+    if shape.runtime == "sim":
+        from backend.sim_runner import load_sim_runner
+
+        return load_sim_runner(shape, version_dir)
     if shape.runtime == "onnx":
         from backend.onnx_runner import OrtRunner
 
@@ -23,7 +28,7 @@ def make_runner(shape: ModelShape, version_dir: Path, gpu: bool, device_id: int)
         if gpu:
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
         return OrtRunner(version_dir / ONNX_FILE, shape.max_slots, shape.max_seq, providers=providers)
-    from backend.trt_runner import TrtRunner  # ModelShape admits onnx and tensorrt only
+    from backend.trt_runner import TrtRunner  # ModelShape admits onnx, tensorrt and sim only
 
     return TrtRunner(version_dir / PLAN_FILE, shape.max_slots, shape.max_seq, device_id=device_id)
 

@@ -79,6 +79,8 @@ class Sequence:
         self.rng = make_generator(params.seed) if params.exact else None
         self.generated: list[int] = []
         self.length = len(self.prompt)  # tokens in context so far (prompt + generated); an attribute: read per step
+        self._end = min(len(self.prompt) + params.max_tokens, max_seq)  # the length at which it stops
+        self._special = tokenizer.special_set
         self.forced: deque[int] = deque()
         self.in_python = False
         self.expr: list[int] = []
@@ -97,12 +99,19 @@ class Sequence:
         """Take this step's token; `sampled` is the row's draw from sampling.sample_rows. Returns
         (token, forced): nanochat draws every step, even when a forced token (a calculator result)
         replaces the draw, so the generator advances the same way."""
+        if not (self.forced or self.in_python or sampled in self._special):  # the common case, once per token
+            self.generated.append(sampled)
+            self.length += 1
+            if self.length >= self._end:
+                self.finish_reason = "length"
+            return sampled, False
         forced = bool(self.forced)
         token = self.forced.popleft() if forced else sampled
         self._advance(token)
         return token, forced
 
     def _advance(self, token: int) -> None:
+        """nanochat's rules for a token that is forced, special or inside a tool call."""
         t = self.tok
         self.generated.append(token)
         self.length += 1
@@ -119,7 +128,7 @@ class Sequence:
             self.expr.append(token)
         if token in (t.assistant_end, t.bos):
             self.finish_reason = "stop"
-        elif len(self.generated) >= self.params.max_tokens or self.length >= self.max_seq:
+        elif self.length >= self._end:
             self.finish_reason = "length"
 
     def is_stop_token(self, token: int) -> bool:

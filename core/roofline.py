@@ -6,6 +6,7 @@ simulated runner (backend/sim_runner.py) steps at. `make gpu-check` uses the sam
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,18 +60,26 @@ class GpuProfile:
     def config(self) -> ModelConfig:
         return build_config("G4", self.model, padded_vocab_size=self.model["vocab_size"])
 
-    def dense_params(self) -> int:
+    @functools.cached_property
+    def _shape(self) -> tuple[int, np.ndarray, int]:
+        """(dense parameters, each layer's window, bf16 K/V bytes per position per layer), worked out once."""
         from core.gpt import GPT
 
+        cfg = self.config()
         with torch.device("meta"):  # shapes only, no memory
-            return dense_params(GPT(self.config()))
+            dense = dense_params(GPT(cfg))
+        windows = np.array([w or cfg.sequence_len for w in cfg.window_sizes()])
+        return dense, windows, 2 * cfg.n_kv_head * cfg.head_dim * 2
 
-    def step_seconds(self, cfg: ModelConfig, dense: int, contexts: np.ndarray, tokens: int) -> float:
+    def dense_params(self) -> int:
+        return self._shape[0]
+
+    def step_seconds(self, contexts: np.ndarray, tokens: int) -> float:
         """One step over rows at `contexts` (after the step) feeding `tokens` tokens in all."""
         if self.bandwidth == 0:
             return 0.0
-        windows = np.array([w or cfg.sequence_len for w in cfg.window_sizes()])
-        kv = 2 * cfg.n_kv_head * cfg.head_dim * 2 * int(np.minimum(contexts[:, None], windows[None, :]).sum())
+        dense, windows, per_position = self._shape
+        kv = per_position * int(np.minimum(contexts[:, None], windows[None, :]).sum())
         return self.launch_s + max((dense * 2 + kv) / self.bandwidth, 2 * dense * tokens / self.flops) / self.efficiency
 
 

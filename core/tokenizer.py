@@ -45,6 +45,7 @@ class Tokenizer:
         self.python_start, self.python_end = ids["<|python_start|>"], ids["<|python_end|>"]
         self.output_start, self.output_end = ids["<|output_start|>"], ids["<|output_end|>"]
         self.special_ids = ids
+        self.special_set = frozenset(ids.values())
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

@@ -7,7 +7,7 @@ import time
 
 import psutil
 
-from backend.protocol import METRIC_ACTIVE_SLOTS, METRIC_FINISHED, METRIC_QUEUE_DEPTH
+from backend.protocol import METRIC_ACTIVE_SLOTS, METRIC_QUEUE_DEPTH
 from tools.measure import OUTCOME_TIMEOUT_S, metric, scrape
 
 
@@ -28,15 +28,3 @@ async def wait_busy(server, model: str, active: int, queued: int, timeout: float
             return
         assert time.monotonic() < deadline, f"{model}: (active, queued) is {now}, not {(active, queued)}"
         await asyncio.sleep(0.05)
-
-
-def metrics_once_ended(server, model: str, ended: int, timeout: float = OUTCOME_TIMEOUT_S) -> str:
-    """Triton's /metrics text once it counts `ended` requests of `model` as ended (every finish reason): the
-    backend writes a request's ending after all its other counts (backend/metrics.py), so the text has those."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = scrape(server.metrics_url)
-        if (now := metric(text, METRIC_FINISHED, model=model)) == ended:
-            return text
-        assert now < ended and time.monotonic() < deadline, f"{model}: {now} requests ended, not {ended}"
-        time.sleep(0.05)

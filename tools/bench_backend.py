@@ -25,7 +25,7 @@ from pathlib import Path
 
 import tritonclient.grpc.aio as grpcclient
 
-from backend.protocol import METRIC_CPU, METRIC_GENERATED_TOKENS
+from backend.protocol import METRIC_CPU, METRIC_GENERATED_TOKENS, METRIC_RUNNER_SECONDS
 from tools.local_triton import LocalTriton, derive_model
 from tools.measure import SERVER_TIMEOUT_S, metric, percentile, samples, scrape
 from tools.paths import ORACLE_DIR
@@ -47,7 +47,8 @@ PROMPTS = [
 
 def backend_counters(metrics_url: str, model: str) -> dict[str, float]:
     text = scrape(metrics_url)
-    out = {"tokens": metric(text, METRIC_GENERATED_TOKENS, model=model)}
+    out = {"tokens": metric(text, METRIC_GENERATED_TOKENS, model=model),
+           "runner_seconds": metric(text, METRIC_RUNNER_SECONDS, model=model)}
     for labels, value in samples(text, METRIC_CPU, model=model):
         out[labels["part"]] = out.get(labels["part"], 0.0) + value
     return out

@@ -6,10 +6,13 @@ long they wait on a local server.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+
+from backend.protocol import METRIC_FINISHED
 
 # One call to a local server (a model load or unload, a swap, a health, stats or metrics read, a stream's next
 # bytes) on a loaded 2-core machine: a load alone can pass httpx's default 5 s there. A bound on a hang, not a
@@ -43,3 +46,16 @@ def metric(text_or_url: str, name: str, **labels: str) -> float:
     """The sum of those samples (0 when there are none); a URL is scraped first."""
     text = scrape(text_or_url) if text_or_url.startswith("http") else text_or_url
     return sum(value for _, value in samples(text, name, **labels))
+
+
+def metrics_once_ended(metrics_url: str, model: str, ended: int, timeout: float = OUTCOME_TIMEOUT_S) -> str:
+    """Triton's /metrics text once it counts `ended` requests of `model` as ended (every finish reason): the
+    backend writes a request's ending after all its other counts (backend/metrics.py), so the text has those."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(metrics_url)
+        if (now := metric(text, METRIC_FINISHED, model=model)) == ended:
+            return text
+        if now > ended or time.monotonic() > deadline:
+            raise AssertionError(f"{model}: {now} requests ended, not {ended}")
+        time.sleep(0.05)

@@ -189,7 +189,7 @@ def test_a_failed_step_leaves_nothing_to_reuse_and_a_cancelled_prefill_only_what
 
     def cancel(runner, sink, sched):  # noticed before the second chunk
         sink.cancelled.add("first")
-        wait_until(lambda: all(r.cancelled for r in sched._active), "the cancellation was never noticed")
+        wait_until(lambda: all(r.cancelled for r in sched._prefilling), "the cancellation was never noticed")
 
     last, _, tokens, reused = interrupted_then(model, tok, [*prompt, tok.assistant_end], prompt, cancel)
     assert last.finish_reason == "cancelled" and (tokens, reused) == (want, 16)  # exactly the chunk it wrote

@@ -6,13 +6,15 @@ import pytest
 import tritonclient.grpc.aio as grpcclient
 
 from backend import protocol as P
+from backend.model_config import EngineConfig
 from backend.protocol import INVALID
+from backend.sim_runner import write_sim_model
 from tests.bff.bffkit import assert_cancelled_and_freed, finished
 from tests.conftest import DEMO_MAX_SEQ
-from tests.tritonkit import metrics_once_ended, stub_process, wait_busy
+from tests.tritonkit import stub_process, wait_busy
 from tools import measure
 from tools.local_triton import derive_model
-from tools.measure import SERVER_TIMEOUT_S
+from tools.measure import SERVER_TIMEOUT_S, metrics_once_ended
 from tools.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
@@ -66,6 +68,30 @@ def test_stream_interval_groups_tokens_and_changes_nothing_else(triton_server, o
     # 32 tokens: the first alone, 7 groups of 4, and the final response with tokens 30-32 (9 responses; the
     # backend merges responses further only when its sends fall behind)
     assert 2 <= r.responses <= 9, r.responses
+
+
+def test_a_simulated_gpu_streams_at_most_one_response_per_interval(triton_server, oracle_repository):
+    """backend/sim_runner.py in the real server (runtime "sim", the d20-on-L4 profile: a few ms a step): eight
+    sampled streams of 64 tokens, each whole, the first token alone and then at most one response per
+    stream_interval_ms (tokens made in between travel together); the backend counts the device's busy time."""
+    interval = EngineConfig().stream_interval_ms / 1000
+    write_sim_model(oracle_repository, "sim", oracle_repository / "demo" / P.VERSION / P.TOKENIZER_FILE, "d20-l4", 8,
+                    256, EngineConfig())
+
+    async def go(client):
+        await client.load_model("sim", client_timeout=SERVER_TIMEOUT_S)
+        try:
+            results = await asyncio.gather(*(stream(client, "sim", make_inputs(
+                prompt_ids=[5, 6, 7, i], temperature=0.8, top_k=50, max_tokens=64)) for i in range(8)))
+            return results, await asyncio.to_thread(metrics_once_ended, triton_server.metrics_url, "sim", 8)
+        finally:
+            await client.unload_model("sim", client_timeout=SERVER_TIMEOUT_S)
+
+    results, text = run(go, triton_server)
+    for r in results:
+        assert r.error is None and r.finals == 1 and len(r.token_ids) == 64 and r.finish_reason == "length"
+        assert len(r.times) <= 2 + (r.times[-1] - r.times[0]) / interval < 64, r.times
+    assert measure.metric(text, P.METRIC_RUNNER_SECONDS, model="sim") > 0
 
 
 def test_seeded_sampling_matches_nanochat(triton_server, oracle_references):
@@ -234,14 +260,14 @@ def soak(triton_server) -> None:
     reference = {tuple(ids): r.token_ids for ids, r in zip(prompts[:50], alone, strict=True)}
     stub = stub_process(triton_server, "demo_soak")
     before = (stub.num_threads(), stub.num_fds())
-    counted = metrics_once_ended(triton_server, "demo_soak", 50)
+    counted = metrics_once_ended(triton_server.metrics_url, "demo_soak", 50)
     results = run(lambda c: burst(c, prompts), triton_server, timeout=300)
     assert all(r.error is None and r.finals == 1 for r in results), {r.error for r in results}
     wrong = [i for i, (ids, r) in enumerate(zip(prompts, results, strict=True)) if r.token_ids != reference[tuple(ids)]]
     assert wrong == [], f"{len(wrong)} soak responses differ from the prompt's answer alone, e.g. #{wrong[:3]}"
     after = (stub.num_threads(), stub.num_fds())
     assert after[0] <= before[0] and after[1] <= before[1] + 2, (before, after)
-    text = metrics_once_ended(triton_server, "demo_soak", 550)
+    text = metrics_once_ended(triton_server.metrics_url, "demo_soak", 550)
     delta = lambda name, **labels: measure.metric(text, name, model="demo_soak", **labels) - measure.metric(
         counted, name, model="demo_soak", **labels)
     assert measure.metric(text, P.METRIC_ACTIVE_SLOTS, model="demo_soak") == 0

@@ -54,7 +54,7 @@ def test_make_export_writes_a_triton_model(make_export_head):
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, cfg.instance_group[0].KIND_CPU)]
     # only the engine's settings: the serving shape is metadata.json's (the graph was built for it)
     params = {k: v.string_value for k, v in cfg.parameters.items()}
-    assert params == dict(max_queue="64", prefill_chunk="256", stream_interval="1", stream_interval_ms="20",
+    assert params == dict(max_queue="64", prefill_chunk="256", stream_interval="1", stream_interval_ms="50",
                           prefix_cache="1", unhealthy_after="3") == EngineConfig().parameters()
     version = model / "1"
     assert sorted(p.name for p in version.iterdir()) == ["metadata.json", "model.onnx", "model.onnx.data",
