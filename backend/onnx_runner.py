@@ -25,6 +25,7 @@ import numpy as np
 
 from backend import protocol as P
 from core.device_sampling import DrawsOnHost
+from core.last_tokens import LastTokens
 
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -68,10 +69,10 @@ class OrtRunner(DrawsOnHost):
         shape = (max_seq, max_slots, *k0.shape[2:])
         self.k = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
         self.v = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
-        self.prev = None
-        if P.PREV_EMBEDDING in inputs:
-            p = inputs[P.PREV_EMBEDDING]
-            self.prev = np.zeros(p.shape, DTYPES[p.type])
+        if P.OLD_PREV_EMBEDDING in inputs:
+            raise ValueError(f"{onnx_path} was exported before G4's smear read the previous token's id; export it "
+                             "again (make export)")
+        self.prev = LastTokens(max_slots) if P.PREV_IDS in inputs else None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -92,7 +93,7 @@ class OrtRunner(DrawsOnHost):
             binding.bind_cpu_input(P.k_cache(i), self.k[i][:Lc])
             binding.bind_cpu_input(P.v_cache(i), self.v[i][:Lc])
         if self.prev is not None:
-            binding.bind_cpu_input(P.PREV_EMBEDDING, self.prev)
+            binding.bind_cpu_input(P.PREV_IDS, self.prev.before(sl))
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
@@ -103,7 +104,7 @@ class OrtRunner(DrawsOnHost):
             self.k[i][rows, cols] = out[P.new_k(i)]
             self.v[i][rows, cols] = out[P.new_v(i)]
         if self.prev is not None:
-            self.prev[sl] = out[P.NEW_PREV]
+            self.prev.fed(sl, ids)
         return np.asarray(out[P.LOGITS], dtype=np.float32)
 
 

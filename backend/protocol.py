@@ -153,8 +153,10 @@ TOKENIZER_FILE = "tokenizer.pkl"  # the checkpoint's tokenizer, copied under the
 METADATA_FILE = "metadata.json"
 
 # The exported graph's tensors (export/graph.py): one graph serves prefill and decode.
-INPUT_IDS, POSITIONS, SLOTS, PREV_EMBEDDING = "input_ids", "positions", "slots", "prev_embedding"
-LOGITS, NEW_PREV = "logits", "new_prev"
+INPUT_IDS, POSITIONS, SLOTS, PREV_IDS = "input_ids", "positions", "slots", "prev_ids"
+LOGITS = "logits"
+# G4's smear state as graphs exported before 2026-12-07 took it (each row's last embedding): refused with a reason
+OLD_PREV_EMBEDDING = "prev_embedding"
 
 
 def k_cache(layer: int) -> str:

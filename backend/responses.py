@@ -123,6 +123,7 @@ class ResponseThread:
     # --- this thread ---
 
     def _run(self) -> None:
+        self._export()  # at once: a scrape right after the model loads sees its gauges (healthy 1), not defaults
         next_poll = time.monotonic() + self.poll_interval
         closing = False
         while not closing:

@@ -80,9 +80,7 @@ class Scheduler:
         self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, engine.max_queue, engine.prefill_chunk
         self.unhealthy_after = engine.unhealthy_after
         self.prefix_cache = bool(engine.prefix_cache)
-        # a runner that keeps state of each row's last token (G4's smear) is exact only when a prompt continues
-        # a row's whole content; otherwise any prefix of a row's tokens is its KV at those positions
-        self.slots = Slots(self.max_slots, self.prefix_cache, whole_rows=runner.prev is not None)
+        self.slots = Slots(self.max_slots, self.prefix_cache)
         self.failed_steps = 0  # runner failures in a row
         self.device_id = device_id
         self.stats = stats or EngineStats()
@@ -273,6 +271,8 @@ class Scheduler:
         the prompt's last token is prefilled, for its logits."""
         best, reuse = self.slots.take(req.seq.prompt)
         req.slot, req.prefilled = best, reuse
+        if reuse and self.runner.prev is not None:  # G4: the row goes on after the prompt's token reuse - 1
+            self.runner.prev.continue_after(best, req.seq.prompt[reuse - 1])
         params, table = req.seq.params, self._sampling
         table.temperature[best], table.top_k[best] = params.temperature, params.top_k or 0
         table.top_p[best], table.exact[best] = params.top_p, params.exact

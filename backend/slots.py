@@ -5,8 +5,8 @@ takes, and how much of the prompt is already in the cache there. Owned by the st
 The KV at a position depends only on the tokens up to it, so a prompt that begins with what a free row holds is
 prefilled from where they part. A row counts only if the prompt shares at least half of what it holds, so a few
 common tokens (the chat template's start) never take another conversation's cache; otherwise the least recently
-used row is taken (and whatever it shares is reused). A runner that keeps state of each row's last token beside
-its KV (G4's smear) is exact only when the prompt continues a row's whole content (`whole_rows`).
+used row is taken (and whatever it shares is reused). Any generation's row is exact from any of its positions:
+G4's smear reads the previous token's id (core/last_tokens.py), which the scheduler gives the runner.
 
 Choosing must not cost a scan of every row per request (256 rows of a thousand tokens each): free rows are indexed
 by their first HEAD tokens, since a row of 2*HEAD tokens or more can count only if the prompt shares at least HEAD
@@ -21,8 +21,8 @@ HEAD = 16
 
 
 class Slots:
-    def __init__(self, n: int, prefix_cache: bool, whole_rows: bool) -> None:
-        self.prefix_cache, self.whole_rows = prefix_cache, whole_rows
+    def __init__(self, n: int, prefix_cache: bool) -> None:
+        self.prefix_cache = prefix_cache
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(n))  # least recently used first
         self._held: list[list[int]] = [[] for _ in range(n)]  # tokens whose KV each free row holds
         self._by_head: dict[tuple[int, ...], set[int]] = {}  # free rows of 2*HEAD tokens or more, by their start
@@ -68,13 +68,13 @@ class Slots:
 
     def reusable(self, held: list[int], prompt: list[int]) -> int:
         """How many of `held`'s tokens a prompt can start after: their common beginning, short of the prompt's last
-        token (whole rows: all of `held` or nothing)."""
+        token."""
         n = 0
         for a, b in zip(held, prompt[: len(prompt) - 1], strict=False):  # zip stops at the shorter
             if a != b:
                 break
             n += 1
-        return 0 if self.whole_rows and n < len(held) else n
+        return n
 
     def _candidates(self, prompt: list[int]) -> set[int]:
         return self._by_head.get(tuple(prompt[:HEAD]), set()) | self._short

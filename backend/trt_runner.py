@@ -28,6 +28,7 @@ import numpy as np
 from backend import protocol as P
 from backend.runner import in_pieces
 from core.device_sampling import BatchSampling, Drawn, draw, new_generator
+from core.last_tokens import LastTokens
 
 # TensorRT's tensor types by name -> torch's. Not trt.nptype: numpy has no bf16, and TensorRT 10 raises
 # TypeError for it there, so a bf16 engine would export and then fail to load.
@@ -130,10 +131,10 @@ class TrtRunner:
                                "of activations: export with a smaller MAX_SLOTS or MAX_SEQ")
         self.k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layer)]
         self.v = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layer)]
-        self.prev = None
-        if P.PREV_EMBEDDING in self.inputs:
-            p_shape = tuple(self.engine.get_tensor_shape(P.PREV_EMBEDDING))
-            self.prev = torch.zeros(p_shape, dtype=dtype(P.PREV_EMBEDDING), device=self.device)
+        if P.OLD_PREV_EMBEDDING in self.inputs:
+            raise EngineMismatch(f"{plan_path} was built before G4's smear read the previous token's id; export it "
+                                 "again (make export RUNTIME=tensorrt)")
+        self.prev = LastTokens(max_slots) if P.PREV_IDS in self.inputs else None
         self.out_dtype = {n: dtype(n) for n in self.outputs}  # outputs are per step, from torch's allocator
         self.generator = new_generator(self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the zeroed cache, before any step reads it
@@ -178,13 +179,13 @@ class TrtRunner:
             pos = torch.as_tensor(np.asarray(positions, dtype=np.int64)).to(self.device, non_blocking=True)
             sl = torch.as_tensor(np.asarray(slots, dtype=np.int64)).to(self.device, non_blocking=True)
             bound = {P.INPUT_IDS: ids, P.POSITIONS: pos, P.SLOTS: sl}
+            if self.prev is not None:
+                bound[P.PREV_IDS] = torch.as_tensor(self.prev.before(slots)).to(self.device, non_blocking=True)
             for name, t in bound.items():
                 bind(ctx, name, t.data_ptr(), tuple(t.shape))
             for i in range(self.n_layer):
                 for name, cache in ((P.k_cache(i), self.k[i]), (P.v_cache(i), self.v[i])):
                     bind(ctx, name, cache.data_ptr(), (Lc, *cache.shape[1:]))  # the first Lc rows, in place
-            if self.prev is not None:
-                bind(ctx, P.PREV_EMBEDDING, self.prev.data_ptr())
             out = {}
             for name in self.outputs:
                 out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self.out_dtype[name],
@@ -198,5 +199,5 @@ class TrtRunner:
                 self.k[i][rows, cols] = out[P.new_k(i)]
                 self.v[i][rows, cols] = out[P.new_v(i)]
             if self.prev is not None:
-                self.prev[sl] = out[P.NEW_PREV]
+                self.prev.fed(slots, input_ids)
         return out[P.LOGITS]

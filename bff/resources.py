@@ -79,8 +79,8 @@ class Stats:
             "bff": svc.stats.snapshot(),
             "swap": {**svc.registry.swap_state, "current_model": svc.registry.current,
                      "strategy": svc.settings.swap_strategy},
-            "endpoints": [{"url": e.url, "up": e.up, "active_streams": e.active, "streams_total": e.opened}
-                          for e in svc.pool.endpoints],
+            "endpoints": [{"url": e.url, "up": e.up, "serving": sorted(e.serving), "active_streams": e.active,
+                           "streams_total": e.opened} for e in svc.pool.endpoints],
             "triton": {
                 "model_stats": await svc.pool.statistics(),
                 "backend": backends,

@@ -21,6 +21,7 @@ import numpy as np
 
 from core.calculator import use_calculator
 from core.device_sampling import NOT_FINITE, BatchSampling, Drawn
+from core.last_tokens import LastTokens
 from core.sampling import Sampler, make_generator, sample_rows
 from core.tokenizer import Tokenizer
 
@@ -30,7 +31,7 @@ class Runner(Protocol):
 
     max_slots: int
     max_seq: int
-    prev: object | None  # state of each row's last token beside its KV (G4's smear embedding); None: KV alone
+    prev: LastTokens | None  # each row's last token, which G4's smear reads (core/last_tokens.py); None: KV alone
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Run ids (B, T) that start at positions (B,) in cache rows slots (B,); store their K/V in

@@ -9,8 +9,8 @@ writes into its cache. The cache is read as given, never copied whole:
     k_cache[i], v_cache[i]: (Lc, max_slots, n_kv_head, head_dim)   sequence axis first, so the
                                                                    first Lc positions are a
                                                                    contiguous slice
-    prev_embedding:          (max_slots, n_embd)                   G4 smear state: the pre-smear
-                                                                   embedding of each row's last token
+    prev_ids:                (B,)                                  G4's smear: the token before each
+                                                                   row's first new one (any value at 0)
 
 Every generation's math comes from ModelConfig: rotary base and bf16 tables, QK scale, value
 embeddings and their gate, sliding windows (a query at p sees keys p-W..p), smear, backout and the
@@ -30,6 +30,7 @@ from torch import nn
 
 from core.config import SMEAR_CHANNELS, ModelConfig
 from core.device_sampling import BatchSampling, Drawn, draw, new_generator
+from core.last_tokens import LastTokens
 
 
 def norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,7 +122,6 @@ class StepOutput:
     logits: torch.Tensor  # (B, V) last position, or (B, T, V) with all_logits
     new_k: list[torch.Tensor]  # per layer (T, B, Hkv, D), ready to store at the rows' positions
     new_v: list[torch.Tensor]
-    new_prev: torch.Tensor | None  # (B, C) pre-smear embedding of each row's last token (G4)
 
 
 class GPT(nn.Module):
@@ -157,7 +157,7 @@ class GPT(nn.Module):
         slots: torch.Tensor,
         k_cache: list[torch.Tensor],
         v_cache: list[torch.Tensor],
-        prev_embedding: torch.Tensor | None = None,
+        prev_ids: torch.Tensor | None = None,
         all_logits: bool = False,
     ) -> StepOutput:
         cfg, eps = self.config, self.config.norm_eps
@@ -176,14 +176,12 @@ class GPT(nn.Module):
         cos, sin = self.cos[q_pos][:, :, None, :], self.sin[q_pos][:, :, None, :]  # (B, T, 1, D/2)
 
         x = norm(self.transformer.wte(input_ids), eps)
-        new_prev = None
         if cfg.smear:
-            # smear the previous token's embedding into each position p >= 1; across calls the
-            # previous token's (pre-smear) embedding comes from the cache's prev_embedding
-            prev = prev_embedding.index_select(0, slots)[:, None, :]
+            # smear the previous token's embedding into each position p >= 1; before the first new token it is
+            # the embedding of prev_ids (a lookup, so a row continues exactly from any position of its cache)
+            prev = norm(self.transformer.wte(prev_ids), eps)[:, None, :]
             x_prev = torch.cat([prev, x[:, :-1]], dim=1)
             gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-            new_prev = x[:, -1]
             x = x + torch.where((q_pos >= 1)[..., None], gate * x_prev, torch.zeros_like(x))
         x0 = x
 
@@ -208,23 +206,22 @@ class GPT(nn.Module):
             x = x[:, -1]
         logits = self.lm_head(norm(x, eps))[..., : cfg.vocab_size].float()
         logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
-        return StepOutput(logits, new_k, new_v, new_prev)
+        return StepOutput(logits, new_k, new_v)
 
-    def empty_cache(self, max_slots: int, max_seq: int) -> tuple[list, list, torch.Tensor | None]:
+    def empty_cache(self, max_slots: int, max_seq: int) -> tuple[list, list]:
         """A KV cache on the model's device, in its dtype (bf16 on a GPU, as nanochat's)."""
         cfg, like = self.config, dict(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         shape = (max_seq, max_slots, cfg.n_kv_head, cfg.head_dim)
         k = [torch.zeros(shape, **like) for _ in range(cfg.n_layer)]
         v = [torch.zeros(shape, **like) for _ in range(cfg.n_layer)]
-        prev = torch.zeros(max_slots, cfg.n_embd, **like) if cfg.smear else None
-        return k, v, prev
+        return k, v
 
     @torch.inference_mode()
     def full_logits(self, ids: list[int]) -> torch.Tensor:
         """Logits at every position of one sequence, with no cache (nanochat's model.forward(ids))."""
-        k, v, prev = self.empty_cache(1, 0)
+        k, v = self.empty_cache(1, 0)
         zero = torch.zeros(1, dtype=torch.long)
-        return self.forward(torch.tensor([ids]), zero, zero, k, v, prev, all_logits=True).logits[0]
+        return self.forward(torch.tensor([ids]), zero, zero, k, v, zero, all_logits=True).logits[0]
 
 
 def build_gpt(cfg: ModelConfig, state_dict: dict) -> GPT:
@@ -244,7 +241,8 @@ class TorchRunner:
         if max_seq > model.config.rope_len:
             raise ValueError(f"max_seq {max_seq} exceeds the rotary table ({model.config.rope_len} positions)")
         self.model, self.max_slots, self.max_seq = model, max_slots, max_seq
-        self.k, self.v, self.prev = model.empty_cache(max_slots, max_seq)
+        self.k, self.v = model.empty_cache(max_slots, max_seq)
+        self.prev = LastTokens(max_slots) if model.config.smear else None
         self.generator = new_generator(self.k[0].device)
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -261,11 +259,12 @@ class TorchRunner:
         if int(pos.max()) + T > self.max_seq:
             raise ValueError(f"positions {pos.tolist()} + {T} tokens exceed the cache of {self.max_seq}")
         Lc = int(pos.max())
-        out = self.model(ids, pos, sl, [k[:Lc] for k in self.k], [v[:Lc] for v in self.v], self.prev)
+        prev = None if self.prev is None else torch.from_numpy(self.prev.before(slots)).to(dev)
+        out = self.model(ids, pos, sl, [k[:Lc] for k in self.k], [v[:Lc] for v in self.v], prev)
         rows = (pos[:, None] + torch.arange(T, device=dev)[None, :]).T  # (T, B) cache positions
         cols = sl[None, :].expand(T, -1)
         for cache, new in zip(self.k + self.v, out.new_k + out.new_v, strict=True):
             cache[rows, cols] = new
-        if out.new_prev is not None:
-            self.prev[sl] = out.new_prev
+        if self.prev is not None:
+            self.prev.fed(slots, input_ids)
         return out.logits

@@ -2,8 +2,9 @@
 GPT.forward (core/gpt.py) as one ONNX graph that serves prefill and decode.
 
 Inputs:  input_ids int64 [B, T], positions int64 [B], slots int64 [B],
-         k_cache_{i}, v_cache_{i} [Lc, max_slots, Hkv, D] per layer, prev_embedding [max_slots, C] (G4)
-Outputs: logits float32 [B, V] (last position), new_k_{i}, new_v_{i} [T, B, Hkv, D], new_prev [B, C] (G4)
+         k_cache_{i}, v_cache_{i} [Lc, max_slots, Hkv, D] per layer, prev_ids int64 [B] (G4: the token before
+         each row's first new one, whose embedding the smear reads)
+Outputs: logits float32 [B, V] (last position), new_k_{i}, new_v_{i} [T, B, Hkv, D]
 
 B, T and Lc are dynamic; max_slots is fixed at export. The runtime passes the first Lc >= 1 rows
 of its cache (a contiguous slice, since the sequence axis is first) and writes the new K/V itself,
@@ -44,12 +45,11 @@ FOLD_LIMIT = 1024  # elements: axes, shapes and slice bounds fold; nothing of a 
 def input_names(n_layer: int, smear: bool) -> list[str]:
     names = [P.INPUT_IDS, P.POSITIONS, P.SLOTS]
     names += [P.k_cache(i) for i in range(n_layer)] + [P.v_cache(i) for i in range(n_layer)]
-    return names + ([P.PREV_EMBEDDING] if smear else [])
+    return names + ([P.PREV_IDS] if smear else [])
 
 
-def output_names(n_layer: int, smear: bool) -> list[str]:
-    names = [P.LOGITS] + [P.new_k(i) for i in range(n_layer)] + [P.new_v(i) for i in range(n_layer)]
-    return names + ([P.NEW_PREV] if smear else [])
+def output_names(n_layer: int) -> list[str]:
+    return [P.LOGITS] + [P.new_k(i) for i in range(n_layer)] + [P.new_v(i) for i in range(n_layer)]
 
 
 class StepGraph(nn.Module):
@@ -63,8 +63,7 @@ class StepGraph(nn.Module):
         L = self.m.config.n_layer
         prev = caches[2 * L] if self.m.config.smear else None
         out = self.m(input_ids, positions, slots, list(caches[:L]), list(caches[L : 2 * L]), prev)
-        extra = [out.new_prev] if out.new_prev is not None else []
-        return (out.logits, *out.new_k, *out.new_v, *extra)
+        return (out.logits, *out.new_k, *out.new_v)
 
 
 class StoredTransposed(nn.Module):
@@ -102,7 +101,7 @@ def example_inputs(model: GPT, max_slots: int) -> tuple:
             torch.arange(B, dtype=torch.long) % max_slots]
     args += [torch.zeros(cache) for _ in range(2 * cfg.n_layer)]
     if cfg.smear:
-        args.append(torch.zeros(max_slots, cfg.n_embd))
+        args.append(torch.zeros(B, dtype=torch.long))
     return tuple(args)
 
 
@@ -113,7 +112,7 @@ def export_onnx(model: GPT, out_dir: Path, max_slots: int, max_seq: int, log=pri
     # a batch of one row is common (batch-1 decode): B may be 1 although the trace uses 2
     B = Dim("B", min=1, max=max(2, max_slots))
     T, Lc = Dim("T", min=1, max=max(4, max_seq)), Dim("Lc", min=1, max=max(6, max_seq))
-    caches = tuple({0: Lc} for _ in range(2 * cfg.n_layer)) + ((None,) if cfg.smear else ())
+    caches = tuple({0: Lc} for _ in range(2 * cfg.n_layer)) + (({0: B},) if cfg.smear else ())
     dynamic_shapes = ({0: B, 1: T}, {0: B}, {0: B}, caches)
     log(f"tracing {cfg.generation} model ({cfg.n_layer} layers, C={cfg.n_embd}) with torch.export ...")
     # Not optimized by onnxscript: ONNX Runtime and TensorRT optimize the graph themselves when they load it, and
@@ -123,7 +122,7 @@ def export_onnx(model: GPT, out_dir: Path, max_slots: int, max_seq: int, log=pri
         warnings.simplefilter("ignore")  # torch.onnx's notes on axis renaming and deprecated pytree APIs
         program = torch.onnx.export(
             StepGraph(model).eval(), example_inputs(model, max_slots), None,
-            input_names=input_names(cfg.n_layer, cfg.smear), output_names=output_names(cfg.n_layer, cfg.smear),
+            input_names=input_names(cfg.n_layer, cfg.smear), output_names=output_names(cfg.n_layer),
             dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes, verbose=False, optimize=False,
         )
     fold_integer_constants(program.model)

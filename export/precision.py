@@ -10,7 +10,7 @@ nanochat itself computes norms, softmax and the softcap in fp32. The rewrite is 
   - weights that feed MatMul/Gemm (every Linear) and Gather (embeddings, value embeddings) are
     stored in the low dtype; those matmuls run in it, and their results and looked-up rows are cast
     back to fp32 (this is what halves the bytes a decode step reads);
-  - the KV cache and G4's prev_embedding are inputs and outputs in the low dtype (nanochat's CUDA
+  - the KV cache is an input and output in the low dtype (nanochat's CUDA
     cache is bf16 too), cast to fp32 where the graph reads them: after the Gather that picks the batch's
     slots, so a step converts the rows it reads, never every slot's cache;
   - everything else stays fp32: RMSNorm, rotary (its small tables too), QK norm, attention scores and softmax, residual
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.protocol import CACHE_PREFIXES, NEW_KV_PREFIXES, NEW_PREV, PREV_EMBEDDING
+from backend.protocol import CACHE_PREFIXES, NEW_KV_PREFIXES
 
 LOW = {"fp16": (torch.float16, 10), "bf16": (torch.bfloat16, 16)}  # torch dtype, onnx TensorProto enum
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -82,10 +82,13 @@ def lower_precision(proto, precision: str, base_dir: Path) -> None:
     def cast(src: str, dst: str, to: int):
         return helper.make_node("Cast", [src], [dst], to=to, name=f"{dst}/cast")
 
+    # decided before any is converted, so a weight read twice (G4's token embedding: the ids and the smear's
+    # prev_ids) is lowered for both readers
+    low = {name for name in inits if is_weight(name)}
     converted: set[str] = set()
     nodes = []
     for node in g.node:
-        weights = [x for x in node.input if is_weight(x)]
+        weights = [x for x in node.input if x in low]
         if not weights:
             nodes.append(node)
             continue
@@ -102,9 +105,9 @@ def lower_precision(proto, precision: str, base_dir: Path) -> None:
         node.output[0] = f"{out}__{precision}"
         nodes.extend([node, cast(node.output[0], out, TensorProto.FLOAT)])
 
-    # cache (and smear state) in the low dtype at the graph's boundary, fp32 inside
-    state_in = [v for v in g.input if v.name.startswith(CACHE_PREFIXES) or v.name == PREV_EMBEDDING]
-    state_out = [v for v in g.output if v.name.startswith(NEW_KV_PREFIXES) or v.name == NEW_PREV]
+    # the cache in the low dtype at the graph's boundary, fp32 inside
+    state_in = [v for v in g.input if v.name.startswith(CACHE_PREFIXES)]
+    state_out = [v for v in g.output if v.name.startswith(NEW_KV_PREFIXES)]
     inner = {v.name: f"{v.name}__f32" for v in state_in + state_out}
     for node in nodes:
         for field in (node.input, node.output):

@@ -29,7 +29,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.protocol import CACHE_PREFIXES, DECODE_PROFILE, INPUT_IDS, POSITIONS, PREFILL_PROFILE, PREFILL_ROWS, SLOTS
+from backend.protocol import (
+    CACHE_PREFIXES,
+    DECODE_PROFILE,
+    INPUT_IDS,
+    POSITIONS,
+    PREFILL_PROFILE,
+    PREFILL_ROWS,
+    PREV_IDS,
+    SLOTS,
+)
 
 
 def unavailable_reason() -> str | None:
@@ -169,11 +178,11 @@ def profile_shapes(max_slots: int, max_seq: int, prefill_chunk: int) -> dict[int
 
 
 def _dims(name: str, shape: tuple, bt_lc: tuple):
-    """One profile shape for an input; None for static inputs (prev_embedding)."""
+    """One profile shape for an input; None for static inputs."""
     B, T, Lc = bt_lc
     if name == INPUT_IDS:
         return (B, T)
-    if name in (POSITIONS, SLOTS):
+    if name in (POSITIONS, SLOTS, PREV_IDS):
         return (B,)
     if name.startswith(CACHE_PREFIXES):
         return (Lc, *shape[1:])

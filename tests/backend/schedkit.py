@@ -1,11 +1,15 @@
-"""Helpers for the scheduler tests: a fake Sink that records responses, prompts, and nanochat's reference
-generation loop for one request alone (what the batched scheduler must reproduce)."""
+"""Helpers for the scheduler tests: a fake Sink that records responses, prompts, nanochat's reference generation
+loop for one request alone (what the batched scheduler must reproduce), and the PyTorch core behind a gate, so a
+test decides when a step may run."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+from backend.model_config import EngineConfig
+from backend.scheduler import Scheduler
+from core.device_sampling import DrawsOnHost
 from core.generation import generate
 from core.gpt import TorchRunner
 
@@ -50,3 +54,30 @@ def alone(model, tok, prompt, params):
 def prompts(tok):
     texts = ["hello", "What is the capital of France?", "2+3*4 =", "café ☕ 日本語", "a " * 40, "hi"]
     return [tok.render_for_completion([{"role": "user", "content": t}]) for t in texts]
+
+
+class GatedRunner(DrawsOnHost):
+    """TorchRunner whose forward waits for `gate` (open by default) and raises `fail` in the next call."""
+
+    def __init__(self, model, max_slots: int) -> None:
+        self.inner = TorchRunner(model, max_slots, MAX_SEQ)
+        self.max_slots, self.max_seq, self.prev = max_slots, MAX_SEQ, self.inner.prev
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+        self.fail: Exception | None = None
+        self.calls = 0
+
+    def forward(self, ids, positions, slots):
+        self.calls += 1
+        error, self.fail = self.fail, None  # taken on entry: set while a call is held, it fails the next one
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        if error is not None:
+            raise error
+        return self.inner.forward(ids, positions, slots)
+
+
+def start(demo, max_slots: int = 1, sink=None, **engine) -> tuple[Scheduler, GatedRunner, FakeSink]:
+    model, tok = demo
+    runner, sink = GatedRunner(model, max_slots), sink or FakeSink()
+    return Scheduler(runner, tok, sink, EngineConfig(**engine)), runner, sink

@@ -1,10 +1,10 @@
 """
 Prefix caching (backend/scheduler.py) is exact. A prompt that starts after what a slot already holds gets the
 logits and tokens a cold prefill gives: for every generation's forward pass, pinned by nanochat's own logits
-(../shared/oracle/generations), with a history longer than the short sliding window; and for G4 only when the
-prompt continues the slot's whole content (its smear state is the slot's last token's: a partial reuse would
-be wrong, which is shown too). Through the scheduler, conversations get the same greedy and seeded tokens with
-the cache as without it, while other requests take their slots.
+(../shared/oracle/generations), with a history longer than the short sliding window, also when the prompt
+shares only part of what the slot holds (G4's smear reads the previous token's id, which the runner is told).
+Through the scheduler, conversations get the same greedy and seeded tokens with the cache as without it, while
+other requests take their slots, and a conversation whose answers re-encode to other ids reuses what matches.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from core.generation import SamplingParams
 from core.gpt import TorchRunner, build_gpt
 from core.random_checkpoint import make_checkpoint
 from core.tokenizer import Tokenizer
-from tests.backend.schedkit import FakeSink, alone
-from tests.backend.test_scheduler_failures import GatedRunner
+from tests.backend.schedkit import FakeSink, GatedRunner, alone
 from tests.backend.test_triton import greedy, run
 from tests.bff.bffkit import wait_until
 from tests.oracles import generation_model, generation_oracles, oracle_tokenizer
@@ -48,13 +47,14 @@ def test_a_reused_prefix_gives_a_cold_prefills_logits(name):
     warm = runner.forward(ids[None, 200:280], np.array([200]), slot0)[0]  # 280 > the short window (128)
     assert np.abs(warm - cold).max() < EXACT
     assert np.abs(warm - want[279]).max() < NANOCHAT
-    # a prompt that shares only the slot's first 150 tokens: exact where the cache is KV alone; with G4's
-    # smear state (the slot's last token's) it is not, which is why the scheduler reuses whole rows there
+    # a prompt that shares only the slot's first 150 tokens (a re-tokenized answer): exact for every generation,
+    # G4 too once the runner knows the token its smear continues after; without that it would not be
+    if runner.prev is not None:
+        stale = runner.forward(ids[None, 150:280], np.array([150]), slot0)[0]  # the smear reads token 279
+        assert np.abs(stale - cold).max() > 1e-3
+        runner.prev.continue_after(0, int(ids[149]))
     part = runner.forward(ids[None, 150:280], np.array([150]), slot0)[0]
-    if runner.prev is None:
-        assert np.abs(part - cold).max() < EXACT
-    else:
-        assert np.abs(part - cold).max() > 1e-3
+    assert np.abs(part - cold).max() < EXACT
 
 
 def chat_model(base, generation: str):
@@ -105,6 +105,36 @@ def test_conversations_get_the_same_tokens_with_the_cache_as_without(tmp_path, g
     # after the first round three of the four conversations continue in their slot (the unrelated request
     # takes the fourth's), so a large part of every later prompt comes from the cache
     assert on.stats.reused_tokens > 0.4 * prompts
+
+
+@pytest.mark.parametrize("generation", ["G0", "G4"])
+def test_an_answer_that_comes_back_as_other_ids_reuses_what_matches(tmp_path, generation):
+    """The gateway sends the answer back as text; when it re-encodes to other ids (non-canonical BPE), the next
+    prompt parts from the slot a few tokens into the answer. Those tokens are reused, for G4 too, and the prefill
+    after them gives a cold prefill's logits (within EXACT) and the same answer."""
+
+    class Recording(TorchRunner):
+        def _logits(self, input_ids, positions, slots):
+            logits = super()._logits(input_ids, positions, slots)
+            calls.append((positions.tolist(), logits.clone()))
+            return logits
+
+    model, tok = chat_model(tmp_path, generation)
+    first = [tok.bos, tok.user_start, *tok.encode("tell me about the sea " * 4), tok.user_end, tok.assistant_start]
+    sink, calls = FakeSink(), []
+    sched = Scheduler(Recording(model, 1, 512), tok, sink)  # one slot: the second turn can only go there
+    sched.submit("turn1", first, SamplingParams(0.0, None, 12, 0))
+    sink.wait(1)
+    answer = sink.result("turn1")[0]
+    second = [*first, *answer[:5], *tok.encode(" and the sky"), tok.assistant_end, tok.user_start,
+              *tok.encode("and then?"), tok.user_end, tok.assistant_start]  # parts from the slot after 5 answer tokens
+    sched.submit("turn2", second, GREEDY)
+    sink.wait(1)
+    sched.close()
+    assert sched.stats.reused_tokens == len(first) + 5
+    warm = next(logits for positions, logits in reversed(calls) if positions == [len(first) + 5])[0]  # turn 2's
+    assert (warm - model.full_logits(second)[-1]).abs().max() < EXACT
+    assert sink.result("turn2")[0] == alone(model, tok, second, GREEDY)
 
 
 @pytest.mark.triton

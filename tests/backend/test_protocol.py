@@ -81,7 +81,7 @@ def test_the_bff_documents_the_protocols_ranges():
 
 def test_no_file_tensor_or_metric_name_is_spelled_twice():
     names = [P.CONFIG_FILE, P.ONNX_FILE, P.ONNX_DATA_FILE, P.PLAN_FILE, P.METADATA_FILE, P.INPUT_IDS,
-             P.POSITIONS, P.SLOTS, P.PREV_EMBEDDING, P.NEW_PREV, *P.CACHE_PREFIXES, *P.NEW_KV_PREFIXES]
+             P.POSITIONS, P.SLOTS, P.PREV_IDS, P.OLD_PREV_EMBEDDING, *P.CACHE_PREFIXES, *P.NEW_KV_PREFIXES]
     names += [v for k, v in vars(P).items() if k.startswith("METRIC_")]
     spelled = {}
     for path in sorted(p for folder in ("core", "backend", "export", "bff", "tools")

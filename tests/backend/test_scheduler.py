@@ -12,7 +12,8 @@ from backend.stops import StopMatcher
 from core.generation import SamplingParams
 from core.gpt import TorchRunner
 from core.tokenizer import Detokenizer
-from tests.backend.schedkit import MAX_SEQ, FakeSink, alone, prompts
+from tests.backend.schedkit import MAX_SEQ, FakeSink, alone, prompts, start
+from tests.bff.bffkit import wait_until
 
 
 def test_batched_requests_get_what_they_get_alone(demo):
@@ -49,14 +50,18 @@ def test_full_queue_is_refused_and_others_still_run(demo):
 
 
 def test_cancel_frees_the_slot(demo):
-    model, tok = demo
-    sink = FakeSink()
-    sched = Scheduler(TorchRunner(model, 1, MAX_SEQ), tok, sink, EngineConfig(max_queue=0))
+    """A cancellation is noticed by the response thread's sweep (a step is held until it is, so the answer cannot
+    end first), and the step thread then frees the slot."""
+    _, tok = demo
+    sched, runner, sink = start(demo, max_queue=0)
     prompt = prompts(tok)[0]
     sched.submit("long", prompt, SamplingParams(0.0, None, 100, 0))
     while not sink.responses.get("long"):
         time.sleep(0.01)
+    runner.gate.clear()
     sink.cancelled.add("long")
+    wait_until(lambda: sched.responses.flagged, "the cancellation was never noticed")
+    runner.gate.set()
     sink.wait(1)
     tokens, _, last, _ = sink.result("long")
     assert last.finish_reason == "cancelled" and len(tokens) < 100

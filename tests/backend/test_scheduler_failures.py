@@ -12,42 +12,13 @@ import threading
 import numpy as np
 import pytest
 
-from backend.model_config import EngineConfig
 from backend.protocol import QUEUE_FULL, SHUTTING_DOWN
 from backend.scheduler import Scheduler
-from core.device_sampling import DrawsOnHost
 from core.generation import SamplingParams
-from core.gpt import TorchRunner
-from tests.backend.schedkit import MAX_SEQ, FakeSink, alone, prompts
+from tests.backend.schedkit import FakeSink, GatedRunner, alone, prompts, start
+from tests.bff.bffkit import wait_until
 
 GREEDY = SamplingParams(0.0, None, 30, 0)
-
-
-class GatedRunner(DrawsOnHost):
-    """TorchRunner whose forward waits for `gate` (open by default) and raises `fail` in the next call."""
-
-    def __init__(self, model, max_slots: int) -> None:
-        self.inner = TorchRunner(model, max_slots, MAX_SEQ)
-        self.max_slots, self.max_seq, self.prev = max_slots, MAX_SEQ, self.inner.prev
-        self.gate, self.entered = threading.Event(), threading.Event()
-        self.gate.set()
-        self.fail: Exception | None = None
-        self.calls = 0
-
-    def forward(self, ids, positions, slots):
-        self.calls += 1
-        error, self.fail = self.fail, None  # taken on entry: set while a call is held, it fails the next one
-        self.entered.set()
-        assert self.gate.wait(30), "the test never opened the gate"
-        if error is not None:
-            raise error
-        return self.inner.forward(ids, positions, slots)
-
-
-def start(demo, max_slots: int = 1, sink=None, **engine) -> tuple[Scheduler, GatedRunner, FakeSink]:
-    model, tok = demo
-    runner, sink = GatedRunner(model, max_slots), sink or FakeSink()
-    return Scheduler(runner, tok, sink, EngineConfig(**engine)), runner, sink
 
 
 def test_close_ends_the_running_and_the_queued_request_with_shutting_down(demo):
@@ -112,8 +83,9 @@ def test_a_queued_request_cancelled_by_its_client_ends_cancelled_without_a_token
     sched.submit("running", p[1], GREEDY)
     assert runner.entered.wait(10)
     sched.submit("queued", p[2], GREEDY)
-    sink.cancelled.add("queued")  # the response thread's sweep marks it; the step thread ends it
-    threading.Timer(0.3, runner.gate.set).start()  # a few sweeps (every 50 ms) before the next step
+    sink.cancelled.add("queued")  # the response thread's sweep flags it; the step thread ends it
+    wait_until(lambda: sched.responses.flagged, "the sweep never flagged the cancelled request")
+    runner.gate.set()
     sink.wait(2)
     sched.close()
     assert sink.responses["queued"] == [(sink.responses["queued"][0][0], None, True)]
@@ -160,12 +132,15 @@ def test_a_failing_send_cancels_only_its_request(demo):
 
 def test_a_failing_cancellation_check_counts_as_cancelled(demo):
     sink = FailingSink(check_fails={"unknowable"})
-    sched, _, sink = start(demo, sink=sink)
+    sched, runner, sink = start(demo, sink=sink)
+    runner.gate.clear()  # no step until the sweep has asked (and failed to learn) whether the client cancelled
     sched.submit("unknowable", prompts(demo[1])[1], SamplingParams(0.0, None, 100, 0))
+    wait_until(lambda: sched.responses.flagged, "the failed check was never taken as a cancellation")
+    runner.gate.set()
     sink.wait(1)
     sched.close()
     tokens, _, last, _ = sink.result("unknowable")
-    assert last.finish_reason == "cancelled" and len(tokens) < 100
+    assert last.finish_reason == "cancelled" and tokens == []
 
 
 def test_a_failing_metrics_export_is_counted_and_harms_nothing(demo):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from backend.slots import HEAD, Slots
 
 
@@ -21,11 +19,10 @@ def by_scan(slots: Slots, held: dict[int, list[int]], order: list[int], prompt: 
     return best, reuse
 
 
-@pytest.mark.parametrize("whole_rows", [False, True])
-def test_the_index_chooses_as_a_scan_of_every_row_does(whole_rows):
+def test_the_index_chooses_as_a_scan_of_every_row_does():
     rng = random.Random(0)
     stems = [[rng.randrange(50) for _ in range(rng.choice([3, HEAD, 2 * HEAD, 90]))] for _ in range(6)]
-    slots, n = Slots(12, prefix_cache=True, whole_rows=whole_rows), 12
+    slots, n = Slots(12, prefix_cache=True), 12
     held, order = {s: [] for s in range(n)}, list(range(n))  # what the test expects each row to hold, LRU first
     for _ in range(400):
         if slots.free > 2 and rng.random() < 0.6:
@@ -48,7 +45,7 @@ def test_the_index_chooses_as_a_scan_of_every_row_does(whole_rows):
 
 
 def test_without_prefix_caching_rows_go_least_recently_used_first_and_nothing_is_reused():
-    slots = Slots(3, prefix_cache=False, whole_rows=False)
+    slots = Slots(3, prefix_cache=False)
     assert [slots.take([1, 2, 3])[0] for _ in range(3)] == [0, 1, 2]
     slots.give_back(2, [1, 2, 3, 4])
     slots.give_back(0, [1, 2, 3, 4])

@@ -50,6 +50,9 @@ def test_dead_endpoint_gets_no_new_streams(oracle_repository):
 
             async def scenario():
                 await asyncio.gather(_warm_up(a), _warm_up(b))
+                # the BFF sends streams only where its probe saw the model: both, before the four start
+                await asyncio.to_thread(wait_until, lambda: all(e["serving"] == ["head"] for e in _endpoints(url)),
+                                        "the BFF never saw head on both endpoints")
                 streaming = 0
 
                 def first_token():

@@ -44,7 +44,7 @@ def test_stats_and_metrics_count_a_known_workload(bff_url):
     assert int(model_stats["head"]["inference_stats"]["success"]["count"]) >= 3
     backend = next(iter(after["triton"]["backend"].values()))
     assert {s["labels"]["model"] for s in backend["nanochat_active_slots"]} >= {"head"}  # the backend's own gauges
-    # every prompt token is counted once, reused from a slot or prefilled (the backend exports every 50 ms)
+    # every prompt token is counted once, reused from a slot or prefilled (the backend exports every POLL_S, 0.25 s)
     prompt = events[-1]["usage"]["prompt_tokens"]
 
     def cache_counts(s: dict) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from backend.protocol import CACHE_PREFIXES, ONNX_FILE, PREV_EMBEDDING, VERSION
+from backend.protocol import CACHE_PREFIXES, ONNX_FILE, VERSION
 from export import graph
 from export.tensorrt_rules import TOPK_MAX, problems
 from tests.exports import lowered
@@ -22,8 +22,8 @@ from tests.oracles import generation_oracles
 
 
 def state_readers(proto) -> list[str]:
-    """The op of every node that reads a cache input or the smear state."""
-    state = {v.name for v in proto.graph.input if v.name.startswith(CACHE_PREFIXES) or v.name == PREV_EMBEDDING}
+    """The op of every node that reads a cache input."""
+    state = {v.name for v in proto.graph.input if v.name.startswith(CACHE_PREFIXES)}
     return [n.op_type for n in proto.graph.node if state & set(n.input)]
 
 

@@ -40,10 +40,11 @@ def body(i: int, max_tokens: int = 8) -> dict:
 
 
 async def request(client: httpx.AsyncClient, url: str, i: int) -> str:
-    """One request; every LEAVE_EVERY-th client asks for a longer answer and leaves after its first token. What
-    happened: done, left or a failure."""
+    """One request; every LEAVE_EVERY-th client asks for a longer answer (longer than the backend takes to notice a
+    cancellation, backend/responses.py POLL_S) and leaves after its first token. What happened: done, left or a
+    failure."""
     leaves = i % LEAVE_EVERY == LEAVE_EVERY - 1
-    async with client.stream("POST", url + "/generate", json=body(i, 64 if leaves else 8), headers=AUTH) as r:
+    async with client.stream("POST", url + "/generate", json=body(i, 200 if leaves else 8), headers=AUTH) as r:
         if r.status_code != 200:
             return f"status {r.status_code}"
         lines = []
@@ -115,6 +116,8 @@ def test_a_slow_reader_harms_no_other_stream_and_holds_no_memory(triton_server):
         assert received.startswith(b"HTTP/1.1 200"), received
         others = [burst_text(url, body(i, 40)) for i in range(3)]  # while it trickles
         for _ in range(20):
+            if b'"done":true' in received:  # the whole answer came (its events are few: stream_interval_ms)
+                break
             received += slow.recv(64)  # a few bytes a second
             time.sleep(0.05)
         grown = rss(worker) - before
