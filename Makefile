@@ -87,7 +87,7 @@ DEMO_CKPT := $(DEMO_DIR)/nanochat/chatsft_checkpoints/demo/model_000000.pt
 $(DEMO_CKPT): tools/train_demo.py tools/data/demo_chats.json core/data/demo_corpus.txt | install
 	$(BIN)/python -m tools.train_demo --out $(DEMO_DIR)/nanochat
 
-$(DEMO_REPO)/demo/config.pbtxt: $(DEMO_CKPT)
+$(DEMO_REPO)/demo/config.pbtxt: $(DEMO_CKPT) core/gpt.py export/graph.py  # a graph that changed is exported again
 	$(BIN)/python -m export --nanochat-base-dir $(DEMO_DIR)/nanochat --model demo --name demo \
 		--model-repository $(DEMO_REPO) --force
 

@@ -2,13 +2,18 @@
 `make bench-backend`: the nanochat backend in a real Triton server, driven over gRPC streaming.
 
 One checkpoint (default: the shared head oracle) is exported into a temporary repository three
-ways: continuous batching (max_slots 16), the same with --stream-interval (default 4 tokens per
-response after the first), and one request at a time (max_slots 1, the rest queued). Each is loaded
-alone (so the others' threads do not compete for the cores), and the same greedy workload runs at
-concurrency 1, 4 and 16. Printed side by side: aggregate output tokens/s,
+ways: continuous batching (max_slots 16, responses by time: stream_interval_ms's default), the same with
+every token its own response (stream_interval_ms 0), and one request at a time (max_slots 1, the rest
+queued). Each is loaded alone (so the others' threads do not compete for the cores), and the same greedy
+workload runs at concurrency 1, 4 and 16. Printed side by side: aggregate output tokens/s,
 TTFT and ITL p50/p95 as the client sees them (tokens that arrive in one response count 0 ms), and
 the backend's CPU time per token outside the model (schedule + send parts of the
 nanochat_cpu_seconds_total metric: batching, sampling, detokenizing, building and sending responses).
+
+Then sampling at 16 streams on the batched model (temperature 0.8, top_k 50, the gateway's), in turns:
+without a seed (drawn with the whole batch where the logits are, core/device_sampling.py) and with one
+(nanochat's exact draw per row from the request's own generator, the path every sampled request took
+before). The model's time is in both: on ONNX Runtime the logits and the draw are on these same cores.
 
     python -m tools.bench_backend [--nanochat-base ../shared/oracle/head] [--max-tokens 64] [--stream-interval 4]
 """
@@ -25,9 +30,10 @@ from pathlib import Path
 
 import tritonclient.grpc.aio as grpcclient
 
+from backend.model_config import EngineConfig
 from backend.protocol import METRIC_CPU, METRIC_GENERATED_TOKENS, METRIC_RUNNER_SECONDS
 from tools.local_triton import LocalTriton, derive_model
-from tools.measure import SERVER_TIMEOUT_S, metric, percentile, samples, scrape
+from tools.measure import SERVER_TIMEOUT_S, metric, metrics_once_ended, percentile, samples, scrape
 from tools.paths import ORACLE_DIR
 from tools.stream_client import make_inputs, stream
 
@@ -54,13 +60,18 @@ def backend_counters(metrics_url: str, model: str) -> dict[str, float]:
     return out
 
 
-async def run_level(client, model: str, concurrency: int, n_requests: int, max_tokens: int) -> dict:
+GREEDY = dict(temperature=0.0)
+SAMPLED = dict(temperature=0.8, top_k=50)  # the gateway's: no seed
+
+
+async def run_level(client, model: str, concurrency: int, n_requests: int, max_tokens: int, sampling: dict = GREEDY,
+                    seeded: bool = False) -> dict:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int):
         async with sem:
             inputs = make_inputs(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                 temperature=0.0, max_tokens=max_tokens)
+                                 max_tokens=max_tokens, seed=i if seeded else None, **sampling)
             return await stream(client, model, inputs, outputs=OUTPUTS)
 
     t0 = time.perf_counter()
@@ -76,25 +87,40 @@ async def run_level(client, model: str, concurrency: int, n_requests: int, max_t
                 ttft_p95=percentile(ttft, 95), itl_p50=percentile(itl, 50), itl_p95=percentile(itl, 95))
 
 
-async def bench_model(server: LocalTriton, model: str, max_tokens: int) -> dict[int, dict]:
+async def measured_level(server: LocalTriton, client, model: str, ended: int, concurrency: int, n_requests: int,
+                         max_tokens: int, **kw) -> dict:
+    """run_level with the backend's CPU per token from its counters, read once it counts every request ended."""
+    before = backend_counters(server.metrics_url, model)
+    row = await run_level(client, model, concurrency, n_requests, max_tokens, **kw)
+    await asyncio.to_thread(metrics_once_ended, server.metrics_url, model, ended + n_requests)
+    after = backend_counters(server.metrics_url, model)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    row["overhead_us"] = 1e6 * (delta["schedule"] + delta["send"]) / max(1.0, delta["tokens"])
+    row["schedule_us"] = 1e6 * delta["schedule"] / max(1.0, delta["tokens"])
+    row["send_us"] = 1e6 * delta["send"] / max(1.0, delta["tokens"])
+    return row
+
+
+async def bench_model(server: LocalTriton, model: str, max_tokens: int, sampling_rounds: int = 0) -> dict:
+    """Greedy rows by concurrency; with sampling_rounds, also the two sampling paths at 16 streams, in turns."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         await client.load_model(model, client_timeout=SERVER_TIMEOUT_S)
         await run_level(client, model, 2, 2, 8)  # warm up: first-run allocations, thread pools
-        rows = {}
+        await asyncio.to_thread(metrics_once_ended, server.metrics_url, model, 2)
+        ended, rows = 2, {}
         for c in CONCURRENCY:
-            await asyncio.sleep(0.2)  # let the backend export its counters
-            before = backend_counters(server.metrics_url, model)
-            row = await run_level(client, model, c, max(8, 4 * c), max_tokens)
-            await asyncio.sleep(0.2)
-            after = backend_counters(server.metrics_url, model)
-            delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-            row["overhead_us"] = 1e6 * (delta["schedule"] + delta["send"]) / max(1.0, delta["tokens"])
-            row["schedule_us"] = 1e6 * delta["schedule"] / max(1.0, delta["tokens"])
-            row["send_us"] = 1e6 * delta["send"] / max(1.0, delta["tokens"])
-            rows[c] = row
+            rows[c] = await measured_level(server, client, model, ended, c, max(8, 4 * c), max_tokens)
+            ended += max(8, 4 * c)
+        paths = {"batch draw": False, "seeded exact draw": True}
+        sampled = {name: [] for name in paths}
+        for r in range(sampling_rounds):
+            for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+                sampled[name].append(await measured_level(server, client, model, ended, 16, 64, max_tokens,
+                                                          sampling=SAMPLED, seeded=paths[name]))
+                ended += 64
         await client.unload_model(model, client_timeout=SERVER_TIMEOUT_S)
-        return rows
+        return {"greedy": rows, "sampled": sampled}
     finally:
         await client.close()
 
@@ -120,7 +146,7 @@ def main() -> None:
     p.add_argument("--nanochat-base", default=str(default_base), help="NANOCHAT_BASE_DIR of the checkpoint")
     p.add_argument("--source", default="base")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--stream-interval", type=int, default=4, help="tokens per response in the third configuration")
+    p.add_argument("--sampling-rounds", type=int, default=4, help="runs of each sampling path, taking turns")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
 
@@ -131,15 +157,21 @@ def main() -> None:
         for name, slots in (("batched", 16), ("serial", 1)):  # max_slots is fixed in the graph
             export_model(options(model_repository=repo, name=name, nanochat_base_dir=a.nanochat_base,
                                  source=a.source, max_slots=slots, max_queue=64, verify=False), log=lambda _: None)
-        derive_model(repo, "batched", "grouped", stream_interval=a.stream_interval)
+        derive_model(repo, "batched", "per_token", stream_interval_ms=0)
         with LocalTriton(repo) as server:
-            results = {name: asyncio.run(bench_model(server, name, a.max_tokens))
-                       for name in ("batched", "grouped", "serial")}
-    titles = {"batched": "continuous batching (16 slots)",
-              "grouped": f"same, stream_interval={a.stream_interval}", "serial": "one at a time (MAX_SLOTS=1)"}
+            runs = {name: asyncio.run(bench_model(server, name, a.max_tokens, a.sampling_rounds if name == "batched"
+                                                  else 0)) for name in ("batched", "per_token", "serial")}
+    results = {name: run["greedy"] for name, run in runs.items()}
+    titles = {"batched": f"continuous batching (16 slots, {EngineConfig().stream_interval_ms} ms)",
+              "per_token": "same, a response per token", "serial": "one at a time (MAX_SLOTS=1)"}
     print(table({titles[name]: rows for name, rows in results.items()}))
-    summary = {"event": "bench_backend"}
-    for name in ("batched", "grouped"):
+    sampled = runs["batched"]["sampled"]
+    for name, rows in sampled.items():
+        print(f"16 sampled streams, {name}: " + ", ".join(f"{r['tok_s']:.0f} tok/s ({r['overhead_us']:.0f} us/token "
+                                                          "outside the model)" for r in rows))
+    summary = {"event": "bench_backend", "sampled_tok_s": {n: [round(r["tok_s"]) for r in rows]
+                                                           for n, rows in sampled.items()}}
+    for name in ("batched", "per_token"):
         speedup = results[name][16]["tok_s"] / results["serial"][16]["tok_s"]
         print(f"{titles[name]}: {speedup:.2f}x one-at-a-time at 16 concurrent streams (target >= 3x), "
               f"{results[name][16]['overhead_us']:.0f} us CPU per token outside the model (target <= 100)")

@@ -59,9 +59,9 @@ def batch_of(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, tor
 
 def loss_of(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     B = ids.shape[0]
-    k, v, prev = model.empty_cache(B, 0)  # no cache: every position of a fresh sequence, as in training
+    k, v = model.empty_cache(B, 0)  # no cache: every position of a fresh sequence, as in training
     zero, rows = torch.zeros(B, dtype=torch.long), torch.arange(B)
-    logits = model(ids, zero, rows, k, v, prev, all_logits=True).logits
+    logits = model(ids, zero, rows, k, v, zero, all_logits=True).logits  # prev_ids: none before position 0
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 

@@ -38,7 +38,7 @@ def test_the_readmes_inputs_are_the_protocols():
     for row, spec in zip(rows, P.INPUTS, strict=True):
         assert (row[1], row[2]) == (spec.triton_type, "[" + ", ".join(map(str, spec.dims)) + "]"), spec.name
         default = "" if spec.default is None else str(spec.default)
-        assert row[3] in (default, "random" if spec.name == "seed" else default), spec.name
+        assert row[3] == default, spec.name
         assert row[4] == ("" if spec.low is None else f"{spec.low}..{spec.high}"), spec.name
 
 
