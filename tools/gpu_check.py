@@ -10,8 +10,9 @@ installed), at fp32 and the low precisions the runtime runs:
     its own), tokens/s at 64, and MBU at batch 1: bytes read per step (weights + the K/V each layer's window reads)
     / step time / the GPU's peak bandwidth (nanochat infer_bench's table).
 Then, where `tritonserver` is installed, the first GPU runtime's model behind the local Triton and the BFF, and one
-/generate streamed through both to its done event. What is not installed is a row saying so, never a crash. Without
-a CUDA GPU it stops at once with exit 2.
+/generate streamed through both to its done event; and the device sampler (tools/sampler_check.py): its draws
+against the distribution they must follow, and draws/s at 64 and 256 rows of a d20's vocabulary. What is not
+installed is a row saying so, never a crash. Without a CUDA GPU it stops at once with exit 2.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 
 from core.roofline import bytes_per_step, dense_params, peak_bandwidth
 from tools.paths import ORACLE_DIR
+from tools.sampler_check import sampler_line
 
 BATCHES = (1, 8, 64)
 AGREEMENT_STEPS = 32
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{device_name} (peak {peak / 1e12 if peak else float('nan'):.2f} TB/s); decode: median step at half "
           f"the context, each row in its own slot; greedy: fp32 == nanochat's references")
     print(table(rows, BATCHES))
+    print(sampler_line("cuda", torch.cuda.synchronize))
     return 0
 
 
