@@ -188,9 +188,9 @@ class Scheduler:
             if not req.done:
                 self._finish(req, finish_reason="cancelled" if req.cancelled else req.ended)
         admitted = [self._waiting.popleft() for _ in range(min(self.slots.free, len(self._waiting)))]
-        if self.prefix_cache and len(admitted) > 1:  # those with the most to reuse choose first: a miss must
-            admitted.sort(key=lambda r: self.slots.best_reuse(r.seq.prompt), reverse=True)  # not take a slot
-            # that another one continues
+        if self.prefix_cache and len(admitted) > 1:
+            # those with the most to reuse choose first: a miss must not take a slot that another one continues
+            admitted.sort(key=lambda r: self.slots.best_reuse(r.seq.prompt), reverse=True)
         for req in admitted:
             self._place(req)
             req.slotted = time.monotonic()

@@ -4,7 +4,8 @@ turns go through the BFF's /generate as the gateway sends them (the whole histor
 time to the first token of each turn is measured, first with the model as exported (prefix caching on), then
 with the same artifacts under `prefix_cache 0`, each behind a local Triton and BFF of its own; the table puts
 them side by side by turn. With the cache a turn prefills only its new tokens, so its TTFT stays near the
-first turn's; without it, every turn prefills the whole history again.
+first turn's; without it, every turn prefills the whole history again. --system-words puts a system message
+first, as the gateway sends its own (cut from the demo corpus).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from core.random_checkpoint import CORPUS
 from tools.bench_bff import AUTH, bff_process, generate_sse
 from tools.local_triton import LocalTriton, derive_model, free_port
 from tools.measure import SERVER_TIMEOUT_S
@@ -24,12 +26,12 @@ QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Tell me 
              "What do cats eat?", "How far is the moon?"]
 
 
-def conversations(url: str, turns: int, count: int, max_tokens: int) -> list[list[float]]:
+def conversations(url: str, turns: int, count: int, max_tokens: int, system: str = "") -> list[list[float]]:
     """TTFT (ms) of every turn of `count` conversations, one after another."""
     out = []
     with httpx.Client(timeout=120) as client:
         for c in range(count):
-            messages, ttft = [], []
+            messages, ttft = [{"role": "system", "content": f"({c}) {system}"}] if system else [], []
             for t in range(turns):
                 messages.append({"role": "user", "content": f"{QUESTIONS[(c + t) % len(QUESTIONS)]} ({c}.{t})"})
                 answer = generate_sse(client, url, {"messages": messages, "temperature": 0.0,
@@ -45,7 +47,8 @@ def measure(repository: Path, model: str, a: argparse.Namespace) -> tuple[list[f
     with LocalTriton(repository, load=[model]) as triton, \
             bff_process(triton.grpc_url, triton.metrics_url, model, str(repository), free_port()) as (url, _):
         conversations(url, 2, 1, a.max_tokens)  # warm-up
-        runs = conversations(url, a.turns, a.conversations, a.max_tokens)
+        system = " ".join(CORPUS.read_text(encoding="utf-8").split()[: a.system_words])
+        runs = conversations(url, a.turns, a.conversations, a.max_tokens, system)
         stats = httpx.get(url + "/stats", headers=AUTH, timeout=SERVER_TIMEOUT_S).json()
     per_turn = [statistics.median(r[t] for r in runs) for t in range(a.turns)]
     return per_turn, stats["triton"]["prefix_cache"]
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--conversations", type=int, default=3, help="conversations per setting (medians per turn)")
     p.add_argument("--max-tokens", type=int, default=24, help="answer length per turn (greedy)")
+    p.add_argument("--system-words", type=int, default=0, help="a system message of this many words first (0: none)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp)  # the user's repository stays as it is: the cold copy links its artifacts
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         on, on_cache = measure(repository, a.model, a)
         off, _ = measure(repository, cold, a)
     print(f"model {a.model}: {a.conversations} conversations of {a.turns} turns through the BFF, greedy, "
-          f"{a.max_tokens} tokens per answer; median TTFT per turn")
+          f"{a.max_tokens} tokens per answer, a system message of {a.system_words} words; median TTFT per turn")
     print("| turn | cache on ms | cache off ms |\n|---:|---:|---:|")
     for t in range(a.turns):
         print(f"| {t + 1} | {on[t]:.1f} | {off[t]:.1f} |")
