@@ -70,11 +70,12 @@ def test_dead_endpoint_gets_no_new_streams(oracle_repository):
                     return done, opened_on_b, after
 
             done, opened_on_b, after = asyncio.run(scenario())
-            # streams on a ran to the end; those on b ended with an error event and no done (the answer
-            # is not whole: the gateway must not save it)
+            # streams on a ran to the end; those still running on b ended with an error event and no done (the
+            # answer is not whole: the gateway must not save it). On a loaded machine one of b's may have ended
+            # before the last first token came: then it is whole too
             complete = [e for e in done if "error" not in e[-1]]
             failed = [e for e in done if "error" in e[-1]]
-            assert len(complete) == 2 and len(failed) == 2, [e[-1] for e in done]
+            assert len(complete) + len(failed) == 4 and 1 <= len(failed) <= 2, [e[-1] for e in done]
             assert all(is_done(e[-1]) for e in complete)
             assert all(e[-1]["error"] == "down" and not any("done" in x for x in e) for e in failed)
             reference = text_of(complete[0])
