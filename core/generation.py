@@ -4,8 +4,9 @@ nanochat's generation semantics for one request, independent of the model runtim
 `Sequence` is nanochat Engine's per-row state (RowState) together with its sampling and stopping
 rules: the runner's batched draw (core/device_sampling.py), or for a request with a seed its own generator
 drawn once per token (by core.sampling.sample_rows, which samples many rows at once), forced tokens after a
-calculator call, stop at
-<|assistant_end|> or <|bos|>, max_tokens counting forced tokens, and the context limit. The Triton
+tool call, stop at <|assistant_end|> or <|bos|>, max_tokens counting forced tokens, and the context limit.
+Tool calls follow the model's channel: nanochat's calculator, answered at once as nanochat does, or samosaChaat's
+registry (core/tool_calls.py), whose call the caller runs and answers with give_result() while the row waits. The Triton
 backend's scheduler drives many Sequences in one batch; `generate` drives one Sequence through any
 `Runner` and is the reference loop the backend is tested against.
 """
@@ -20,10 +21,14 @@ from typing import Protocol
 import numpy as np
 
 from core.calculator import use_calculator
+from core.call_scanner import SPECIAL, CallScanner
 from core.device_sampling import NOT_FINITE, BatchSampling, Drawn
 from core.last_tokens import LastTokens
 from core.sampling import Sampler, make_generator, sample_rows
 from core.tokenizer import Tokenizer
+from core.tool_calls import NANOCHAT, REGISTRY, RESULT_END, RESULT_START, ToolCall, ToolRegistry, ToolResult, parse_call
+
+MAX_TOOL_CALLS = 4  # registry calls one answer may make; later ones are answered with an error at once
 
 
 class Runner(Protocol):
@@ -63,7 +68,8 @@ class SamplingParams:
 class Sequence:
     """One request's tokens and state between model steps."""
 
-    def __init__(self, prompt_ids: list[int], tokenizer: Tokenizer, params: SamplingParams, max_seq: int):
+    def __init__(self, prompt_ids: list[int], tokenizer: Tokenizer, params: SamplingParams, max_seq: int,
+                 tool_channel: str = NANOCHAT):
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) >= max_seq:
@@ -85,6 +91,11 @@ class Sequence:
         self.forced: deque[int] = deque()
         self.in_python = False
         self.expr: list[int] = []
+        self.scanner = CallScanner(tokenizer) if tool_channel == REGISTRY else None
+        self._scan = self.scanner is not None  # every sampled token is looked at, for calls written as text
+        self.pending_call: ToolCall | None = None  # a registry call waiting for give_result()
+        self._call_form = ""
+        self.tool_calls = 0
         self.finish_reason: str | None = None  # stop | length once finished
 
     @property
@@ -100,7 +111,7 @@ class Sequence:
         """Take this step's token; `sampled` is the row's draw from sampling.sample_rows. Returns
         (token, forced): nanochat draws every step, even when a forced token (a calculator result)
         replaces the draw, so the generator advances the same way."""
-        if not (self.forced or self.in_python or sampled in self._special):  # the common case, once per token
+        if not (self.forced or self.in_python or self._scan or sampled in self._special):  # the common case
             self.generated.append(sampled)
             self.length += 1
             if self.length >= self._end:
@@ -108,15 +119,43 @@ class Sequence:
             return sampled, False
         forced = bool(self.forced)
         token = self.forced.popleft() if forced else sampled
-        self._advance(token)
+        self._advance(token, forced)
         return token, forced
 
-    def _advance(self, token: int) -> None:
+    def preface(self, ids: list[int]) -> bool:
+        """Put ids after the prompt before anything is generated (a forced start of the answer); False, and nothing
+        changed, when they would leave no room for an answer."""
+        if self.generated or len(self.prompt) + len(ids) >= self.max_seq:
+            return False
+        self.prompt += ids
+        self.length = len(self.prompt)
+        self._end = min(self.length + self.params.max_tokens, self.max_seq)
+        return True
+
+    def give_result(self, result: ToolResult) -> None:
+        """Answer the pending registry call: its result is forced next, in the form the call was written in."""
+        t, payload = self.tok, result.payload()
+        if self._call_form == SPECIAL:
+            self.forced.extend([t.output_start, *t.encode(payload), t.output_end])
+        else:
+            self.forced.extend(t.encode(RESULT_START + payload + RESULT_END))
+        self.pending_call = None
+
+    def _advance(self, token: int, forced: bool) -> None:
         """nanochat's rules for a token that is forced, special or inside a tool call."""
         t = self.tok
         self.generated.append(token)
         self.length += 1
-        if token == t.python_start:
+        if self._scan:
+            if not forced and (found := self.scanner.push(token)) is not None:
+                self._call_form, call = found[0], parse_call(found[1])
+                self.tool_calls += 1
+                if self.tool_calls > MAX_TOOL_CALLS:
+                    self.give_result(ToolResult(call.tool, False, error=f"more than {MAX_TOOL_CALLS} tool calls "
+                                                                        "in one answer"))
+                else:
+                    self.pending_call = call
+        elif token == t.python_start:
             self.in_python, self.expr = True, []
         elif token == t.python_end and self.in_python:
             self.in_python = False
@@ -137,9 +176,10 @@ class Sequence:
 
 
 def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-             slot: int = 0) -> Iterator[tuple[int, bool]]:
-    """Stream (token, forced) for one prompt, nanochat Engine style, through a runner's cache row."""
-    seq = Sequence(prompt_ids, tokenizer, params, runner.max_seq)
+             slot: int = 0, tools: ToolRegistry | None = None) -> Iterator[tuple[int, bool]]:
+    """Stream (token, forced) for one prompt, nanochat Engine style, through a runner's cache row; with `tools`, the
+    registry channel, each call answered before the next step."""
+    seq = Sequence(prompt_ids, tokenizer, params, runner.max_seq, NANOCHAT if tools is None else REGISTRY)
     one = np.array([slot], dtype=np.int64)
     sampling = batch_sampling([params])
     step = runner.step(np.array([prompt_ids], dtype=np.int64), np.array([0], dtype=np.int64), one, sampling)
@@ -153,6 +193,8 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params
         yield token, forced
         if seq.finished:
             return
+        if seq.pending_call is not None:
+            seq.give_result(tools.execute(seq.pending_call))
         position = np.array([seq.length - 1], dtype=np.int64)
         step = runner.step(np.array([[token]], dtype=np.int64), position, one, sampling)
 
