@@ -39,11 +39,13 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from backend.metrics import TritonMetrics  # noqa: E402
 from backend.model_config import EngineConfig, ModelShape  # noqa: E402
 from backend.protocol import METADATA_FILE, PIECE_OUTPUTS, TOKENIZER_FILE, USAGE_OUTPUTS  # noqa: E402
-from backend.requests import RequestError, parse_request, parse_stops, parse_stream  # noqa: E402
+from backend.requests import RequestError, parse_force, parse_request, parse_stops, parse_stream  # noqa: E402
 from backend.responses import OUTPUT_ARRAYS, Output  # noqa: E402
 from backend.runner import make_runner  # noqa: E402
 from backend.scheduler import Scheduler  # noqa: E402
+from backend.tool_runs import registry_from_env  # noqa: E402
 from core.tokenizer import Tokenizer  # noqa: E402
+from core.tool_calls import REGISTRY  # noqa: E402
 
 
 class Handle:
@@ -91,9 +93,12 @@ class TritonPythonModel:
         self.tokenizer = Tokenizer.load(version_dir / TOKENIZER_FILE)
         runner = make_runner(shape, version_dir, kind == "GPU", device_id)
         labels = {"model": args["model_name"], "version": args["model_version"], "device": str(device_id)}
+        # the registry channel's tools; web_search's backend is the server's environment (TAVILY_API_KEY, SEARXNG_URL)
+        tools = registry_from_env(engine.tool_timeout_ms / 1000) if shape.tool_channel == REGISTRY else None
         self.scheduler = Scheduler(runner, self.tokenizer, TritonSink(), engine, device_id=device_id,
-                                   exporter=TritonMetrics(pb_utils, labels))
+                                   exporter=TritonMetrics(pb_utils, labels), tools=tools, log=_log)
         self.max_seq = shape.max_seq
+        self.name = args["model_name"]
         _log("model_ready", model=args["model_name"], kind=kind, device_id=device_id, **dataclasses.asdict(shape),
              **dataclasses.asdict(engine))
 
@@ -107,11 +112,14 @@ class TritonPythonModel:
 
             try:
                 prompt, params, dropped_turns = parse_request(get, self.tokenizer, self.max_seq)
-                stream, stops = parse_stream(get), parse_stops(get)
+                stream, stops, force = parse_stream(get), parse_stops(get), parse_force(get)
             except RequestError as e:
                 self.scheduler.reject(handle, e)
                 continue
-            self.scheduler.submit(handle, prompt, params, dropped_turns, stream, stops)
+            if force is not None and (why := self.scheduler.cannot_force_why):
+                _log("force_tool_ignored", model=self.name, tool=force.tool, why=why)
+                force = None
+            self.scheduler.submit(handle, prompt, params, dropped_turns, stream, stops, force)
         return None
 
     def is_ready(self) -> bool:

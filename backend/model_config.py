@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from backend import protocol
+from core.tool_calls import NANOCHAT, TOOL_CHANNELS
 
 RUNTIMES = ("onnx", "tensorrt", "sim")  # sim: backend/sim_runner.py, a GPU's step time without a GPU
 # 20 updates a second, still a continuous stream to a reader; at 256 streams on the d20-on-H100 simulation it halves
@@ -60,6 +61,9 @@ class EngineConfig:
     prefix_cache: int = knob(1, 0, 1, "1: a finished request's KV stays in its slot, and a prompt that begins with "
                                       "what a free slot holds is placed there and prefilled from where it ends; 0: "
                                       "every prompt is prefilled whole")
+    tool_timeout_ms: int = knob(10_000, 100, 600_000, "a tool call's deadline (registry tool channel: web_search, "
+                                                      "calculator); past it the call's result is a failure and the "
+                                                      "answer goes on")
     unhealthy_after: int = knob(3, 1, 1_000_000, "runner failures in a row after which the model reports not ready "
                                                  "(and nanochat_healthy 0) until a step succeeds")
 
@@ -89,8 +93,11 @@ class ModelShape:
     precision: str  # the graph's: fp32, fp16 or bf16
     max_seq: int = knob(None, 2, 1_048_576, "context of each row (prompt + generated tokens)")
     max_slots: int = knob(8, 1, 4096, "KV-cache rows: sequences decoded together")
+    tool_channel: str = NANOCHAT  # how the model calls tools (core/tool_calls.py): how it was fine-tuned
 
     def __post_init__(self) -> None:
+        if self.tool_channel not in TOOL_CHANNELS:
+            raise ValueError(f"tool_channel must be one of {TOOL_CHANNELS}, got {self.tool_channel!r}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.precision not in PRECISIONS:
@@ -99,8 +106,9 @@ class ModelShape:
 
     @classmethod
     def from_metadata(cls, meta: dict) -> ModelShape:
-        """From the exported metadata.json, which holds these keys among others."""
-        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+        """From the exported metadata.json, which holds these keys among others (tool_channel: since 2026-12-07)."""
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)
+                      if f.name in meta or f.name != "tool_channel"})
 
 
 def config_pbtxt(name: str, kind: str, engine: EngineConfig) -> str:

@@ -42,6 +42,8 @@ class Output:
     final_only: bool = False  # describes the whole request: sent in its final response only
 
 
+FORCED_TOOLS = ("web_search",)  # what force_tool may name
+FORCED_SEARCH_RESULTS = 3  # results a forced search asks for (its top_k)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # the `stop` input's bounds: matching costs each piece of text this much
 
 # Ranges and defaults are nanochat chat_web's; values outside a range are refused, not clamped.
@@ -63,6 +65,10 @@ INPUTS = (
           "exact draw: the same seed gives the same tokens", None, 0, 2**63 - 1),
     Input("stop", "TYPE_STRING", (-1,), "strings that end the answer where one first appears in its text, which "
           f"is cut just before it (finish_reason stop); at most {MAX_STOPS} of up to {MAX_STOP_CHARS} characters each"),
+    Input("force_tool", "TYPE_STRING", (1,), "web_search: the answer starts with a search for the last user "
+          "message's text after its last blank line (the gateway's Search toggle), written out as the call and its "
+          "result (streamed first) for the model to answer from; ignored, with a log line, by a model without the "
+          "registry tool channel or a server without a search backend"),
     Input("return_num_input_tokens", "TYPE_BOOL", (1,), "vLLM's backend's flag, accepted so its clients work "
           "unchanged: `num_input_tokens` is always sent (Triton returns it unless the request names other outputs)",
           False),

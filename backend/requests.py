@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from backend.protocol import INPUT, MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE
+from backend.protocol import FORCED_SEARCH_RESULTS, FORCED_TOOLS, INPUT, MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE
 from core.generation import SamplingParams
 from core.tokenizer import ConversationError, Tokenizer
+from core.tool_calls import ToolCall, search_query
 
 ROLES = ("system", "user", "assistant")
 
@@ -128,6 +129,24 @@ def parse_stops(get: Callable[[str], np.ndarray | None]) -> list[str]:
     if long := [s for s in stops if len(s) > MAX_STOP_CHARS]:
         raise RequestError(f"stop strings are at most {MAX_STOP_CHARS} characters, got one of {len(long[0])}")
     return [s for s in stops if s]
+
+
+def parse_force(get: Callable[[str], np.ndarray | None]) -> ToolCall | None:
+    """The call the answer must start with (`force_tool`), on the conversation's last user message."""
+    value = get("force_tool")
+    if value is None:
+        return None
+    if value.size != 1:
+        raise RequestError(f"force_tool must be one string, got shape {list(value.shape)}")
+    raw = value.reshape(-1)[0]
+    name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    if name not in FORCED_TOOLS:
+        raise RequestError(f"force_tool must be one of {list(FORCED_TOOLS)}, got {name!r}")
+    messages = get("messages")
+    if messages is None:
+        raise RequestError("force_tool needs `messages` (it searches for the last user message)")
+    query = search_query(parse_messages(messages.reshape(-1)[0]))
+    return ToolCall(name, {"query": query, "top_k": FORCED_SEARCH_RESULTS}) if query else None
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], tokenizer: Tokenizer,

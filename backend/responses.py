@@ -99,6 +99,10 @@ class ResponseThread:
         """One step's tokens: (request, token, finish) with finish "" or the step thread's stop|length."""
         self._put((self._tokens, now, events))
 
+    def preface(self, req, text: str, ids: list[int]) -> None:
+        """Text the answer starts with that the model did not sample (a forced search's call and result)."""
+        self._put((self._preface, req, text, ids))
+
     def end(self, req, finish_reason: str = "", error: str | None = None) -> None:
         """The step thread freed the request's slot (or dropped it from the queue) without a token: its final."""
         self._put((self._end, req, finish_reason, error))
@@ -189,6 +193,16 @@ class ResponseThread:
                 req.unsent_text, req.unsent_ids = "", []
                 req.send_at = now + self.stream_interval_s
                 self._send(req, out, None, False)
+
+    def _preface(self, req, text: str, ids: list[int]) -> None:
+        if req.final_sent:
+            return
+        req.unsent_text += text
+        req.unsent_ids += ids
+        if req.stream:  # at once: the client sees the search while the prompt is prefilled
+            out = self._output(req, "")
+            req.unsent_text, req.unsent_ids = "", []
+            self._send(req, out, None, False)
 
     def _end(self, req, finish_reason: str, error: str | None) -> None:
         if req.final_sent:

@@ -14,7 +14,9 @@ One step thread owns the runner and its KV cache of max_slots rows. Each step:
      back and are drawn from their own generator as nanochat does (core.sampling.sample_rows); then each
      row's core.generation.Sequence rules (forced calculator tokens, stop tokens, limits), so a seeded
      request's tokens never depend on the rest of the batch; a row whose draw or rules fail ends with an
-     error of its own while the others go on.
+     error of its own while the others go on. A registry tool call (core/tool_calls.py) runs off this thread
+     (backend/tool_runs.py) while its row sits out the steps; its result is forced like a calculator's. A request
+     that starts with a forced search waits for it before it queues for a slot.
 Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
 bounded queue; one that does not fit is refused at once with an error.
 
@@ -30,20 +32,24 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from backend import web_search
 from backend.metrics import EngineStats
 from backend.model_config import EngineConfig
 from backend.protocol import INVALID, QUEUE_FULL, SHUTTING_DOWN
-from backend.responses import ResponseThread, Sink
+from backend.responses import POLL_S, ResponseThread, Sink
 from backend.slots import Slots
 from backend.stops import StopMatcher
+from backend.tool_runs import Run, ToolRuns
 from core.device_sampling import NOT_FINITE
 from core.generation import Runner, SamplingParams, Sequence, batch_sampling
 from core.sampling import sample_rows
 from core.tokenizer import Detokenizer, Tokenizer
+from core.tool_calls import NANOCHAT, REGISTRY, ToolCall, ToolRegistry, forced_text
 
 
 @dataclass(eq=False)
@@ -55,6 +61,8 @@ class Request:
     dropped_turns: int = 0  # reported in the outputs: the conversation was cut to fit the context
     stream: bool = True  # false: no response before the final one, which carries the whole answer
     stops: StopMatcher | None = None  # the request's stop strings, if it has any
+    force: ToolCall | None = None  # a call the answer starts with (a forced search), run before it queues
+    run: Run | None = None  # the tool call it waits for
     # the step thread's
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
@@ -74,7 +82,10 @@ class Request:
 
 class Scheduler:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, sink: Sink, engine: EngineConfig | None = None,
-                 device_id: int = 0, stats: EngineStats | None = None, exporter=None):
+                 device_id: int = 0, stats: EngineStats | None = None, exporter=None,
+                 tools: ToolRegistry | None = None, log: Callable[..., None] = lambda event, **fields: None):
+        """tools: the registry channel's tools (the model calls them as samosaChaat's models do); None: nanochat's
+        calculator channel. log(event, **fields): the backend's JSON log line."""
         self.runner, self.tok = runner, tokenizer
         engine = engine or EngineConfig()
         self.max_slots, self.max_queue, self.prefill_chunk = runner.max_slots, engine.max_queue, engine.prefill_chunk
@@ -92,8 +103,13 @@ class Scheduler:
         self._outstanding = 0  # accepted and not finished: bounds slots + queue
         self._stopping = False
         self._waiting: collections.deque[Request] = collections.deque()
+        self._tool_done = False  # a tool call finished since the step thread last looked (under _cv)
         self._decoding: list[Request] = []  # rows whose prompt is all in the cache (kept, not rebuilt each step)
         self._prefilling: list[Request] = []  # rows still reading their prompt, oldest first
+        self._calling: list[Request] = []  # waiting for a tool call: rows mid-answer, and forced searches
+        self.log = log
+        self.tool_channel = NANOCHAT if tools is None else REGISTRY
+        self.tools = None if tools is None else ToolRuns(tools, engine.tool_timeout_ms / 1000, self._wake)
         # each slot's request's sampling settings, set when it is placed: a step takes its rows' by slot index
         self._sampling = batch_sampling([SamplingParams(0.0, None, 1)] * self.max_slots)
         self._thread = threading.Thread(target=self._run, name="nanochat-step", daemon=True)
@@ -109,15 +125,16 @@ class Scheduler:
     # --- called from Triton's execute() thread ---
 
     def submit(self, handle: object, prompt_ids: list[int], params: SamplingParams, dropped_turns: int = 0,
-               stream: bool = True, stops: list[str] = ()) -> None:
-        """Queue a request; any problem is answered with a final error response, never raised."""
+               stream: bool = True, stops: list[str] = (), force: ToolCall | None = None) -> None:
+        """Queue a request; any problem is answered with a final error response, never raised. `force`: a call
+        the answer starts with (with the registry channel; its call and result are streamed first)."""
         try:
-            seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq)
+            seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq, self.tool_channel)
         except ValueError as e:
             self.reject(handle, e)
             return
         req = Request(handle, seq, Detokenizer(self.tok), time.monotonic(), dropped_turns=dropped_turns, stream=stream,
-                      stops=StopMatcher(stops) if stops else None)
+                      stops=StopMatcher(stops) if stops else None, force=force if self.tools is not None else None)
         with self._cv:
             if self._stopping:
                 refusal = SHUTTING_DOWN
@@ -134,6 +151,13 @@ class Scheduler:
             self.stats.rejected += 1
             self.fail(handle, refusal)
 
+    @property
+    def cannot_force_why(self) -> str:
+        """Why a forced search would be skipped here ("" when it would run)."""
+        if self.tools is None:
+            return "the model's tool channel is nanochat's calculator (export with TOOL_CHANNEL=registry)"
+        return "" if self.tools.searches else web_search.NO_BACKEND
+
     def reject(self, handle: object, error: ValueError) -> None:
         """End a request the client got wrong (bad input, a prompt longer than the context)."""
         self.fail(handle, INVALID + str(error))
@@ -148,7 +172,15 @@ class Scheduler:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout)
+        if self.tools is not None:
+            self.tools.close()
         self.responses.close(timeout)
+
+    def _wake(self) -> None:
+        """A tool call finished: the step thread looks at once."""
+        with self._cv:
+            self._tool_done = True
+            self._cv.notify()
 
     # --- the step thread ---
 
@@ -156,15 +188,27 @@ class Scheduler:
         step_cpu = time.thread_time()
         while True:
             with self._cv:
-                while not (self._inbox or self._decoding or self._prefilling or self._waiting or self._stopping):
+                while not (self._inbox or self._decoding or self._prefilling or self._waiting or self._stopping
+                           or self._tool_done):
                     self.stats.cpu["step"] += time.thread_time() - step_cpu
-                    self._cv.wait()
+                    # rows waiting on a tool only: sleep until one is done (_wake), the first deadline, or the
+                    # response thread's poll (a cancelled row is flagged there)
+                    self._cv.wait(max(0.0, min(POLL_S, *(r.run.deadline - time.monotonic() for r in self._calling)))
+                                  if self._calling else None)
                     step_cpu = time.thread_time()
-                self._waiting.extend(self._inbox)
-                self._inbox.clear()
+                    if self._calling:
+                        break
+                self._tool_done = False
+                inbox, self._inbox = self._inbox, []
                 stopping = self._stopping
+            for req in inbox:
+                if req.force is not None:
+                    req.run = self.tools.start(req.force)
+                    self._calling.append(req)
+                else:
+                    self._waiting.append(req)
             if stopping:
-                for req in [*self._decoding, *self._prefilling, *self._waiting]:
+                for req in [*self._decoding, *self._prefilling, *self._waiting, *self._calling]:
                     self._finish(req, error=f"{SHUTTING_DOWN}; request stopped")
                 return
             try:
@@ -187,6 +231,8 @@ class Scheduler:
             req = flagged.popleft()
             if not req.done:
                 self._finish(req, finish_reason="cancelled" if req.cancelled else req.ended)
+        if self._calling:
+            self._take_tool_results()
         admitted = [self._waiting.popleft() for _ in range(min(self.slots.free, len(self._waiting)))]
         if self.prefix_cache and len(admitted) > 1:
             # those with the most to reuse choose first: a miss must not take a slot that another one continues
@@ -195,7 +241,7 @@ class Scheduler:
             self._place(req)
             req.slotted = time.monotonic()
             self._prefilling.append(req)
-        self.stats.active, self.stats.waiting = len(self._decoding) + len(self._prefilling), len(self._waiting)
+        self.stats.active, self.stats.waiting = self._active(), len(self._waiting)
         if self._decoding:
             rows = list(self._decoding)  # rows that finish leave the list during the step
             ids = np.array([[r.seq.generated[-1]] for r in rows], dtype=np.int64)
@@ -263,8 +309,38 @@ class Scheduler:
             events.append((req, token, finish))
             if finish:
                 self._finish(req, finish_reason=finish, by_token=True)
+            elif req.seq.pending_call is not None:  # it sits out the steps until the call's result is in
+                req.run = self.tools.start(req.seq.pending_call)
+                self._decoding.remove(req)
+                self._calling.append(req)
         self.stats.tokens += len(events)
         self.responses.tokens(now, events)
+
+    def _take_tool_results(self) -> None:
+        """Rows whose call is done (or past its deadline) go on: mid-answer with the result forced next, a forced
+        search into the queue for a slot with its call and result after the prompt, streamed first."""
+        now = time.monotonic()
+        for req in list(self._calling):
+            result = self.tools.result(req.run, now)
+            if result is None:
+                continue
+            self._calling.remove(req)
+            req.run = None
+            if req.slot >= 0:
+                req.seq.give_result(result)
+                self._decoding.append(req)
+                continue
+            text = forced_text(req.force, result)
+            ids = self.tok.encode(text)
+            if req.seq.preface(ids):
+                self.responses.preface(req, text, ids)
+            else:  # answered without it: the prompt and the search together leave no room for an answer
+                self.log("force_tool_skipped", tool=req.force.tool, tokens=len(ids), prompt_tokens=len(req.seq.prompt),
+                         max_seq=self.runner.max_seq)
+            self._waiting.append(req)
+
+    def _active(self) -> int:
+        return len(self._decoding) + len(self._prefilling) + sum(r.slot >= 0 for r in self._calling)
 
     def _place(self, req: Request) -> None:
         """Give a request a slot (backend/slots.py) and start its prefill after what the slot already holds; at least
@@ -285,8 +361,14 @@ class Scheduler:
         """Let a request go: its slot is free for the next step, holding the KV of the tokens that went through the
         model (the last sampled token never did). Its final response is the response thread's: with its last token
         (by_token), or from the reason or error given here."""
-        if req.slot >= 0:
+        if req.run is not None:  # waiting for a tool call: mid-answer, or a forced search before its queue
+            self._calling.remove(req)
+            req.run = None
+        elif req.slot >= 0:
             (self._decoding if req.prefilled == len(req.seq.prompt) else self._prefilling).remove(req)
+        else:
+            self._waiting.remove(req)
+        if req.slot >= 0:
             seq = req.seq
             held = []
             if cached and self.prefix_cache:
@@ -294,10 +376,8 @@ class Scheduler:
                 held = seq.prompt[: req.prefilled] + (seq.generated[:-1] if whole else [])
             self.slots.give_back(req.slot, held)
             req.slot = -1
-        else:
-            self._waiting.remove(req)
         req.done = True
-        self.stats.active, self.stats.waiting = len(self._decoding) + len(self._prefilling), len(self._waiting)
+        self.stats.active, self.stats.waiting = self._active(), len(self._waiting)
         with self._cv:
             self._outstanding -= 1
         if not by_token:

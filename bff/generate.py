@@ -14,10 +14,13 @@ from __future__ import annotations
 import falcon
 import orjson
 
+from backend.protocol import FORCED_TOOLS
 from bff.conversation import normalize
 from bff.streaming import Generation
 from bff.triton import Piece, TritonError
 from bff.validation import check_generate, read_json
+
+FORCED_SEARCH = FORCED_TOOLS[0]  # web_search
 
 
 class Event:
@@ -63,9 +66,12 @@ class Generate:
             top_k=s.top_k if body.get("top_k") is None else int(body["top_k"]),
             max_tokens=s.max_tokens if body.get("max_tokens") is None else int(body["max_tokens"]),
             min_answer_tokens=s.min_answer_tokens,
+            # the Search toggle: the backend starts the answer with a search (or, without the registry channel or
+            # a search backend, serves it as a plain turn and logs why)
+            force_tool=FORCED_SEARCH if body.get("force_web_search") else None,
         )
         g = await self.service.streams.open(req, params)
-        if body.get("force_web_search"):  # this model has no web search: answered without it, and logged
+        if body.get("force_web_search"):
             g.log["force_web_search"] = True
         stream_headers(resp)
         resp.sse = self._events(g)

@@ -20,6 +20,7 @@ import time
 import falcon
 import orjson
 
+from backend.protocol import FORCED_TOOLS
 from bff.errors import OpenAIError
 from bff.generate import Event, stream_headers
 from bff.streaming import Generation
@@ -34,6 +35,18 @@ def content_text(content) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def forced_tool(choice) -> str | None:
+    """OpenAI's tool_choice naming a function: the call the answer starts with (web_search only); "none", "auto"
+    and "required" leave the model to call tools as it was trained to."""
+    if not isinstance(choice, dict):
+        return None
+    name = (choice.get("function") or {}).get("name")
+    if name not in FORCED_TOOLS:
+        raise OpenAIError(falcon.HTTP_400, f"tool_choice can force only {', '.join(FORCED_TOOLS)}, not {name!r}",
+                          param="tool_choice")
+    return name
 
 
 class V1Models:
@@ -76,6 +89,7 @@ class ChatCompletions:
             max_tokens=s.max_tokens if max_tokens is None else int(max_tokens),
             min_answer_tokens=None, top_p=body.get("top_p"), seed=body.get("seed"),
             stop=[body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or [],
+            force_tool=forced_tool(body.get("tool_choice")),
         )
         g = await self.service.streams.open(req, params)
         g.log["surface"] = "openai"

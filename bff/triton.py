@@ -172,14 +172,16 @@ _PACK = {"FP32": "<f", "INT32": "<i", "INT64": "<q", "BOOL": "<?"}  # one elemen
 
 def request_message(model: str, request_id: str, messages: bytes, temperature: float, top_k: int,
                     max_tokens: int, min_answer_tokens: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, stop: list[str] = (), *,
+                    seed: int | None = None, stop: list[str] = (), force_tool: str | None = None, *,
                     outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
     """One generation as Triton's protobuf. Each input is raw little-endian contents (a BYTES element is a
     4-byte length and the bytes): what tritonclient builds from numpy arrays. Inputs given as None are not
     sent (the backend's defaults apply). min_answer_tokens makes the backend cut a conversation longer than
-    the context (oldest turns first); the backend ends the answer at the first of the `stop` strings."""
+    the context (oldest turns first); the backend ends the answer at the first of the `stop` strings; force_tool
+    (web_search) makes the answer start with that call and its result."""
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    strings = {"messages": [messages], "stop": [s.encode() for s in stop]}
+    strings = {"messages": [messages], "stop": [s.encode() for s in stop],
+               "force_tool": [force_tool.encode()] if force_tool else []}
     for name, elements in strings.items():
         if elements:
             request.inputs.add(name=name, datatype="BYTES", shape=[len(elements)])

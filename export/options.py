@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from backend.model_config import AUTO, PRECISIONS, RUNTIMES, EngineConfig, ModelShape, check_ranges
 from core.checkpoint import SOURCES
 from core.config import parse_overrides
+from core.tool_calls import NANOCHAT, TOOL_CHANNELS
 
 DEFAULT_SOURCE = "sft"
 EXPORT_RUNTIMES = ("auto", *RUNTIMES)
@@ -47,6 +48,11 @@ class ExportOptions:
                                   range=_SHAPE["max_slots"].metadata["range"], auto=True)
     max_seq: int | None = option(None, "context per row; default: the checkpoint's sequence_len",
                                  range=_SHAPE["max_seq"].metadata["range"])
+    tool_channel: str = option(NANOCHAT, "how the model calls tools: nanochat (its calculator, special tokens, "
+                                         "exactly as nanochat) or registry (samosaChaat's fine-tunes: JSON calls to "
+                                         "calculator and web_search, markers as special tokens or as text). A "
+                                         "checkpoint does not say how it was fine-tuned, so it is chosen here",
+                               choices=TOOL_CHANNELS)
     overrides: tuple[str, ...] = option((), "key=value for a model constant the checkpoint's files cannot tell "
                                             "(e.g. softcap=20 for late-G2 checkpoints); repeatable",
                                         multiple=True)

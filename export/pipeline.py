@@ -277,7 +277,8 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
     kv_per_seq = 2 * cfg.n_layer * max_seq * cfg.n_kv_head * cfg.head_dim * width
     slots = choose_max_slots(o.max_slots, memory, n_params * width, kv_per_seq,
                              decode_scratch_per_seq(cfg, max_seq, width), log)
-    shape = ModelShape(runtime=runtime, precision=o.precision, max_seq=max_seq, max_slots=slots)
+    shape = ModelShape(runtime=runtime, precision=o.precision, max_seq=max_seq, max_slots=slots,
+                       tool_channel=o.tool_channel)
     max_slots, precision = shape.max_slots, shape.precision
 
     try:

@@ -3,7 +3,8 @@ Session fixtures that start one real Triton server for every test that needs it 
 
     oracle_repository  a model repository in a session temp dir with the two nanochat oracle
                        checkpoints exported as "head" (G4) and "orig" (G0), a small demo checkpoint
-                       as "demo", and "demo_1slot" (a larger demo model with max_slots 1, max_queue 1)
+                       as "demo", and "demo_1slot" (a larger demo model with max_slots 1, max_queue 1; and the
+                       same as "demo_tools", with samosaChaat's tool channel)
     triton_server      a tools.local_triton.LocalTriton over it with all four models loaded;
                        use .grpc_url / .http_url / .metrics_url
     oracle_references  {"head": references.json, "orig": ...} of ../shared/oracle
@@ -51,11 +52,16 @@ def oracle_repository(tmp_path_factory, oracle_references) -> Path:
     make_checkpoint(demo_base, "G4", depth=2, n_embd=64, sequence_len=DEMO_MAX_SEQ)
     jobs.append(export_options(repo, "demo", demo_base, "sft", max_slots=4, max_seq=DEMO_MAX_SEQ, max_queue=8,
                                prefill_chunk=64))
+    # the same model as samosaChaat's fine-tunes call tools (JSON calls, web_search): what `make serve` shows
     # head-sized, so a request holds its one slot long enough (seconds) for queueing and cancelling tests
     slow_base = tmp_path_factory.mktemp("slow_checkpoint")
     make_checkpoint(slow_base, "G4", depth=4, n_embd=256, n_head=4, sequence_len=1024)
     jobs.append(export_options(repo, "demo_1slot", slow_base, "sft", max_slots=1, max_seq=1024, max_queue=1,
                                prefill_chunk=64))
+    # the same as samosaChaat's fine-tunes call tools (JSON calls, web_search), with room for a search's result:
+    # what `make serve` shows
+    jobs.append(export_options(repo, "demo_tools", slow_base, "sft", max_slots=2, max_seq=1024,
+                               tool_channel="registry"))
     export_all(jobs)
     return repo
 

@@ -96,3 +96,19 @@ def test_errors_are_openais(client, bff_url):
     # the contract's header works here too, and the contract's routes keep their own error shape
     assert httpx.get(bff_url + "/v1/models", headers=AUTH, timeout=SERVER_TIMEOUT_S).status_code == 200
     assert httpx.post(bff_url + "/generate", json={}, headers=AUTH, timeout=SERVER_TIMEOUT_S).json()["detail"]
+
+
+def test_tool_choice_naming_web_search(client, oracle_references):
+    """tool_choice naming web_search is /generate's force_web_search: on the head oracle (nanochat's tool channel)
+    the backend serves the turn as it is, token for token; another forced name is refused before any work."""
+    conv = conversation(oracle_references)
+    forced = {"type": "function", "function": {"name": "web_search"}}
+    r = client.chat.completions.create(model="head", messages=conv["messages"], temperature=0, max_tokens=32,
+                                       tool_choice=forced)
+    assert r.choices[0].message.content == conv["greedy"]["text"]
+    assert client.chat.completions.create(model="head", messages=conv["messages"], temperature=0, max_tokens=4,
+                                          tool_choice="auto").choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="head", messages=conv["messages"], max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "calculator"}})
+    assert e.value.param == "tool_choice" and "web_search" in e.value.message
