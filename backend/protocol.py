@@ -65,6 +65,10 @@ INPUTS = (
           "exact draw: the same seed gives the same tokens", None, 0, 2**63 - 1),
     Input("stop", "TYPE_STRING", (-1,), "strings that end the answer where one first appears in its text, which "
           f"is cut just before it (finish_reason stop); at most {MAX_STOPS} of up to {MAX_STOP_CHARS} characters each"),
+    Input("min_tokens", "TYPE_INT32", (1,), "vLLM's: no stop token or stop string ends the answer before this many "
+          "tokens (stop tokens cannot be drawn until then)", 0, 0, 4096),
+    Input("ignore_eos", "TYPE_BOOL", (1,), "vLLM's: no stop token ends the answer (none can be drawn), so it runs to "
+          "max_tokens or the context", False),
     Input("force_tool", "TYPE_STRING", (1,), "web_search: the answer starts with a search for the last user "
           "message's text after its last blank line (the gateway's Search toggle), written out as the call and its "
           "result (streamed first) for the model to answer from; ignored, with a log line, by a model without the "

@@ -52,10 +52,13 @@ def parse_params(get: Callable[[str], np.ndarray | None]) -> SamplingParams:
     seed = _number(get, "seed", int)
     temperature = _number(get, "temperature", float)
     temperature = MIN_TEMPERATURE if 0 < temperature < MIN_TEMPERATURE else temperature
+    ignore_eos = _scalar(get, "ignore_eos")
+    if (min_tokens := _number(get, "min_tokens", int)) > (max_tokens := _number(get, "max_tokens", int)):
+        raise RequestError(f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})")
     return SamplingParams(temperature=temperature, top_k=_number(get, "top_k", int) or None,
                           top_p=_number(get, "top_p", float),
-                          max_tokens=_number(get, "max_tokens", int),
-                          seed=seed)
+                          max_tokens=max_tokens, seed=seed, min_tokens=min_tokens,
+                          ignore_eos=INPUT["ignore_eos"].default if ignore_eos is None else bool(ignore_eos))
 
 
 def parse_messages(raw: bytes | str) -> list[dict]:

@@ -173,7 +173,8 @@ class ResponseThread:
                     req.emitted += 1
                     req.unsent_ids.append(token)
                     text = req.detok.push(token) + (req.detok.flush() if finish else "")
-                if req.stops is not None:
+                # with min_tokens, stop strings are matched from the token after it, so that many stay whole
+                if req.stops is not None and req.emitted > req.seq.params.min_tokens:
                     text, stopped = req.stops.feed(text)
                     if stopped and not finish:  # the step thread still runs it: flagged, counted when let go
                         req.unsent_text += text

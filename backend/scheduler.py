@@ -111,7 +111,7 @@ class Scheduler:
         self.tool_channel = NANOCHAT if tools is None else REGISTRY
         self.tools = None if tools is None else ToolRuns(tools, engine.tool_timeout_ms / 1000, self._wake)
         # each slot's request's sampling settings, set when it is placed: a step takes its rows' by slot index
-        self._sampling = batch_sampling([SamplingParams(0.0, None, 1)] * self.max_slots)
+        self._sampling = batch_sampling([SamplingParams(0.0, None, 1)] * self.max_slots, tokenizer)
         self._thread = threading.Thread(target=self._run, name="nanochat-step", daemon=True)
         self._thread.start()
 
@@ -306,6 +306,9 @@ class Scheduler:
                 self._finish(req, error=f"generation failed: {type(e).__name__}: {e}")
                 continue
             finish = req.seq.finish_reason or ""
+            if req.seq.hold_until and not req.seq.holds_stop:  # min_tokens reached: it may stop from now on
+                req.seq.hold_until = 0
+                self._sampling.hold[req.slot] = False
             events.append((req, token, finish))
             if finish:
                 self._finish(req, finish_reason=finish, by_token=True)
@@ -352,6 +355,7 @@ class Scheduler:
         params, table = req.seq.params, self._sampling
         table.temperature[best], table.top_k[best] = params.temperature, params.top_k or 0
         table.top_p[best], table.exact[best] = params.top_p, params.exact
+        table.hold[best] = req.seq.holds_stop
         if reuse:
             self.stats.prefix_hits += 1
             self.stats.reused_tokens += reuse

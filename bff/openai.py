@@ -9,7 +9,8 @@ send it).
 Unlike /generate, a conversation is sent as given (no repair, no cut): a prompt longer than the context is
 OpenAI's `context_length_exceeded` 400, as vLLM answers. `stop` strings go to the backend, which ends the
 answer (and frees its slot) at the first.
-Beyond OpenAI's fields, `top_k` is taken as vLLM takes it (0 or -1: the whole vocabulary).
+Beyond OpenAI's fields, `top_k` is taken as vLLM takes it (0 or -1: the whole vocabulary), and so are `min_tokens`
+and `ignore_eos` (AIPerf and vLLM's benchmark send them to fix answer lengths).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class ChatCompletions:
             min_answer_tokens=None, top_p=body.get("top_p"), seed=body.get("seed"),
             stop=[body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or [],
             force_tool=forced_tool(body.get("tool_choice")),
+            min_tokens=body.get("min_tokens"), ignore_eos=body.get("ignore_eos"),  # vLLM's, as benchmarks send them
         )
         g = await self.service.streams.open(req, params)
         g.log["surface"] = "openai"

@@ -172,7 +172,8 @@ _PACK = {"FP32": "<f", "INT32": "<i", "INT64": "<q", "BOOL": "<?"}  # one elemen
 
 def request_message(model: str, request_id: str, messages: bytes, temperature: float, top_k: int,
                     max_tokens: int, min_answer_tokens: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, stop: list[str] = (), force_tool: str | None = None, *,
+                    seed: int | None = None, stop: list[str] = (), force_tool: str | None = None,
+                    min_tokens: int | None = None, ignore_eos: bool | None = None, *,
                     outputs: tuple[str, ...] = OUTPUTS) -> service_pb2.ModelInferRequest:
     """One generation as Triton's protobuf. Each input is raw little-endian contents (a BYTES element is a
     4-byte length and the bytes): what tritonclient builds from numpy arrays. Inputs given as None are not
@@ -187,7 +188,7 @@ def request_message(model: str, request_id: str, messages: bytes, temperature: f
             request.inputs.add(name=name, datatype="BYTES", shape=[len(elements)])
             request.raw_input_contents.append(b"".join(struct.pack("<I", len(e)) + e for e in elements))
     scalars = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens, min_answer_tokens=min_answer_tokens,
-                   top_p=top_p, seed=seed, stream=True)
+                   top_p=top_p, seed=seed, min_tokens=min_tokens, ignore_eos=ignore_eos, stream=True)
     for name, value in scalars.items():
         if value is None:
             continue

@@ -11,6 +11,7 @@ PyTorch on the CPU) and each row's settings as arrays:
   - exact rows (a request with a seed): their logits are copied to the host, where core.sampling draws from
     the request's own generator exactly as nanochat does, so seeded answers stay token-identical to nanochat's.
 A sampled row whose logits are not finite gets token -1 (the scheduler ends that request alone with an error).
+Rows marked `hold` cannot draw a stop token this step (vLLM's min_tokens and ignore_eos): its logits are -inf.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ class BatchSampling:
     top_k: np.ndarray  # (B,) int64; 0 is the whole vocabulary
     top_p: np.ndarray  # (B,) float32; 1 is off
     exact: np.ndarray  # (B,) bool; rows the host samples itself: their logits come back, their token is unused
+    hold: np.ndarray | None = None  # (B,) bool; rows that may not stop yet: their stop_ids are masked (None: none)
+    stop_ids: tuple[int, ...] = ()
 
     def rows(self, index: np.ndarray) -> BatchSampling:
-        return BatchSampling(self.temperature[index], self.top_k[index], self.top_p[index], self.exact[index])
+        return BatchSampling(self.temperature[index], self.top_k[index], self.top_p[index], self.exact[index],
+                             None if self.hold is None else self.hold[index], self.stop_ids)
 
 
 @dataclass
@@ -52,6 +56,10 @@ def new_generator(device: torch.device) -> torch.Generator:
 @torch.inference_mode()
 def draw(logits: torch.Tensor, sampling: BatchSampling, generator: torch.Generator) -> Drawn:
     """Each row's token from logits (B, V) on their device; only (B,) ids and the exact rows' logits leave it."""
+    if sampling.hold is not None and sampling.hold.any():
+        held = torch.as_tensor(np.flatnonzero(sampling.hold)).to(logits.device, non_blocking=True)
+        stops = torch.as_tensor(sampling.stop_ids).to(logits.device, non_blocking=True)
+        logits[held[:, None], stops[None, :]] = -torch.inf  # the step's own output: changed in place
     tokens = logits.argmax(-1)
     sampled = np.flatnonzero((sampling.temperature > 0) & ~sampling.exact)
     if len(sampled):

@@ -58,6 +58,8 @@ class SamplingParams:
     max_tokens: int
     seed: int | None = None  # None: the runner's batched draw; a seed: nanochat's exact, reproducible draw
     top_p: float = 1.0  # 1: off (nanochat has no top_p; with it off sampling is nanochat's to the token)
+    min_tokens: int = 0  # vLLM's: no stop token (or stop string) before this many tokens
+    ignore_eos: bool = False  # vLLM's: no stop token at all, so the answer runs to max_tokens
 
     @property
     def exact(self) -> bool:
@@ -87,6 +89,8 @@ class Sequence:
         self.generated: list[int] = []
         self.length = len(self.prompt)  # tokens in context so far (prompt + generated); an attribute: read per step
         self._end = min(len(self.prompt) + params.max_tokens, max_seq)  # the length at which it stops
+        # generated tokens before which a stop token may not be drawn (0: none; the draw masks them until then)
+        self.hold_until = max_seq if params.ignore_eos else params.min_tokens
         self._special = tokenizer.special_set
         self.forced: deque[int] = deque()
         self.in_python = False
@@ -101,6 +105,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def holds_stop(self) -> bool:
+        """Whether the next draw must not give a stop token (min_tokens not reached, or ignore_eos)."""
+        return len(self.generated) < self.hold_until
 
     @property
     def sampler(self) -> Sampler:
@@ -181,7 +190,7 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params
     registry channel, each call answered before the next step."""
     seq = Sequence(prompt_ids, tokenizer, params, runner.max_seq, NANOCHAT if tools is None else REGISTRY)
     one = np.array([slot], dtype=np.int64)
-    sampling = batch_sampling([params])
+    sampling = batch_sampling([params], tokenizer)
     step = runner.step(np.array([prompt_ids], dtype=np.int64), np.array([0], dtype=np.int64), one, sampling)
     while True:
         drawn = sample_rows(step.exact_logits, [seq.sampler])[0] if params.exact else int(step.tokens[0])
@@ -195,13 +204,16 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params
             return
         if seq.pending_call is not None:
             seq.give_result(tools.execute(seq.pending_call))
+        sampling.hold[0] = seq.holds_stop
         position = np.array([seq.length - 1], dtype=np.int64)
         step = runner.step(np.array([[token]], dtype=np.int64), position, one, sampling)
 
 
-def batch_sampling(params: list[SamplingParams]) -> BatchSampling:
-    """The settings of requests in batch order, as the runner's draw takes them."""
+def batch_sampling(params: list[SamplingParams], tokenizer: Tokenizer) -> BatchSampling:
+    """The settings of requests in batch order, as the runner's draw takes them (before any token)."""
     return BatchSampling(np.array([p.temperature for p in params], dtype=np.float32),
                          np.array([p.top_k or 0 for p in params], dtype=np.int64),
                          np.array([p.top_p for p in params], dtype=np.float32),
-                         np.array([p.exact for p in params], dtype=bool))
+                         np.array([p.exact for p in params], dtype=bool),
+                         np.array([p.ignore_eos or p.min_tokens > 0 for p in params], dtype=bool),
+                         (tokenizer.assistant_end, tokenizer.bos))

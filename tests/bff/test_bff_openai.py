@@ -112,3 +112,25 @@ def test_tool_choice_naming_web_search(client, oracle_references):
         client.chat.completions.create(model="head", messages=conv["messages"], max_tokens=4,
                                        tool_choice={"type": "function", "function": {"name": "calculator"}})
     assert e.value.param == "tool_choice" and "web_search" in e.value.message
+
+
+def test_vllms_length_controls(client, oracle_references):
+    """min_tokens and ignore_eos as AIPerf and vLLM's benchmark send them (extra_body), through the backend: a stop
+    string early in the greedy answer does not end it before min_tokens; ignore_eos runs to max_tokens exactly; a
+    min_tokens above max_tokens is the backend's 400."""
+    conv = conversation(oracle_references)
+    full = conv["greedy"]["text"]
+    stop = full[3:6]  # within the answer's first few tokens
+    early = client.chat.completions.create(model="head", messages=conv["messages"], temperature=0, max_tokens=32,
+                                           stop=[stop])
+    held = client.chat.completions.create(model="head", messages=conv["messages"], temperature=0, max_tokens=32,
+                                          stop=[stop], extra_body={"min_tokens": 20})
+    assert early.usage.completion_tokens < 20 <= held.usage.completion_tokens
+    assert held.choices[0].message.content.startswith(full[: full.index(stop) + len(stop)])
+    r = client.chat.completions.create(model="head", messages=conv["messages"], temperature=0.9, max_tokens=24,
+                                       extra_body={"ignore_eos": True, "top_k": 0})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (24, "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="head", messages=conv["messages"], max_tokens=4,
+                                       extra_body={"min_tokens": 5})
+    assert "min_tokens (5) must be at most max_tokens (4)" in e.value.message
