@@ -38,14 +38,19 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from backend.metrics import TritonMetrics  # noqa: E402
 from backend.model_config import EngineConfig, ModelShape  # noqa: E402
-from backend.protocol import METADATA_FILE, PIECE_OUTPUTS, TOKENIZER_FILE, USAGE_OUTPUTS  # noqa: E402
+from backend.protocol import (  # noqa: E402
+    METADATA_FILE,
+    PIECE_OUTPUTS,
+    REGISTRY_TOOLS,
+    TOKENIZER_FILE,
+    USAGE_OUTPUTS,
+)
 from backend.requests import RequestError, parse_force, parse_request, parse_stops, parse_stream  # noqa: E402
 from backend.responses import OUTPUT_ARRAYS, Output  # noqa: E402
 from backend.runner import make_runner  # noqa: E402
 from backend.scheduler import Scheduler  # noqa: E402
 from backend.tool_runs import registry_from_env  # noqa: E402
 from core.tokenizer import Tokenizer  # noqa: E402
-from core.tool_calls import REGISTRY  # noqa: E402
 
 
 class Handle:
@@ -94,7 +99,7 @@ class TritonPythonModel:
         runner = make_runner(shape, version_dir, kind == "GPU", device_id)
         labels = {"model": args["model_name"], "version": args["model_version"], "device": str(device_id)}
         # the registry channel's tools; web_search's backend is the server's environment (TAVILY_API_KEY, SEARXNG_URL)
-        tools = registry_from_env(engine.tool_timeout_ms / 1000) if shape.tool_channel == REGISTRY else None
+        tools = registry_from_env(engine.tool_timeout_ms / 1000) if shape.tool_channel == REGISTRY_TOOLS else None
         self.scheduler = Scheduler(runner, self.tokenizer, TritonSink(), engine, device_id=device_id,
                                    exporter=TritonMetrics(pb_utils, labels), tools=tools, log=_log)
         self.max_seq = shape.max_seq

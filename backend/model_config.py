@@ -17,7 +17,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from backend import protocol
-from core.tool_calls import NANOCHAT, TOOL_CHANNELS
 
 RUNTIMES = ("onnx", "tensorrt", "sim")  # sim: backend/sim_runner.py, a GPU's step time without a GPU
 # 20 updates a second, still a continuous stream to a reader; at 256 streams on the d20-on-H100 simulation it halves
@@ -93,11 +92,11 @@ class ModelShape:
     precision: str  # the graph's: fp32, fp16 or bf16
     max_seq: int = knob(None, 2, 1_048_576, "context of each row (prompt + generated tokens)")
     max_slots: int = knob(8, 1, 4096, "KV-cache rows: sequences decoded together")
-    tool_channel: str = NANOCHAT  # how the model calls tools (core/tool_calls.py): how it was fine-tuned
+    tool_channel: str = protocol.NANOCHAT_TOOLS  # how the model calls tools: how it was fine-tuned
 
     def __post_init__(self) -> None:
-        if self.tool_channel not in TOOL_CHANNELS:
-            raise ValueError(f"tool_channel must be one of {TOOL_CHANNELS}, got {self.tool_channel!r}")
+        if self.tool_channel not in protocol.TOOL_CHANNELS:
+            raise ValueError(f"tool_channel must be one of {protocol.TOOL_CHANNELS}, got {self.tool_channel!r}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.precision not in PRECISIONS:

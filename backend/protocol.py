@@ -42,6 +42,10 @@ class Output:
     final_only: bool = False  # describes the whole request: sent in its final response only
 
 
+# How a model calls tools, chosen at export (metadata.json's tool_channel): nanochat's calculator on special tokens,
+# or samosaChaat's registry of JSON calls (core/tool_calls.py) for the models fine-tuned on it.
+NANOCHAT_TOOLS, REGISTRY_TOOLS = "nanochat", "registry"
+TOOL_CHANNELS = (NANOCHAT_TOOLS, REGISTRY_TOOLS)
 FORCED_TOOLS = ("web_search",)  # what force_tool may name
 FORCED_SEARCH_RESULTS = 3  # results a forced search asks for (its top_k)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # the `stop` input's bounds: matching costs each piece of text this much

@@ -49,7 +49,7 @@ from core.device_sampling import NOT_FINITE
 from core.generation import Runner, SamplingParams, Sequence, batch_sampling
 from core.sampling import sample_rows
 from core.tokenizer import Detokenizer, Tokenizer
-from core.tool_calls import NANOCHAT, REGISTRY, ToolCall, ToolRegistry, forced_text
+from core.tool_calls import ToolCall, ToolRegistry, forced_text
 
 
 @dataclass(eq=False)
@@ -108,7 +108,6 @@ class Scheduler:
         self._prefilling: list[Request] = []  # rows still reading their prompt, oldest first
         self._calling: list[Request] = []  # waiting for a tool call: rows mid-answer, and forced searches
         self.log = log
-        self.tool_channel = NANOCHAT if tools is None else REGISTRY
         self.tools = None if tools is None else ToolRuns(tools, engine.tool_timeout_ms / 1000, self._wake)
         # each slot's request's sampling settings, set when it is placed: a step takes its rows' by slot index
         self._sampling = batch_sampling([SamplingParams(0.0, None, 1)] * self.max_slots, tokenizer)
@@ -129,7 +128,7 @@ class Scheduler:
         """Queue a request; any problem is answered with a final error response, never raised. `force`: a call
         the answer starts with (with the registry channel; its call and result are streamed first)."""
         try:
-            seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq, self.tool_channel)
+            seq = Sequence(prompt_ids, self.tok, params, self.runner.max_seq, registry_tools=self.tools is not None)
         except ValueError as e:
             self.reject(handle, e)
             return

@@ -26,7 +26,7 @@ from core.device_sampling import NOT_FINITE, BatchSampling, Drawn
 from core.last_tokens import LastTokens
 from core.sampling import Sampler, make_generator, sample_rows
 from core.tokenizer import Tokenizer
-from core.tool_calls import NANOCHAT, REGISTRY, RESULT_END, RESULT_START, ToolCall, ToolRegistry, ToolResult, parse_call
+from core.tool_calls import RESULT_END, RESULT_START, ToolCall, ToolRegistry, ToolResult, parse_call
 
 MAX_TOOL_CALLS = 4  # registry calls one answer may make; later ones are answered with an error at once
 
@@ -71,7 +71,9 @@ class Sequence:
     """One request's tokens and state between model steps."""
 
     def __init__(self, prompt_ids: list[int], tokenizer: Tokenizer, params: SamplingParams, max_seq: int,
-                 tool_channel: str = NANOCHAT):
+                 registry_tools: bool = False):
+        """registry_tools: the model calls tools through samosaChaat's registry (core/tool_calls.py), not nanochat's
+        calculator."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) >= max_seq:
@@ -95,7 +97,7 @@ class Sequence:
         self.forced: deque[int] = deque()
         self.in_python = False
         self.expr: list[int] = []
-        self.scanner = CallScanner(tokenizer) if tool_channel == REGISTRY else None
+        self.scanner = CallScanner(tokenizer) if registry_tools else None
         self._scan = self.scanner is not None  # every sampled token is looked at, for calls written as text
         self.pending_call: ToolCall | None = None  # a registry call waiting for give_result()
         self._call_form = ""
@@ -188,7 +190,7 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: list[int], params
              slot: int = 0, tools: ToolRegistry | None = None) -> Iterator[tuple[int, bool]]:
     """Stream (token, forced) for one prompt, nanochat Engine style, through a runner's cache row; with `tools`, the
     registry channel, each call answered before the next step."""
-    seq = Sequence(prompt_ids, tokenizer, params, runner.max_seq, NANOCHAT if tools is None else REGISTRY)
+    seq = Sequence(prompt_ids, tokenizer, params, runner.max_seq, registry_tools=tools is not None)
     one = np.array([slot], dtype=np.int64)
     sampling = batch_sampling([params], tokenizer)
     step = runner.step(np.array([prompt_ids], dtype=np.int64), np.array([0], dtype=np.int64), one, sampling)

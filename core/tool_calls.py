@@ -22,10 +22,6 @@ RESULT_START, RESULT_END = "<|output_start|>", "<|output_end|>"
 MAX_PAYLOAD_CHARS = 4096  # samosaChaat's bound on a result's JSON, and on a call's
 ELLIPSIS = "..."
 
-# The model's tool channels, chosen at export (metadata.json's tool_channel): nanochat's special-token calculator
-# for nanochat's models, or samosaChaat's registry for models fine-tuned on it.
-NANOCHAT, REGISTRY = "nanochat", "registry"
-TOOL_CHANNELS = (NANOCHAT, REGISTRY)
 
 
 class ToolError(Exception):
