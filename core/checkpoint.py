@@ -5,6 +5,8 @@ Discovery follows nanochat's checkpoint_manager: $NANOCHAT_BASE_DIR (default ~/.
 a source (base|mid|sft|rl) mapped to its checkpoints folder, a model tag (default: the largest d<N>)
 and a step (default: the last). A plain directory holding model_<step>.pt files works too (the
 samosaChaat service keeps <storage>/<tag>/model_*.pt with the tokenizer beside or in a shared folder).
+A folder with a config.json and no model_*.pt is a Hugging Face transformers NanoChat model
+(core/hf_checkpoint.py): CheckpointRef.format says which, and loading gives the same result for both.
 
 Loading does not use nanochat's strict loader (which only loads the current generation): the
 generation is detected from the state-dict keys and shapes, and the keys are checked against
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,7 @@ SOURCES = {
 }
 ORIG_MOD_PREFIX = "_orig_mod."
 TOKENIZER_FILE = "tokenizer.pkl"  # nanochat's pickled tiktoken.Encoding (its tokenizer/ folder)
+NANOCHAT, TRANSFORMERS = "nanochat", "transformers"  # CheckpointRef.format
 
 
 class CheckpointError(Exception):
@@ -41,18 +45,37 @@ class CheckpointRef:
     """Where one checkpoint's files are."""
 
     directory: Path
-    step: int
-    tokenizer_path: Path
+    step: int | None  # None for a transformers folder, which has no steps
+    tokenizer_path: Path  # tokenizer.pkl, or a transformers folder's tokenizer.json
     source: str | None  # base|mid|sft|rl, or None for a plain directory
     model_tag: str
+    format: str = NANOCHAT  # nanochat (model_<step>.pt + meta json) or transformers (core/hf_checkpoint.py)
 
     @property
     def model_path(self) -> Path:
+        self._nanochat_only("model_path")
         return self.directory / f"model_{self.step:06d}.pt"
 
     @property
     def meta_path(self) -> Path:
+        self._nanochat_only("meta_path")
         return self.directory / f"meta_{self.step:06d}.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """What names the checkpoint: its model_<step>.pt, or the transformers folder."""
+        return self.directory if self.format == TRANSFORMERS else self.model_path
+
+    @property
+    def config_path(self) -> Path:
+        """The file that gives the model's sizes: the meta json, or config.json."""
+        from core.hf_checkpoint import CONFIG_FILE
+
+        return self.directory / CONFIG_FILE if self.format == TRANSFORMERS else self.meta_path
+
+    def _nanochat_only(self, name: str) -> None:
+        if self.format != NANOCHAT:
+            raise CheckpointError(f"{self.directory} is a {self.format} folder: it has no {name}")
 
 
 def base_dir() -> Path:
@@ -130,6 +153,14 @@ def find_checkpoint(
             raise CheckpointError(f"unknown model tag {tag!r} in {root}; tags found: {', '.join(tags) or 'none'}")
         directory = root / tag
         src = source
+    from core.hf_checkpoint import TOKENIZER_JSON, is_transformers_folder
+
+    if is_transformers_folder(directory):
+        if step is not None:
+            raise CheckpointError(f"{directory} is a transformers folder, which has no steps; step {step} was asked")
+        if not (directory / TOKENIZER_JSON).is_file():
+            raise CheckpointError(f"no {TOKENIZER_JSON} in the transformers folder {directory}")
+        return CheckpointRef(directory, None, directory / TOKENIZER_JSON, src, tag, TRANSFORMERS)
     steps = list_steps(directory)
     if not steps:
         raise CheckpointError(f"no model_<step>.pt files in {directory}")
@@ -222,8 +253,8 @@ def check_state_dict(state_dict: dict, cfg: ModelConfig) -> None:
 class LoadedCheckpoint:
     ref: CheckpointRef
     config: ModelConfig
-    state_dict: dict  # fp32 tensors, prefix stripped
-    meta: dict
+    state_dict: dict  # fp32 tensors under nanochat's names, prefix stripped
+    meta: dict  # the meta json, or a transformers folder's config.json
 
 
 def read_meta(path: Path) -> dict:
@@ -252,6 +283,11 @@ def read_state_dict(path: Path) -> dict:
 
 def load_checkpoint(ref: CheckpointRef, **overrides) -> LoadedCheckpoint:
     """Read the files of `ref`, detect the generation, check every key and shape."""
+    if ref.format == TRANSFORMERS:
+        from core.hf_checkpoint import read_folder
+
+        cfg, state_dict, hf_config = read_folder(ref.directory, **overrides)
+        return LoadedCheckpoint(ref, cfg, state_dict, hf_config)
     meta = read_meta(ref.meta_path)
     state_dict = read_state_dict(ref.model_path)
     generation = overrides.pop("generation", None) or detect_generation(state_dict)
@@ -281,6 +317,15 @@ def open_checkpoint(ref: CheckpointRef, **overrides):
     if tokenizer.vocab_size != loaded.config.vocab_size:
         raise CheckpointError(
             f"tokenizer {ref.tokenizer_path} has {tokenizer.vocab_size} tokens but the checkpoint's "
-            f"vocab_size is {loaded.config.vocab_size}: they do not belong together"
+            f"vocab_size ({ref.config_path}) is {loaded.config.vocab_size}: they do not belong together"
         )
     return loaded, tokenizer
+
+
+def save_tokenizer(ref: CheckpointRef, tokenizer, path: Path) -> None:
+    """The checkpoint's tokenizer as nanochat's tokenizer.pkl at `path`: nanochat's own file byte for byte, a
+    transformers folder's tokenizer.json as the encoding it was read into."""
+    if ref.format == TRANSFORMERS:
+        tokenizer.save(path)
+    else:
+        shutil.copyfile(ref.tokenizer_path, path)

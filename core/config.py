@@ -63,7 +63,7 @@ class ModelConfig:
     ve_gate_channels: int  # 0: no value embeddings
     ve_gate_scale: float
     short_window: str  # none | half | third | quarter
-    softcap: float
+    softcap: float | None  # None: no softcap (a transformers config's null final_logit_softcapping)
     smear: bool
     backout: bool
     lambdas: bool
@@ -141,7 +141,9 @@ def parse_overrides(items: list[str]) -> dict:
         if not sep or key not in types:
             raise ValueError(f"bad override {item!r}: expected key=value with key in {sorted(types)}")
         kind = types[key]
-        if "bool" in kind:
+        if "None" in kind and raw.lower() == "none":
+            out[key] = None
+        elif "bool" in kind:
             out[key] = raw.lower() in ("1", "true", "yes")
         elif "float" in kind:
             out[key] = float(raw)

@@ -205,7 +205,8 @@ class GPT(nn.Module):
         if not all_logits:
             x = x[:, -1]
         logits = self.lm_head(norm(x, eps))[..., : cfg.vocab_size].float()
-        logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
+        if cfg.softcap is not None:
+            logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
         return StepOutput(logits, new_k, new_v)
 
     def empty_cache(self, max_slots: int, max_seq: int) -> tuple[list, list]:

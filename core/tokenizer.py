@@ -1,11 +1,11 @@
 """
 nanochat's tokenizer and chat format, and an incremental detokenizer for streaming.
 
-The tokenizer is the pickled tiktoken.Encoding that nanochat's tok_train writes. Special tokens are
-never parsed out of user text (encode_ordinary), exactly as nanochat does. A conversation is
-rendered as [bos] + <|user_start|>..<|user_end|> / <|assistant_start|>..<|assistant_end|> turns,
-with a leading system message merged into the first user message, and completion adds a final
-<|assistant_start|>.
+The tokenizer is the pickled tiktoken.Encoding that nanochat's tok_train writes, or the same encoding read
+from a Hugging Face tokenizer.json (core/tokenizer_json.py). Special tokens are never parsed out of user
+text (encode_ordinary), exactly as nanochat does. A conversation is rendered as
+[bos] + <|user_start|>..<|user_end|> / <|assistant_start|>..<|assistant_end|> turns, with a leading system
+message merged into the first user message, and completion adds a final <|assistant_start|>.
 """
 
 from __future__ import annotations
@@ -49,12 +49,22 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
+        """nanochat's tokenizer.pkl, or a Hugging Face tokenizer.json made from one (core/tokenizer_json.py)."""
+        if Path(path).suffix == ".json":
+            from core.tokenizer_json import read_encoding
+
+            return cls(read_encoding(path))
         with open(path, "rb") as f:
             try:
                 encoding = pickle.load(f)
             except Exception as e:
                 raise ValueError(f"cannot read tokenizer {path}: {e}") from e
         return cls(encoding)
+
+    def save(self, path: str | Path) -> None:
+        """The encoding pickled, as nanochat's tokenizer.pkl (what the backend loads)."""
+        with open(path, "wb") as f:
+            pickle.dump(self.enc, f)
 
     @property
     def vocab_size(self) -> int:

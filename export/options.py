@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 
 from backend.model_config import AUTO, PRECISIONS, RUNTIMES, EngineConfig, ModelShape, check_ranges
+from backend.protocol import NANOCHAT_TOOLS, TOOL_CHANNELS
 from core.checkpoint import SOURCES
 from core.config import parse_overrides
-from core.tool_calls import NANOCHAT, TOOL_CHANNELS
 
 DEFAULT_SOURCE = "sft"
 EXPORT_RUNTIMES = ("auto", *RUNTIMES)
@@ -33,7 +33,8 @@ class ExportOptions:
                                       "rl, mid, base when there is none", choices=tuple(sorted(SOURCES)))
     step: int | None = option(None, "checkpoint step; default: the last one")
     checkpoint_dir: str | None = option(None, "a plain folder with model_<step>.pt/meta_<step>.json instead of "
-                                              "the nanochat layout")
+                                              "the nanochat layout, or a transformers NanoChat folder (config.json, "
+                                              "safetensors, tokenizer.json)")
     nanochat_base_dir: str | None = option(None, "nanochat base dir; default $NANOCHAT_BASE_DIR or ~/.cache/nanochat")
     name: str | None = option(None, "Triton model name; default: the model tag")
     model_repository: str = option("model_repository", "Triton model repository to write into")
@@ -48,7 +49,7 @@ class ExportOptions:
                                   range=_SHAPE["max_slots"].metadata["range"], auto=True)
     max_seq: int | None = option(None, "context per row; default: the checkpoint's sequence_len",
                                  range=_SHAPE["max_seq"].metadata["range"])
-    tool_channel: str = option(NANOCHAT, "how the model calls tools: nanochat (its calculator, special tokens, "
+    tool_channel: str = option(NANOCHAT_TOOLS, "how the model calls tools: nanochat (its calculator, special tokens, "
                                          "exactly as nanochat) or registry (samosaChaat's fine-tunes: JSON calls to "
                                          "calculator and web_search, markers as special tokens or as text). A "
                                          "checkpoint does not say how it was fine-tuned, so it is chosen here",

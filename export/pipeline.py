@@ -2,7 +2,8 @@
 `make export`: a nanochat checkpoint -> ONNX graph (-> TensorRT engine) -> a Triton model.
 
 export_model() is the whole pipeline as one function, used by the CLI (export/__main__.py), the
-benchmark and tests: find the checkpoint (core/checkpoint.py), load it into the model core,
+benchmark and tests: find the checkpoint (core/checkpoint.py: nanochat's files or a transformers NanoChat
+folder, the same model either way), load it into the model core,
 trace the graph (export/graph.py), lower its precision (export/precision.py), check it and run it
 once under ONNX Runtime against the model core, build a TensorRT engine on GPU nodes
 (export/tensorrt_build.py), and install everything into the repository atomically
@@ -17,7 +18,6 @@ import datetime
 import gc
 import json
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +26,7 @@ import numpy as np
 
 from backend import protocol
 from backend.model_config import AUTO, ModelShape, config_pbtxt
-from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint
+from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint, save_tokenizer
 from core.config import parse_overrides
 from export import graph, repository, tensorrt_rules
 from export.options import DEFAULT_SOURCE, ExportOptions
@@ -252,13 +252,13 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
     repo = Path(o.model_repository).expanduser().absolute()
     target = repo / name
     try:
-        repository.check_target(target, str(ref.model_path.absolute()), o.force)
+        repository.check_target(target, str(ref.checkpoint_path.absolute()), o.force)
     except repository.RepositoryError as e:
         raise ExportError(str(e)) from e
 
-    log(f"loading {ref.model_path} ...")
+    log(f"loading {ref.checkpoint_path} ({ref.format}) ...")
     try:
-        loaded, _ = open_checkpoint(ref, **parse_overrides(list(o.overrides)))
+        loaded, tokenizer = open_checkpoint(ref, **parse_overrides(list(o.overrides)))
     except CheckpointError as e:
         raise ExportError(str(e)) from e
     cfg = loaded.config
@@ -311,14 +311,15 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
                 if memory is not None:
                     check_engine_memory(memory, n_params * width, kv_per_seq, max_slots,
                                         max(trt_info["scratch_bytes"].values()), log)
-            shutil.copyfile(ref.tokenizer_path, vdir / protocol.TOKENIZER_FILE)
+            save_tokenizer(ref, tokenizer, vdir / protocol.TOKENIZER_FILE)
             for f in vdir.iterdir():
                 f.chmod(0o644)  # onnx writes its data file 0600; the server may run as another user
             files, content_hash = repository.describe_files(vdir)
             meta = dict(
                 name=name, model_tag=ref.model_tag, source=ref.source or "dir", step=ref.step,
-                checkpoint_path=str(ref.model_path.absolute()), generation=cfg.generation,
-                config=cfg.to_dict(), overrides=list(o.overrides), **dataclasses.asdict(shape), files=files,
+                source_format=ref.format, checkpoint_path=str(ref.checkpoint_path.absolute()),
+                generation=cfg.generation, config=cfg.to_dict(), overrides=list(o.overrides),
+                **dataclasses.asdict(shape), files=files,
                 tensorrt=trt_info, versions=versions(), content_hash=content_hash,
                 exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             )

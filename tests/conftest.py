@@ -4,8 +4,9 @@ Session fixtures that start one real Triton server for every test that needs it 
     oracle_repository  a model repository in a session temp dir with the two nanochat oracle
                        checkpoints exported as "head" (G4) and "orig" (G0), a small demo checkpoint
                        as "demo", and "demo_1slot" (a larger demo model with max_slots 1, max_queue 1; and the
-                       same as "demo_tools", with samosaChaat's tool channel)
-    triton_server      a tools.local_triton.LocalTriton over it with all four models loaded;
+                       same as "demo_tools", with samosaChaat's tool channel), and "hf", a transformers NanoChat
+                       folder (tests/hf_models.py; its metadata.json's checkpoint_path is the folder)
+    triton_server      a tools.local_triton.LocalTriton over it with five models loaded (not demo_tools);
                        use .grpc_url / .http_url / .metrics_url
     oracle_references  {"head": references.json, "orig": ...} of ../shared/oracle
     demo_training, generation_exports, head_export, wide_export
@@ -44,6 +45,7 @@ def oracle_references() -> dict:
 def oracle_repository(tmp_path_factory, oracle_references) -> Path:
     from core.random_checkpoint import make_checkpoint
     from tests.exports import export_all
+    from tests.hf_models import write_oracle_model
 
     repo = tmp_path_factory.mktemp("model_repository")
     jobs = [export_options(repo, name, base, "base", max_slots=16, max_seq=512, max_queue=64, prefill_chunk=256)
@@ -62,6 +64,10 @@ def oracle_repository(tmp_path_factory, oracle_references) -> Path:
     # what `make serve` shows
     jobs.append(export_options(repo, "demo_tools", slow_base, "sft", max_slots=2, max_seq=1024,
                                tool_channel="registry"))
+    # a transformers NanoChat folder as transformers saves it (sharded), over the oracles' tokenizer
+    hf = write_oracle_model(tmp_path_factory.mktemp("hf_nanochat"), max_shard_size="1MB")
+    jobs.append(export_options(repo, "hf", None, None, checkpoint_dir=hf, max_slots=2, max_seq=DEMO_MAX_SEQ,
+                               max_queue=8, prefill_chunk=64))
     export_all(jobs)
     return repo
 
@@ -180,7 +186,7 @@ def triton_server(oracle_repository):
     pytest.importorskip("pytriton", reason="the nvidia-pytriton wheel carries the local tritonserver")
     from tools.local_triton import LocalTriton
 
-    with LocalTriton(oracle_repository, load=["head", "orig", "demo", "demo_1slot"]) as server:
+    with LocalTriton(oracle_repository, load=["head", "orig", "demo", "demo_1slot", "hf"]) as server:
         yield server
 
 

@@ -62,7 +62,8 @@ def test_make_export_writes_a_triton_model(make_export_head):
     meta = json.loads((version / "metadata.json").read_text())
     head = oracle_or_skip("head")
     assert meta["checkpoint_path"] == str(head / "base_checkpoints" / "d4" / "model_000900.pt")
-    assert (meta["name"], meta["model_tag"], meta["source"], meta["step"]) == ("d4", "d4", "base", 900)
+    assert (meta["name"], meta["model_tag"], meta["source"], meta["step"], meta["source_format"]) == \
+        ("d4", "d4", "base", 900, "nanochat")
     assert (meta["generation"], meta["precision"], meta["runtime"], meta["tensorrt"]) == ("G4", "fp32", "onnx", None)
     assert (meta["max_slots"], meta["max_seq"]) == (8, 512)
     assert meta["config"]["n_head"] == 4 and meta["config"]["window_pattern"] == "SSSL"
