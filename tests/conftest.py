@@ -3,8 +3,8 @@ Session fixtures that start one real Triton server for every test that needs it 
 
     oracle_repository  a model repository in a session temp dir with the two nanochat oracle
                        checkpoints exported as "head" (G4) and "orig" (G0), a small demo checkpoint
-                       as "demo", and "demo_1slot" (a larger demo model with max_slots 1, max_queue 1; and the
-                       same as "demo_tools", with samosaChaat's tool channel), and "hf", a transformers NanoChat
+                       as "demo" (and as "demo_tools", with samosaChaat's tool channel), "demo_1slot" (a larger
+                       demo model with max_slots 1, max_queue 1), and "hf", a transformers NanoChat
                        folder (tests/hf_models.py; its metadata.json's checkpoint_path is the folder)
     triton_server      a tools.local_triton.LocalTriton over it with five models loaded (not demo_tools);
                        use .grpc_url / .http_url / .metrics_url
@@ -54,16 +54,15 @@ def oracle_repository(tmp_path_factory, oracle_references) -> Path:
     make_checkpoint(demo_base, "G4", depth=2, n_embd=64, sequence_len=DEMO_MAX_SEQ)
     jobs.append(export_options(repo, "demo", demo_base, "sft", max_slots=4, max_seq=DEMO_MAX_SEQ, max_queue=8,
                                prefill_chunk=64))
-    # the same model as samosaChaat's fine-tunes call tools (JSON calls, web_search): what `make serve` shows
+    # the same model calling tools as samosaChaat's fine-tunes do (JSON calls, web_search), with a context that
+    # holds a search result: what `make serve` shows
+    jobs.append(export_options(repo, "demo_tools", demo_base, "sft", max_slots=2, max_seq=4 * DEMO_MAX_SEQ,
+                               tool_channel="registry"))
     # head-sized, so a request holds its one slot long enough (seconds) for queueing and cancelling tests
     slow_base = tmp_path_factory.mktemp("slow_checkpoint")
     make_checkpoint(slow_base, "G4", depth=4, n_embd=256, n_head=4, sequence_len=1024)
     jobs.append(export_options(repo, "demo_1slot", slow_base, "sft", max_slots=1, max_seq=1024, max_queue=1,
                                prefill_chunk=64))
-    # the same as samosaChaat's fine-tunes call tools (JSON calls, web_search), with room for a search's result:
-    # what `make serve` shows
-    jobs.append(export_options(repo, "demo_tools", slow_base, "sft", max_slots=2, max_seq=1024,
-                               tool_channel="registry"))
     # a transformers NanoChat folder as transformers saves it (sharded), over the oracles' tokenizer
     hf = write_oracle_model(tmp_path_factory.mktemp("hf_nanochat"), max_shard_size="1MB")
     jobs.append(export_options(repo, "hf", None, None, checkpoint_dir=hf, max_slots=2, max_seq=DEMO_MAX_SEQ,
