@@ -291,3 +291,17 @@ def test_force_tool_input():
                      ({"force_tool": inputs["force_tool"]}, "needs `messages`")]:
         with pytest.raises(RequestError, match=re.escape(why)):
             parse_force(bad.get)
+
+
+def test_why_a_forced_search_would_be_skipped(tok):
+    """model.py serves a forced search as a plain turn, with this reason in its log line, when nothing could run it."""
+    runner, sink = ScriptedModel(tok, {}), FakeSink()
+    cases = [(None, "the model's tool channel is nanochat's calculator (export with TOOL_CHANNEL=registry)"),
+             (registry_from_env(5.0, {}), "no search backend configured"),
+             (registry_from_env(5.0, {"SEARXNG_URL": "http://127.0.0.1:9"}), "")]
+    for tools, why in cases:
+        sched = Scheduler(runner, tok, sink, EngineConfig(), tools=tools)
+        try:
+            assert sched.cannot_force_why == why
+        finally:
+            sched.close()
