@@ -55,8 +55,7 @@ def test_the_readmes_parameters_are_the_engine_config():
     fields = dataclasses.fields(EngineConfig)
     assert [r[0] for r in rows] == [f.name for f in fields]
     for row, f in zip(rows, fields, strict=True):
-        low, high = f.metadata["range"]
-        assert (row[1], row[2]) == (str(f.default), f"{low}..{high}"), f.name
+        assert (row[1], row[2]) == (str(f.default), f"{f.metadata['low']}..{f.metadata['high']}"), f.name
     shape = README[README.index("## metadata.json"):]
     assert all(f"`{f.name}`" in shape.split("##")[1] for f in dataclasses.fields(ModelShape))
 
