@@ -11,6 +11,7 @@ target not writable or holding another model) with the reason on stderr; 1 an un
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from export.options import ExportOptions, fields, from_env, options, variable
 from export.pipeline import ExportError, export_model
 
 
-def _text(cls: type, f) -> Callable[[str], object]:
+def _text(cls: type, f: dataclasses.Field) -> Callable[[str], object]:
     """A flag's value from its text, by the one parser of the environment and config.pbtxt."""
     def value(raw: str) -> object:
         try:
