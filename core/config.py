@@ -21,6 +21,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from core.config_fields import boolean
+
 GENERATIONS = ("G0", "G1", "G2", "G3", "G4")
 NORM_EPS = 2.0**-23  # F.rms_norm(eps=None) on fp32 = torch.finfo(torch.float32).eps
 
@@ -144,7 +146,7 @@ def parse_overrides(items: list[str]) -> dict:
         if "None" in kind and raw.lower() == "none":
             out[key] = None
         elif "bool" in kind:
-            out[key] = raw.lower() in ("1", "true", "yes")
+            out[key] = boolean(raw, key)
         elif "float" in kind:
             out[key] = float(raw)
         elif "int" in kind:

@@ -13,8 +13,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY docker/constraints-bff.txt docker/
-# The BFF and the one module of the backend it imports: the wire contract (standard library only).
+# The BFF and the two modules of the project it imports, standard library only: the backend's wire contract and
+# core's config dialect (core/__init__.py imports nothing).
 COPY backend/__init__.py backend/protocol.py backend/
+COPY core/__init__.py core/config_fields.py core/
 COPY bff/ bff/
 # Installed in place (editable), so the code runs from this source tree, which the final stage copies to the
 # same path. Exactly the bff extra; tests/deploy/test_images.py builds the same environment and serves from it.

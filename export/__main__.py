@@ -11,25 +11,26 @@ target not writable or holding another model) with the reason on stderr; 1 an un
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
+import typing
+from collections.abc import Callable
 
-from backend.model_config import AUTO
-from export.options import ExportOptions, fields, from_env, options
+from core.config_fields import kind_of, parse
+from export.options import ExportOptions, fields, from_env, options, variable
 from export.pipeline import ExportError, export_model
 
-TRUE = ("1", "true", "yes", "on")
 
-
-def int_or_auto(text: str) -> int | str:
-    return text if text == AUTO else int(text)
-
-
-def _kind(f):
-    if f.metadata.get("auto"):
-        return int_or_auto
-    return bool if "bool" in f.type else int if "int" in f.type and "tuple" not in f.type else str
+def _text(cls: type, f: dataclasses.Field) -> Callable[[str], object]:
+    """A flag's value from its text, by the one parser of the environment and config.pbtxt."""
+    def value(raw: str) -> object:
+        try:
+            return parse(cls, f, raw, variable(f))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,10 +40,10 @@ def parser() -> argparse.ArgumentParser:
                     "nodes), tokenizer, metadata and config.pbtxt, written atomically into the model repository. "
                     "Each option is also a make variable: its name in capitals (make export MODEL=d20 FORCE=1).",
     )
-    for f in fields():
-        flag, doc, kind = "--" + f.name.replace("_", "-"), f.metadata["doc"], _kind(f)
+    for cls, f in fields():
+        flag, doc, kind = "--" + f.name.replace("_", "-"), f.metadata["doc"], kind_of(cls, f)
         default = f" (default: {f.default})" if f.default is not None and kind is not bool else ""
-        if f.metadata.get("multiple"):
+        if typing.get_origin(kind) is tuple:
             p.add_argument(flag.removesuffix("s"), dest=f.name, action="append", default=None, help=doc,
                            metavar="KEY=VALUE")
         elif kind is bool:
@@ -50,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(f"--no-{f.name}" if off else flag, dest=f.name, default=None, help=doc,
                            action="store_false" if off else "store_true")
         else:
-            p.add_argument(flag, type=kind, choices=f.metadata.get("choices"), default=None, help=doc + default)
+            p.add_argument(flag, type=_text(cls, f), choices=f.metadata["choices"], default=None, help=doc + default)
     p.add_argument("--env", action="store_true", help="read options not given as flags from the environment "
                                                       "(MODEL, MAX_SLOTS, ...: what make passes)")
     return p
@@ -60,20 +61,7 @@ def parse_options(argv: list[str] | None = None, env: dict[str, str] | None = No
     """ExportOptions from the command line (and, with --env, the environment); ValueError if one is bad."""
     a = vars(parser().parse_args(argv))
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in a.items() if v is not None and k != "env"}
-    kinds = {f.name: _kind(f) for f in fields()}
-    if a["env"]:
-        for name, raw in from_env(env).items():
-            if name not in given:
-                kind = kinds[name]
-                if isinstance(raw, list):
-                    given[name] = tuple(raw)
-                    continue
-                try:
-                    given[name] = raw.lower() in TRUE if kind is bool else kind(raw)
-                except ValueError:
-                    wanted = "valid" if kind is str else "an integer" + (" or auto" if kind is int_or_auto else "")
-                    raise ValueError(f"{name.upper()}={raw!r} is not {wanted}") from None
-    return options(**given)
+    return options(**{**(from_env(env) if a["env"] else {}), **given})
 
 
 _terminated = []  # set by SIGTERM: torch may wrap the KeyboardInterrupt raised below in its own errors

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from backend import protocol
-from backend.model_config import AUTO, ModelShape, config_pbtxt
+from backend.model_config import ModelShape, config_pbtxt
 from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint, save_tokenizer
 from core.config import parse_overrides
+from core.config_fields import AUTO
 from export import graph, repository, tensorrt_rules
 from export.options import DEFAULT_SOURCE, ExportOptions
 from export.precision import lower_file

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import pytest
 import yaml
 
 from backend import protocol as P
@@ -55,8 +56,7 @@ def test_the_readmes_parameters_are_the_engine_config():
     fields = dataclasses.fields(EngineConfig)
     assert [r[0] for r in rows] == [f.name for f in fields]
     for row, f in zip(rows, fields, strict=True):
-        low, high = f.metadata["range"]
-        assert (row[1], row[2]) == (str(f.default), f"{low}..{high}"), f.name
+        assert (row[1], row[2]) == (str(f.default), f"{f.metadata['low']}..{f.metadata['high']}"), f.name
     shape = README[README.index("## metadata.json"):]
     assert all(f"`{f.name}`" in shape.split("##")[1] for f in dataclasses.fields(ModelShape))
 
@@ -68,15 +68,36 @@ def test_the_readmes_metrics_are_the_protocols():
     assert set(re.findall(r"nanochat_\w+", documented)) <= {n + s for n in names for s in ("", "_bucket")}
 
 
-def test_the_bff_documents_the_protocols_ranges():
-    # bff/openapi.yaml validates /generate bodies before they reach Triton: the same bounds, or a body the
-    # BFF accepts would be refused by the backend (or the other way round)
+def test_the_bff_documents_the_protocols_defaults():
     schema = COMPONENTS["schemas"]["GenerateRequest"]["properties"]
     for name in ("temperature", "top_k", "max_tokens"):
-        spec = P.INPUT[name]
-        assert (schema[name]["minimum"], schema[name]["maximum"]) == (spec.low, spec.high), name
-        assert f"default {spec.default}" in schema[name]["description"], name
+        assert f"default {P.INPUT[name].default}" in schema[name]["description"], name
     assert yaml.safe_load((PROJECT / "bff" / "openapi.yaml").read_text())["components"] == COMPONENTS
+
+
+SCHEMA_INPUTS = {"max_completion_tokens": "max_tokens"}  # OpenAI's newer name for it
+OFF = {("ChatCompletionRequest", "top_k"): -1}  # vLLM's spelling of "the whole vocabulary", sent on as 0
+NOT_INPUTS = {("ChatCompletionRequest", "n")}  # one choice per request: the BFF's own bound
+
+
+@pytest.mark.parametrize("schema", ["GenerateRequest", "ChatCompletionRequest"])
+def test_the_bff_schemas_bounds_are_the_protocols_ranges(schema):
+    # bff/openapi.yaml validates bodies before they reach Triton: the same bounds, or a body the BFF accepts
+    # would be refused by the backend (or the other way round)
+    properties = COMPONENTS["schemas"][schema]["properties"]
+    bounded = {name for name, p in properties.items() if "minimum" in p or "maximum" in p}
+    for name in bounded - {n for s, n in NOT_INPUTS if s == schema}:
+        spec = P.INPUT[SCHEMA_INPUTS.get(name, name)]
+        wanted = (OFF.get((schema, name), spec.low), spec.high)
+        assert (properties[name].get("minimum"), properties[name].get("maximum")) == wanted, (schema, name)
+    ranged = {name for name, spec in P.INPUT.items() if spec.low is not None}
+    assert {name for name in properties if SCHEMA_INPUTS.get(name, name) in ranged} <= bounded, schema  # none left out
+
+
+def test_the_openai_stop_bounds_are_within_the_protocols():
+    stop = COMPONENTS["schemas"]["ChatCompletionRequest"]["properties"]["stop"]["oneOf"]
+    assert stop[0]["maxLength"] <= P.MAX_STOP_CHARS and stop[1]["items"]["maxLength"] <= P.MAX_STOP_CHARS
+    assert stop[1]["maxItems"] <= P.MAX_STOPS
 
 
 def test_no_file_tensor_or_metric_name_is_spelled_twice():

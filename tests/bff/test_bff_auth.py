@@ -53,9 +53,10 @@ def test_health_needs_no_key(bff_url):
     assert r.json() == {"status": "ok", "ready": True, "current_model": "head"}
 
 
-@pytest.mark.parametrize("values", [{"ping_interval_s": 0}, {"first_response_wait_s": -1}])
-def test_timings_must_make_sense(values):
-    with pytest.raises(ValueError, match="BFF_PING_INTERVAL_S"):
+@pytest.mark.parametrize("values, variable", [({"ping_interval_s": 0}, "BFF_PING_INTERVAL_S"),
+                                              ({"first_response_wait_s": -1}, "BFF_FIRST_RESPONSE_WAIT_S")])
+def test_timings_must_make_sense(values, variable):
+    with pytest.raises(ValueError, match=variable):
         from_env({}, api_key="k" * 16, **values)
 
 

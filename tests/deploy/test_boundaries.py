@@ -6,13 +6,15 @@ what the folders before it offer and its image installs.
     core     nothing of the project; no Triton, ONNX or HTTP
     backend  core; only backend/model.py imports triton_python_backend_utils
     export   core, and of the backend its contract (protocol, model_config) and runners
-    bff      of the project only backend.protocol (standard library): no numpy, torch or tokenizer
+    bff      of the project only backend.protocol and core.config_fields (standard library): no numpy, torch
+             or tokenizer
     tools, tests   anything
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 
 import pytest
 
@@ -20,6 +22,7 @@ from tools.paths import PROJECT
 
 PACKAGES = ("core", "backend", "export", "bff", "tools")
 EXPORT_MAY_USE = {"backend.protocol", "backend.model_config", "backend.onnx_runner", "backend.trt_runner"}
+BFF_MAY_USE = {"backend.protocol", "core.config_fields"}  # standard library only: the BFF's image copies just these
 
 
 def imports(path) -> set[str]:
@@ -62,8 +65,15 @@ def test_backend_imports_core_and_itself_and_only_model_py_imports_triton():
         http = () if path in ("backend/web_search.py", "backend/public_fetch.py") else ("httpx",)
         assert not {n for n in names if top(n) in ("falcon", "uvicorn", "tritonclient", "onnx", *http)}, path
     protocol = imports(PROJECT / "backend" / "protocol.py") | imports(PROJECT / "backend" / "model_config.py")
-    assert project(protocol) <= {"backend", "backend.protocol"}  # stdlib only: the BFF imports protocol
+    assert project(protocol) <= {"backend", "backend.protocol", "core.config_fields"}  # the BFF imports protocol
     assert not {n for n in protocol if top(n) in ("numpy", "torch", "tiktoken")}
+
+
+def test_what_the_bff_imports_of_the_project_is_standard_library_only():
+    for module in BFF_MAY_USE:
+        names = imports(PROJECT.joinpath(*module.split(".")).with_suffix(".py"))
+        assert {top(n) for n in names if top(n) not in PACKAGES} <= set(sys.stdlib_module_names), module
+        assert project(names) <= {"backend", "core"} | BFF_MAY_USE, module
 
 
 def test_export_imports_core_and_the_backends_contract_and_runners():
@@ -73,10 +83,10 @@ def test_export_imports_core_and_the_backends_contract_and_runners():
         assert {top(n) for n in project(names)} <= {"core", "backend", "export"}, path
 
 
-def test_bff_imports_only_the_protocol_of_the_backend():
+def test_bff_imports_only_the_protocol_of_the_backend_and_the_config_dialect():
     for path, names in modules("bff").items():
         outside = {n for n in project(names) if top(n) != "bff"}
-        assert outside <= {"backend.protocol"}, (path, outside)
+        assert outside <= BFF_MAY_USE, (path, outside)
         assert not {n for n in names if top(n) in ("numpy", "torch", "tiktoken", "onnxruntime")}, path
 
 

@@ -91,6 +91,7 @@ def test_recipes_are_read_from_the_dockerfiles():
     copies, extras, editable = image_recipe(DOCKER / "bff.Dockerfile", "build")
     assert extras == ["bff"] and editable
     assert (["backend/__init__.py", "backend/protocol.py"], "backend/") in copies
+    assert (["core/__init__.py", "core/config_fields.py"], "core/") in copies
 
 
 @pytest.fixture(scope="module")
