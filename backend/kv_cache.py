@@ -1,7 +1,7 @@
 """
-What the ONNX and TensorRT runners do to their K/V cache each step; one (max_seq, max_slots, Hkv, D) array per layer
-and K/V, numpy on the host or torch on the GPU: these functions take either. The graph reads the first Lc rows in
-place and returns only the new K/V, which are scattered to the batch's B*T rows, never the whole cache.
+What the ONNX and TensorRT runners do to their K/V cache each step, on numpy (host) or torch (GPU) arrays alike:
+one (max_seq, max_slots, Hkv, D) array per layer and K/V, whose first Lc rows the graph reads in place; only the
+batch's B*T new rows are written back, never the whole cache.
 """
 
 from __future__ import annotations
