@@ -1,19 +1,8 @@
 """
-Engine statistics, and their export as Triton custom metrics (on Triton's /metrics page).
-
-The step thread only bumps plain Python numbers and appends latencies to deques (no IPC on the hot
-path); the response thread calls TritonMetrics.export every poll interval, which turns the deltas
-into pb_utils counter increments, gauge sets and histogram observations. Every one of those calls is
-a blocking IPC round trip into the server, so nothing is exported per token: time to first token
-(one sample per request) is a native histogram (MetricFamily.HISTOGRAM, Triton 2.51+), while the
-inter-token latency, one sample per token, is counted into buckets here and exported as the three
-counter families a Prometheus histogram consists of (_bucket{le=...} cumulative, _sum, _count), so
-histogram_quantile() reads it as usual and an export costs at most one call per bucket.
-
-CPU time is split by where it is spent, per thread (time.thread_time): `model_call` is the step
-thread inside Runner.step, `schedule` the rest of the step thread (batching, sampling,
-detokenizing), `send` the response thread (building and sending responses, cancellation checks).
-schedule + send per token is the per-token cost outside the model.
+Engine statistics, and their export as Triton custom metrics. The step thread only bumps plain numbers; the
+response thread exports every poll interval. Each pb_utils metric call is a blocking IPC round trip into the server,
+so nothing is exported per token: the inter-token latency is bucketed here and exported as a Prometheus histogram's
+counters, which histogram_quantile() reads as usual.
 """
 
 from __future__ import annotations
@@ -52,6 +41,8 @@ class EngineStats:
         self.requests: collections.deque[tuple[float, float, int, int]] = collections.deque()
         self.max_slots = 0  # for the usage ratio
         self.itl: collections.deque[float] = collections.deque()
+        # CPU seconds per thread (time.thread_time): step thread (model_call: inside Runner.step), response thread
+        # (send); schedule (step - model_call) + send per token is the per-token cost outside the model
         self.cpu = {"step": 0.0, "model_call": 0.0, "send": 0.0}
         self.runner_seconds = 0.0  # wall time inside Runner.step
 
@@ -93,6 +84,7 @@ class TritonMetrics:
         }
         cpu = family(P.METRIC_CPU, "CPU time of the backend's threads by part", F.COUNTER)
         self.cpu = {part: cpu.Metric(labels={**labels, "part": part}) for part in ("schedule", "model_call", "send")}
+        # a native histogram (Triton 2.51+): one sample per request
         self.ttft = family(P.METRIC_TTFT, "Time from arrival to the first token",
                            F.HISTOGRAM).Metric(labels=labels, buckets=TTFT_BUCKETS)
         # one sample each per finished request (not per token): an IPC call each is affordable here
@@ -108,6 +100,7 @@ class TritonMetrics:
         ]
         self.usage = family(P.METRIC_SLOT_USAGE, "KV-cache slots in use, as a fraction of all",
                             F.GAUGE).Metric(labels=labels)
+        # one sample per token: _bucket{le} (cumulative), _sum and _count counters, at most one call per bucket
         itl = P.METRIC_ITL
         about = "Time between a request's tokens (a histogram's series, exported as counters)"
         buckets = family(itl + "_bucket", about, F.COUNTER)

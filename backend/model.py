@@ -1,17 +1,8 @@
 """
-The `nanochat` Triton backend: a Python-based backend serving every model whose config.pbtxt says
-backend: "nanochat" (installed as <backends>/nanochat/model.py, the layout of vLLM's Triton backend).
-
-Glue only, as in vLLM's backend: initialize() reads the engine settings from the config parameters and
-the model's shape from metadata.json (backend/model_config.py), builds the runner its runtime names
-(backend/runner.py) on this instance's device and starts a backend.scheduler.Scheduler; execute()
-parses each request and hands it over, returning None (decoupled); finalize() stops the scheduler, which
-ends anything unfinished with a FINAL error. Responses, cancellation checks and custom metrics go through
-TritonSink and TritonMetrics from the scheduler's response thread. The request/response contract is backend/protocol.py.
-
-The stub's interpreter ignores PYTHONPATH, so before importing numpy or the project this file adds
-the directories in NANOCHAT_TRITON_SYS_PATH (set by tools/local_triton.py; unset in a container
-whose Python already has the packages) to the front of sys.path, honouring their .pth files.
+The `nanochat` Triton backend, installed as <backends>/nanochat/model.py (vLLM's Triton backend's layout). Glue
+only: initialize() builds the runner and a backend.scheduler.Scheduler from config.pbtxt and metadata.json, execute()
+hands each request over and returns None (decoupled), finalize() stops the scheduler. The stub's interpreter ignores
+PYTHONPATH, hence _add_sys_path before any other import.
 """
 
 import os
@@ -20,6 +11,8 @@ import sys
 
 
 def _add_sys_path() -> None:
+    """NANOCHAT_TRITON_SYS_PATH's directories first on sys.path, with their .pth files (set by tools/local_triton.py;
+    unset in a container whose Python already has the packages)."""
     before = list(sys.path)
     for directory in filter(None, os.environ.get("NANOCHAT_TRITON_SYS_PATH", "").split(os.pathsep)):
         site.addsitedir(directory)

@@ -1,18 +1,7 @@
 """
-The exported graph under ONNX Runtime, behind the `Runner` interface (core/generation.py).
-
-The graph (export/graph.py) reads the first Lc positions of the cache and returns only the K/V of
-the T new positions. This runner owns the cache as host numpy arrays, one (max_seq, max_slots, Hkv,
-D) pair per layer; the sequence axis is first, so `cache[:Lc]` is a contiguous view that is bound to
-the graph's input as is (IO binding on CPU memory, no copy), and the new K/V are written in place at
-each row's positions: per step the runner touches B*T cache rows, never the whole cache.
-
-Lc is max(positions), at least 1: a one-row slice at a fresh prefill is masked out by the graph
-(a cached key is visible only below the row's position), and it keeps every dimension non-zero.
-
-With the CUDA provider (used when ONNX Runtime has it, unless `providers` says otherwise) the
-cache still lives on the host and ONNX Runtime copies the bound slice to the device each step; the
-TensorRT runner (backend/trt_runner.py) is the GPU runtime that keeps the cache on the device.
+The exported graph under ONNX Runtime, behind the `Runner` interface (core/generation.py). The K/V cache is host
+numpy this runner owns, even with the CUDA provider (which copies the bound rows over each step): the GPU runtime
+that keeps the cache on the device is TensorRT (backend/trt_runner.py).
 """
 
 from __future__ import annotations
@@ -23,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend import kv_cache
 from backend import protocol as P
 from core.device_sampling import DrawsOnHost
 from core.last_tokens import LastTokens
@@ -54,7 +44,7 @@ class OrtRunner(DrawsOnHost):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers or default_providers())
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.n_layer = sum(1 for n in inputs if n.startswith(P.CACHE_PREFIXES[0]))
+        self.n_layer = kv_cache.layer_count(inputs)
         k0 = inputs[P.k_cache(0)]
         graph_slots = k0.shape[1]
         if graph_slots != max_slots:
@@ -66,7 +56,7 @@ class OrtRunner(DrawsOnHost):
         dtype = DTYPES.get(k0.type)
         if dtype is None:
             raise ValueError(f"{onnx_path}: KV cache type {k0.type} is not supported by ONNX Runtime here")
-        shape = (max_seq, max_slots, *k0.shape[2:])
+        shape = (max_seq, max_slots, *k0.shape[2:])  # sequence first: cache[:Lc] is contiguous, bound as is
         self.k = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
         self.v = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
         if P.OLD_PREV_EMBEDDING in inputs:
@@ -80,12 +70,9 @@ class OrtRunner(DrawsOnHost):
         pos = np.ascontiguousarray(positions, dtype=np.int64)
         sl = np.ascontiguousarray(slots, dtype=np.int64)
         B, T = ids.shape
-        if int(pos.max()) + T > self.max_seq:
-            raise ValueError(f"positions {pos.tolist()} + {T} tokens exceed the cache of {self.max_seq}")
-        if sl.min() < 0 or sl.max() >= self.max_slots:
-            raise ValueError(f"slots {sl.tolist()} outside 0..{self.max_slots - 1}")
-        Lc = max(1, int(pos.max()))
-        binding = self.session.io_binding()
+        kv_cache.check_step(pos, sl, T, self.max_seq, self.max_slots)
+        Lc = kv_cache.cached_rows(pos)
+        binding = self.session.io_binding()  # on CPU memory: the cache is bound without a copy
         binding.bind_cpu_input(P.INPUT_IDS, ids)
         binding.bind_cpu_input(P.POSITIONS, pos)
         binding.bind_cpu_input(P.SLOTS, sl)
@@ -100,9 +87,7 @@ class OrtRunner(DrawsOnHost):
         out = dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
         rows = pos[None, :] + np.arange(T)[:, None]  # (T, B) cache positions of the new tokens
         cols = np.broadcast_to(sl[None, :], (T, B))
-        for i in range(self.n_layer):
-            self.k[i][rows, cols] = out[P.new_k(i)]
-            self.v[i][rows, cols] = out[P.new_v(i)]
+        kv_cache.write_new(self.k, self.v, out, rows, cols)
         if self.prev is not None:
             self.prev.fed(sl, ids)
         return np.asarray(out[P.LOGITS], dtype=np.float32)

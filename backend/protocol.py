@@ -1,18 +1,8 @@
 """
-The nanochat Triton model's contract, declared once: every name that crosses a process or file boundary.
-
-- the request inputs and response outputs (name, Triton type, dims, default, allowed range), from which
-  config.pbtxt is written (backend/model_config.py), the backend parses and builds, and the BFF and the
-  tools encode and decode;
-- the finish reasons and the error prefixes: a decoupled stream's error carries a message but no code, so
-  these prefixes are how a client tells its own fault (INVALID: the BFF answers 400) from a retry-later
-  (QUEUE_FULL, SHUTTING_DOWN: 503);
-- the backend's metric names;
-- the model folder's file names and version folder;
-- the exported graph's tensor names and the TensorRT engine's optimization profiles.
-
-Standard library only: the BFF and the exporter import this module without the backend's dependencies.
-model_repository/README.md documents the same tables; tests/backend/test_protocol.py checks it against them.
+The nanochat Triton model's contract, declared once: every name that crosses a process or file boundary (inputs
+and outputs, finish reasons and error prefixes, metric names, the model folder's files, the exported graph's
+tensors). Standard library only, so the BFF and the exporter import it without the backend's dependencies;
+tests/backend/test_protocol.py checks model_repository/README.md against it.
 """
 
 from __future__ import annotations
@@ -121,14 +111,13 @@ def wire_type(triton_type: str) -> str:
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
+# A stream's error has no code, only a message: its prefix tells the client's fault (400) from retry-later (503).
 INVALID = "invalid request: "  # the client's fault: bad input, a prompt longer than the context
 QUEUE_FULL = "queue full: "  # every slot busy and the queue full; try again later
 SHUTTING_DOWN = "model is shutting down"  # the instance is being unloaded; try again (another model)
 
-# gRPC keepalive between the BFF and Triton: the BFF pings every KEEPALIVE_MS (a partitioned or hung server
-# is noticed within KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS instead of never), and Triton must accept pings that
-# often, also while no stream runs and no data flows (a long prefill); by default it allows one per 5 minutes
-# and drops the connection, with every stream on it, at the second early ping.
+# gRPC keepalive, BFF to Triton: a hung server is noticed within the sum, not never. Triton must permit the pings
+# without data (a long prefill): by default it allows one per 5 minutes and drops the connection at the second.
 KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000
 TRITON_KEEPALIVE_FLAGS = ("--grpc-keepalive-permit-without-calls=1",
                           f"--grpc-http2-min-recv-ping-interval-without-data={KEEPALIVE_MS // 2}")
@@ -150,8 +139,7 @@ METRIC_REQUEST_PROMPT = "nanochat_request_prompt_tokens"  # prompt length, per r
 METRIC_REQUEST_GENERATION = "nanochat_request_generation_tokens"  # tokens streamed, per request
 METRIC_SLOT_USAGE = "nanochat_kv_slots_usage_ratio"  # slots in use / slots
 METRIC_HEALTHY = "nanochat_healthy"  # 0 after unhealthy_after runner failures in a row, 1 again after a good step
-# prefix caching: a prompt's tokens are either reused from a slot's cache or prefilled, so the token hit rate is
-# reused / (reused + prefilled)
+# prefix caching: the token hit rate is reused / (reused + prefilled)
 METRIC_PREFIX_HITS = "nanochat_prefix_cache_hits_total"  # requests that started after a cached prefix
 METRIC_PREFIX_REUSED = "nanochat_prefix_cache_reused_tokens_total"  # prompt tokens taken from the cache
 METRIC_PREFILLED = "nanochat_prefilled_tokens_total"  # prompt tokens computed
@@ -194,7 +182,6 @@ NEW_KV_PREFIXES = (new_k(0)[:-1], new_v(0)[:-1])
 
 # The TensorRT engine's optimization profiles, one execution context each (backend/trt_runner.py).
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
-# Prompt rows one prefill call of a TensorRT engine takes (its prefill profile's largest batch): with T up to
-# the prefill chunk, its activation memory grows with rows x chunk x max_seq, so rows are few and fixed; the
-# runner splits a larger prefill batch into calls of this many rows.
+# Rows of a TensorRT engine's prefill call (its profile's largest batch): activations grow with rows x chunk x max_seq,
+# so they are few; the runner splits a larger prefill batch.
 PREFILL_ROWS = 4

@@ -1,9 +1,7 @@
 """
-Fetch a page from the public internet for a tool, refusing every address that is not public (SSRF).
-
-The host is resolved once, every address it gives is checked, and the connection goes to the checked IP itself
-(Host header and TLS SNI keep the original name), so a DNS answer that changes between the check and the connect
-(rebinding) cannot send the request inside. Redirects are followed by hand, each hop checked the same way.
+Fetch a page from the public internet for a tool, refusing every address that is not public (SSRF). The host is
+resolved once, every address checked, and the connection goes to the checked IP itself (Host header and TLS SNI keep
+the name), so DNS rebinding cannot send the request inside; each redirect hop is checked the same way.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """
-A Triton request's inputs -> prompt token ids and SamplingParams, with the checks the contract asks for.
-
-Inputs are read through a `get(name) -> np.ndarray | None` function, so this runs without Triton.
-Each input's default and range are backend/protocol.py's (nanochat chat_web's); values outside a range
-are refused, not clamped. Without a seed a sampled request is drawn in the runner's batched draw
-(core/device_sampling.py); with one, exactly as nanochat draws. top_k 0 means the whole vocabulary
-(SamplingParams.top_k None).
+A Triton request's inputs -> prompt token ids and SamplingParams, with the contract's checks. Inputs are read through
+`get(name) -> np.ndarray | None`, so this runs without Triton. Defaults and ranges are backend/protocol.py's
+(nanochat chat_web's), and a value outside its range is refused, not clamped.
 """
 
 from __future__ import annotations
@@ -55,7 +51,7 @@ def parse_params(get: Callable[[str], np.ndarray | None]) -> SamplingParams:
     ignore_eos = _scalar(get, "ignore_eos")
     if (min_tokens := _number(get, "min_tokens", int)) > (max_tokens := _number(get, "max_tokens", int)):
         raise RequestError(f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})")
-    return SamplingParams(temperature=temperature, top_k=_number(get, "top_k", int) or None,
+    return SamplingParams(temperature=temperature, top_k=_number(get, "top_k", int) or None,  # 0: the whole vocabulary
                           top_p=_number(get, "top_p", float),
                           max_tokens=max_tokens, seed=seed, min_tokens=min_tokens,
                           ignore_eos=INPUT["ignore_eos"].default if ignore_eos is None else bool(ignore_eos))

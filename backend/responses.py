@@ -1,21 +1,8 @@
 """
-The response thread: turns the step thread's tokens into responses, so the step loop does only nanochat's token
-rules and its host work per token stays small (vLLM keeps detokenizing out of its engine core for the same reason).
-On a GPU this thread runs while the step thread waits for the device.
-
-The step thread hands it one batch of (request, token, finish) per step, and the ends it decides (cancelled, errors,
-shutdown); `refuse` answers requests never accepted. Per request this thread owns the text: it detokenizes, applies
-the stop strings (a stop string ends the answer here: the final goes out at once and the request is flagged for the
-step thread to free its slot, as vLLM's output processor aborts a request in the engine), and streams: the first
-token at once, then a response when stream_interval tokens are ready and stream_interval_ms has passed since the
-request's last one (tokens made in between travel together); the final response carries whatever is left.
-
-It also counts each request's ending and latencies into EngineStats (the exporter reads them on this thread), asks
-the Sink every poll interval whether the client of each request in flight cancelled (a failed send counts as
-cancelled), flagging it for the step thread, and pushes the stats to the metrics exporter.
-
-Triton's response_sender.send() is a blocking IPC call into the server process; `Sink` is the Triton-specific part
-(backend/model.py); tests use a fake one.
+The response thread: turns the step thread's tokens into responses, so the step loop keeps only nanochat's token
+rules (vLLM keeps detokenizing out of its engine core for the same reason) and, on a GPU, this runs while the device
+does. Per request it owns the text (detokenizing, stop strings, streaming) and the cancellation checks, flagging
+requests for the step thread to let go.
 """
 
 from __future__ import annotations
@@ -61,6 +48,8 @@ assert OUTPUT_ARRAYS.keys() == OUTPUT.keys(), "an output of backend/protocol.py 
 
 
 class Sink(Protocol):
+    """The Triton-specific part (backend/model.py; tests use a fake): each send is a blocking IPC call."""
+
     def send(self, handle: object, out: Output | None, error: str | None, final: bool) -> None:
         """Deliver one response (or an error, always final) to the request behind `handle`."""
         ...
@@ -176,7 +165,9 @@ class ResponseThread:
                 # with min_tokens, stop strings are matched from the token after it, so that many stay whole
                 if req.stops is not None and req.emitted > req.seq.params.min_tokens:
                     text, stopped = req.stops.feed(text)
-                    if stopped and not finish:  # the step thread still runs it: flagged, counted when let go
+                    # the final goes out now and the step thread, which still runs it, is flagged to let it go
+                    # (as vLLM's output processor aborts a request in the engine); counted when let go
+                    if stopped and not finish:
                         req.unsent_text += text
                         self._final(req, "stop", None, count=False)
                         continue
@@ -188,6 +179,8 @@ class ResponseThread:
             req.unsent_text += text
             if finish:
                 self._final(req, finish, None)
+            # the first token at once, then every stream_interval tokens and stream_interval_ms (those between
+            # travel together)
             elif req.stream and (req.emitted == 1 or (len(req.unsent_ids) >= self.stream_interval
                                                       and now >= req.send_at)):
                 out = self._output(req, "")

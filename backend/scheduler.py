@@ -1,30 +1,8 @@
 """
-Continuous batching over one Runner: the engine behind each Triton model instance, in plain Python.
-
-One step thread owns the runner and its KV cache of max_slots rows. Each step:
-  1. takes new requests (they join only here, at step boundaries) and lets go of those the response thread
-     flagged (cancelled, or ended by a stop string);
-  2. gives waiting requests the free slots, oldest first;
-  3. decodes every row that has a token to feed, all in one batched runner call;
-  4. prefills one chunk: rows still reading their prompt advance by the same T tokens in one call
-     (T = the shortest remaining prompt part, capped so T x rows <= prefill_chunk), so a long prompt
-     costs the others at most one chunk of latency per step instead of its whole length;
-  5. each row takes its token: the runner draws every row at once where the logits are (runner.step,
-     core/device_sampling.py) and hands back only ids, except for requests with a seed, whose logits come
-     back and are drawn from their own generator as nanochat does (core.sampling.sample_rows); then each
-     row's core.generation.Sequence rules (forced calculator tokens, stop tokens, limits), so a seeded
-     request's tokens never depend on the rest of the batch; a row whose draw or rules fail ends with an
-     error of its own while the others go on. A registry tool call (core/tool_calls.py) runs off this thread
-     (backend/tool_runs.py) while its row sits out the steps; its result is forced like a calculator's. A request
-     that starts with a forced search waits for it before it queues for a slot.
-Finished and cancelled rows free their slot in the same step. Requests beyond max_slots wait in a
-bounded queue; one that does not fit is refused at once with an error.
-
-The step's host work is that and no more: its tokens go to the ResponseThread (backend/responses.py) as one
-batch, which detokenizes, applies stop strings, streams (the first token at once, then by stream_interval
-tokens and stream_interval_ms) and sends, while the step thread waits on the next step (on a GPU, while the
-device runs). It never blocks on clients, and it reports cancellations back through the requests it flags.
-Every request ends with exactly one final output: finish_reason stop|length|cancelled, or an error.
+Continuous batching over one Runner: the engine behind each Triton model instance. One step thread owns the runner
+and its KV cache; requests join only at step boundaries, every decoding row advances in one batched call, and
+prompts prefill by chunks, so a long prompt costs the others one chunk per step, not its whole length. The step
+thread never blocks on clients: its tokens go to the response thread (backend/responses.py) as one batch.
 """
 
 from __future__ import annotations
@@ -137,7 +115,7 @@ class Scheduler:
         with self._cv:
             if self._stopping:
                 refusal = SHUTTING_DOWN
-            elif self._outstanding >= self.max_slots + self.max_queue:
+            elif self._outstanding >= self.max_slots + self.max_queue:  # a bounded queue: refused at once
                 refusal = (f"{QUEUE_FULL}{self.max_slots} slots busy and {self.max_queue} requests waiting; "
                            "retry later")
             else:
@@ -225,6 +203,8 @@ class Scheduler:
             step_cpu = now
 
     def _step(self) -> None:
+        """Let go of flagged rows, take tool results, give free slots to waiting requests (oldest first), decode
+        every row with a token to feed in one call, then prefill one chunk. Finished rows free their slot here."""
         flagged = self.responses.flagged  # cancelled, or ended by the response thread (a stop string)
         while flagged:
             req = flagged.popleft()
@@ -273,7 +253,8 @@ class Scheduler:
 
     def _run_rows(self, ids: np.ndarray, positions: list[int], rows: list[Request], taking: list[Request]) -> None:
         """One runner step over `rows`; each request in `taking` (rows whose prompt is all read) takes its token:
-        the runner's draw, or for a seeded request nanochat's draw on the host from the logits that come back."""
+        the runner's draw, or for a seeded request nanochat's draw on the host from the logits that come back, so
+        its tokens never depend on the rest of the batch."""
         slots = np.array([r.slot for r in rows], dtype=np.int64)
         sampling = self._sampling.rows(slots)
         if len(taking) < len(rows):
@@ -362,8 +343,8 @@ class Scheduler:
     def _finish(self, req: Request, finish_reason: str = "", error: str | None = None, cached: bool = True,
                 by_token: bool = False) -> None:
         """Let a request go: its slot is free for the next step, holding the KV of the tokens that went through the
-        model (the last sampled token never did). Its final response is the response thread's: with its last token
-        (by_token), or from the reason or error given here."""
+        model (the last sampled token never did). Its one final response (stop, length, cancelled or an error) is the
+        response thread's: with its last token (by_token), or from the reason or error given here."""
         if req.run is not None:  # waiting for a tool call: mid-answer, or a forced search before its queue
             self._calling.remove(req)
             req.run = None

@@ -1,12 +1,8 @@
 """
-A Runner that stands in for a GPU: each step takes the time a GPU profile says (core/roofline.py: the step's bytes
-over the GPU's bandwidth, plus a launch cost) and returns what the GPU runner returns, at once. The wait is a sleep,
-which releases the GIL as a CUDA call does, so what the host spends around it (scheduling, detokenizing, responses,
-the server's relays) is measured as it would be on a GPU node. `make bench-sim` serves it in the real Triton backend
-(metadata.json: runtime "sim" and the profile's name).
-
-Unseeded rows get ids drawn uniformly from `text_ids` (ordinary tokens: the detokenizer and stop strings do real
-work); exact rows get logits from a fixed random table, so nanochat's draw on the host runs at the vocabulary's size.
+A Runner that stands in for a GPU: each step sleeps the time a GPU profile says (core/roofline.py) and returns at
+once what a GPU runner would. A sleep releases the GIL as a CUDA call does, so the host's work around it
+(scheduling, detokenizing, responses, the server's relays) is measured as on a GPU node. `make bench-sim` serves it
+(metadata.json's runtime "sim").
 """
 
 from __future__ import annotations
@@ -32,8 +28,9 @@ class SimRunner:
         self.profile, self.max_slots, self.max_seq = profile, max_slots, max_seq
         profile.dense_params()  # the model's shape, worked out now rather than in the first step
         self.prev = None
-        self.text_ids = np.asarray(text_ids, dtype=np.int64)
+        self.text_ids = np.asarray(text_ids, dtype=np.int64)  # drawn uniformly: detokenizer and stops do real work
         self.rng = np.random.default_rng(seed)
+        # seeded rows' logits: nanochat's draw on the host runs at the vocabulary's size
         self.table = self.rng.standard_normal((max_slots, vocab_size), dtype=np.float32)
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:

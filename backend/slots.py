@@ -1,22 +1,15 @@
 """
-The KV-cache rows of one runner, and what each free row still holds (prefix caching): which row a new prompt
-takes, and how much of the prompt is already in the cache there. Owned by the step thread.
-
-The KV at a position depends only on the tokens up to it, so a prompt that begins with what a free row holds is
-prefilled from where they part. A row counts only if the prompt shares at least half of what it holds, so a few
-common tokens (the chat template's start) never take another conversation's cache; otherwise the least recently
-used row is taken (and whatever it shares is reused). Any generation's row is exact from any of its positions:
-G4's smear reads the previous token's id (core/last_tokens.py), which the scheduler gives the runner.
-
-Choosing must not cost a scan of every row per request (256 rows of a thousand tokens each): free rows are indexed
-by their first HEAD tokens, since a row of 2*HEAD tokens or more can count only if the prompt shares at least HEAD
-of them; shorter rows are always looked at.
+The KV-cache rows of one runner and what each free row still holds (prefix caching): which row a new prompt takes,
+and how much of it is already there. The KV at a position depends only on the tokens up to it, so a prompt that
+begins with what a free row holds is prefilled from where they part. Owned by the step thread.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+# Free rows are indexed by their first HEAD tokens, so choosing is no scan of every row (256 rows of a thousand
+# tokens each): a row of 2*HEAD tokens or more counts only if the prompt shares at least HEAD of them.
 HEAD = 16
 
 
@@ -42,6 +35,8 @@ class Slots:
             reuse = self.reusable(self._held[lru], prompt)
             for slot in sorted(self._candidates(prompt) - {lru}, key=self._age.__getitem__):
                 n = self.reusable(self._held[slot], prompt)
+                # at least half of what the row holds: a few common tokens (the chat template's start) never take
+                # another conversation's cache
                 if n > reuse and 2 * n >= len(self._held[slot]):
                     best, reuse = slot, n
         self._unindex(best)

@@ -1,9 +1,7 @@
 """
-Stop strings: a request's answer ends where one of them first appears in its text, which is cut just before it.
-
-Text arrives in pieces, and a stop string may span pieces (or tokens), so `StopMatcher` holds back the end of
-what it has seen that begins one, and releases it once it no longer can (or at the end of the answer). The
-backend applies it to the detokenized text of each request (the `stop` input), so the slot is freed at the stop.
+Stop strings: an answer ends where one first appears in its text, cut just before it. Text arrives in pieces and a
+stop string may span them, so `StopMatcher` holds back any end of the text that could begin one. The backend matches
+the detokenized text, so the slot is freed at the stop.
 """
 
 from __future__ import annotations

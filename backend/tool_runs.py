@@ -1,10 +1,7 @@
 """
-Runs the registry channel's tool calls (core/tool_calls.py) off the step thread: each call goes to a small thread
-pool and has a deadline, so a row waits for its result while the other rows keep decoding, and a call that hangs
-ends as a failed result ("timed out"), never as a failed request. The step thread polls; a finished call wakes it.
-
-The tools: samosaChaat's calculator (core/calculator_tool.py) and web_search with the search backend the
-environment names (backend/web_search.py), or none, when every search gets success false.
+Runs the registry channel's tool calls (core/tool_calls.py) off the step thread, in a small pool with a deadline:
+a row waits for its result while the others decode, and a call that hangs ends as a failed result ("timed out"),
+never as a failed request. A finished call wakes the step thread.
 """
 
 from __future__ import annotations

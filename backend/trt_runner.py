@@ -1,20 +1,7 @@
 """
-A TensorRT engine (model.plan from export/tensorrt_build.py) behind the `Runner` interface.
-
-The KV cache lives on the GPU as one (max_seq, max_slots, Hkv, D) tensor per layer and K/V, in the
-graph's dtype. Each step binds the cache's first Lc rows to the k_cache_i/v_cache_i inputs by
-address (set_tensor_address on the cache's own pointer, with input shape (Lc, ...)), so the engine
-reads the cache in place; the new K/V come back in small per-step buffers and are scattered into
-the cache rows of the batch on the same stream (B*T rows, never the whole cache).
-
-The engine has two optimization profiles (0 prefill, 1 decode); the runner keeps one execution
-context per profile, both on one block of activation memory, and picks decode when T == 1. A prefill
-larger than the prefill profile (more rows than protocol.PREFILL_ROWS, or a prefill_chunk raised in
-config.pbtxt past the engine's) runs as several calls. Device memory and streams come from torch.cuda.
-
-Before deserializing, the runner compares the TensorRT version and GPU compute capability the
-engine was built for (metadata.json beside the plan) with this machine's, and refuses a mismatch
-with a message that says what to rebuild where: TensorRT plans are specific to both.
+A TensorRT engine (model.plan from export/tensorrt_build.py) behind the `Runner` interface. The K/V cache lives on
+the GPU, and the engine reads it in place by address. A plan runs only on the TensorRT version and GPU architecture
+that built it, so the runner refuses a mismatch (metadata.json says what built it) before deserializing.
 """
 
 from __future__ import annotations
@@ -25,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend import kv_cache
 from backend import protocol as P
 from backend.runner import in_pieces
 from core.device_sampling import BatchSampling, Drawn, draw, new_generator
@@ -111,7 +99,8 @@ class TrtRunner:
             ctx.set_device_memory(self.scratch.data_ptr(), scratch)
             ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
             self.contexts.append(ctx)
-        # the largest prefill call the engine takes (rows, tokens); larger ones are split (backend/runner.py)
+        # the largest prefill call the engine takes (rows, tokens; PREFILL_ROWS, or a prefill_chunk raised in
+        # config.pbtxt past the engine's): larger ones are split (backend/runner.py)
         largest = self.engine.get_tensor_profile_shape(P.INPUT_IDS, P.PREFILL_PROFILE)[2]
         self.prefill_rows, self.prefill_tokens = int(largest[0]), int(largest[1])
 
@@ -119,7 +108,7 @@ class TrtRunner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         dtype = lambda n: torch_dtype(self.engine.get_tensor_dtype(n))
-        self.n_layer = sum(n.startswith(P.CACHE_PREFIXES[0]) for n in self.inputs)
+        self.n_layer = kv_cache.layer_count(self.inputs)
         k_shape = tuple(self.engine.get_tensor_shape(P.k_cache(0)))
         self.cache_dtype = dtype(P.k_cache(0))
         shape = (max_seq, max_slots, *k_shape[2:])
@@ -157,10 +146,7 @@ class TrtRunner:
 
     def _logits(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray):
         B, T = input_ids.shape
-        if int(positions.max()) + T > self.max_seq:
-            raise ValueError(f"positions {positions.tolist()} + {T} tokens exceed the cache of {self.max_seq}")
-        if slots.min() < 0 or slots.max() >= self.max_slots:
-            raise ValueError(f"slots {slots.tolist()} outside 0..{self.max_slots - 1}")
+        kv_cache.check_step(positions, slots, T, self.max_seq, self.max_slots)
         if T > 1 and not (self.prefill_rows >= B and self.prefill_tokens >= T):
             import torch
 
@@ -172,8 +158,8 @@ class TrtRunner:
         import torch
 
         B, T = input_ids.shape
-        Lc = max(1, int(positions.max()))
-        ctx = self.contexts[P.DECODE_PROFILE if T == 1 else P.PREFILL_PROFILE]
+        Lc = kv_cache.cached_rows(positions)
+        ctx = self.contexts[P.DECODE_PROFILE if T == 1 else P.PREFILL_PROFILE]  # one context per profile
         with torch.cuda.stream(self.stream):
             ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64)).to(self.device, non_blocking=True)
             pos = torch.as_tensor(np.asarray(positions, dtype=np.int64)).to(self.device, non_blocking=True)
@@ -195,9 +181,7 @@ class TrtRunner:
                 raise RuntimeError("TensorRT execution failed (see its messages above)")
             rows = pos[None, :] + torch.arange(T, device=self.device)[:, None]  # (T, B)
             cols = sl[None, :].expand(T, B)
-            for i in range(self.n_layer):
-                self.k[i][rows, cols] = out[P.new_k(i)]
-                self.v[i][rows, cols] = out[P.new_v(i)]
+            kv_cache.write_new(self.k, self.v, out, rows, cols)
             if self.prev is not None:
                 self.prev.fed(slots, input_ids)
         return out[P.LOGITS]

@@ -1,9 +1,8 @@
 """
-samosaChaat's `web_search` tool: a query goes to the operator's search backend (Tavily or SearXNG, chosen by
-environment variables; TAVILY_API_KEY wins when both are set), explicit `urls` are fetched through fetch_public.
-
-The links a search returns are never fetched: only URLs the model names go out, and each of those is checked for a
-public address first. The backend's own URL is the operator's and trusted (it may well be a SearXNG on the LAN).
+samosaChaat's `web_search` tool: a query goes to the operator's search backend (Tavily or SearXNG, from the
+environment), and explicit `urls` are fetched through fetch_public. The links a search returns are never fetched:
+only URLs the model names go out, each checked for a public address first. The backend's own URL is the operator's,
+and trusted (a SearXNG on the LAN).
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
 """
-nanochat's calculator tool: the same restricted rules decide what gets evaluated, with bounds on the work.
-
-Two kinds of expression pass: pure arithmetic (digits, + - * / . ( ) and spaces, commas removed,
-no **), and string .count() calls (letters, digits, quotes, parens, '.', '_' and spaces, none of
-nanochat's dangerous words). Anything else, and any evaluation error, gives None, and then nothing
-is forced into the stream.
-
-nanochat bounds evaluation with a 3 s SIGALRM, which only works on the main thread (and silently
-turns every tool call on another thread into None); here the step thread of a server evaluates, and
-one request's tool call must not stall or kill the others. So the work is bounded by construction:
-- arithmetic has no power operator and no names, so its cost grows with the expression's length, and a
-  result too long to print (Python refuses ints of more than 4300 digits) is refused;
-- a string expression is walked instead of eval'd, with the same Python operations on the same values
-  (so the same results): string and integer literals, and method calls on strings, where a method that can
-  make a string longer (ljust, replace, join, ...) is refused when its result would pass MAX_STRING
-  characters. `'a'.ljust(10**9)`-style allocations of gigabytes therefore never happen.
+nanochat's calculator tool: nanochat's rules decide what is evaluated (arithmetic without **, or string .count()
+calls), and anything else or any error gives None, so nothing is forced. nanochat bounds the work with a 3 s SIGALRM,
+which works only on the main thread (elsewhere every call silently gives None); a server thread evaluates here, so the
+work is bounded by construction instead.
 """
 
 from __future__ import annotations
@@ -60,7 +48,9 @@ def _grown(s: str, method: str, args: list) -> int:
 
 
 def _walk(node: ast.AST):
-    """Evaluate a string expression's tree: literals, parentheses, and str method calls."""
+    """Evaluate a string expression's tree: literals, parentheses, and str method calls, with Python's own
+    operations (so nanochat's results), but a call that would build more than MAX_STRING characters
+    (`'a'.ljust(10**9)`) is refused before it runs."""
     if isinstance(node, ast.Expression):
         return _walk(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, str | int):
@@ -89,7 +79,7 @@ def use_calculator(expr: str):
     """Evaluate a tool expression by nanochat's rules; None when it is rejected or fails."""
     expr = expr.replace(",", "")
     if all(c in _MATH_CHARS for c in expr):
-        if "**" in expr:
+        if "**" in expr:  # without it (and names) the work grows with the expression's length
             return None
         return _evaluate(expr)
     if not all(c in _STRING_CHARS for c in expr):

@@ -1,11 +1,7 @@
 """
 samosaChaat's `calculator` tool for the registry channel (core/tool_calls.py): arithmetic, math functions and a few
-finance helpers (rates in percent), evaluated by walking the expression's AST against a whitelist, never eval.
-
-It runs on a server thread, so every call's work is bounded by construction rather than by a timer: the expression
-is at most MAX_CHARS characters and MAX_NODES nodes, and an integer power or product whose exact result would pass
-about MAX_BITS bits is refused before it is computed (a negative or float exponent goes through float math), so no
-step can build a huge integer, and every integer result can be printed.
+finance helpers (rates in percent), evaluated by walking the AST against a whitelist, never eval. It runs on a server
+thread, so the work is bounded by construction (MAX_CHARS, MAX_NODES, MAX_BITS), not by a timer.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """
-Finds tool calls in the tokens a model samples, for the registry tool channel (core/tool_calls.py): a call between
-the <|python_start|> and <|python_end|> special tokens, or between the same markers written as text, which is how
-samosaChaat's models emit them (their fine-tuning tokenized the markers as plain text, so they come as several
-ordinary tokens). Text is matched on the tokens' bytes, so a marker split across tokens is still found.
+Finds tool calls in sampled tokens for the registry channel (core/tool_calls.py): between the <|python_start|> and
+<|python_end|> special tokens, or the same markers written as text, as samosaChaat's models emit them (their
+fine-tuning tokenized the markers as plain text). Text is matched on the tokens' bytes, so a marker split across
+tokens is still found.
 """
 
 from __future__ import annotations

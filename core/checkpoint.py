@@ -1,17 +1,8 @@
 """
-Finding and loading nanochat checkpoints, of any architecture generation.
-
-Discovery follows nanochat's checkpoint_manager: $NANOCHAT_BASE_DIR (default ~/.cache/nanochat),
-a source (base|mid|sft|rl) mapped to its checkpoints folder, a model tag (default: the largest d<N>)
-and a step (default: the last). A plain directory holding model_<step>.pt files works too (the
-samosaChaat service keeps <storage>/<tag>/model_*.pt with the tokenizer beside or in a shared folder).
-A folder with a config.json and no model_*.pt is a Hugging Face transformers NanoChat model
-(core/hf_checkpoint.py): CheckpointRef.format says which, and loading gives the same result for both.
-
-Loading does not use nanochat's strict loader (which only loads the current generation): the
-generation is detected from the state-dict keys and shapes, and the keys are checked against
-exactly what that generation must hold, so a checkpoint that fits no generation fails with the
-keys that did not fit.
+Finding and loading nanochat checkpoints of any architecture generation. Discovery is nanochat's checkpoint_manager
+($NANOCHAT_BASE_DIR, source, model tag, step); a plain folder of model_<step>.pt or a Hugging Face NanoChat folder
+(core/hf_checkpoint.py) works too. Loading is not nanochat's strict loader, which knows only the current generation:
+the keys say the generation, and must be exactly what it holds.
 """
 
 from __future__ import annotations
@@ -109,7 +100,8 @@ def list_steps(directory: Path) -> list[int]:
 
 
 def find_tokenizer(directory: Path, nanochat_base: Path | None = None) -> Path:
-    """A tokenizer beside the checkpoint wins; then a shared folder next to it; then the global one."""
+    """A tokenizer beside the checkpoint wins; then a shared folder next to it (samosaChaat's <storage>/<tag>
+    layout); then the global one."""
     candidates = [
         directory / TOKENIZER_FILE,
         directory / "tokenizer" / TOKENIZER_FILE,

@@ -1,18 +1,8 @@
 """
-Model configuration: the architecture generation of a nanochat checkpoint and its constants.
-
-nanochat's architecture changed five times (G0..G4) and several forward-pass constants changed
-without changing any state-dict key, so a checkpoint is read in two steps: the keys and shapes say
-which generation it is, and the generation says which constants apply. Each generation's constants
-live in one table below; every constant is a plain field that a caller may override where the notes
-call the files ambiguous (for example the late-G2 softcap of 20).
-
-Generations (see shared/notes/nanochat-checkpoints.md, section 2.8):
-    G0  original: rotary 1e4, QK norm, relu^2, softcap 15, full causal attention
-    G1  + resid_lambdas / x0_lambdas, sliding windows from window_pattern (short = S//2)
-    G2  + value embeddings on alternate layers, gate 2*sigmoid over 32 channels
-    G3  VE gate 3*sigmoid over 12 channels, QK x1.15, rotary 1e5, short window ceil128(S/3)
-    G4  + smear and backout, QK x1.2, short window ceil128(S/4) (nanochat HEAD, samosaChaat fork)
+A nanochat checkpoint's architecture generation (G0..G4) and its constants. Several constants changed without
+changing any state-dict key, so a checkpoint is read in two steps: the keys and shapes say the generation, the
+generation says the constants. Each constant is a plain field a caller may override where the files are ambiguous
+(the late-G2 softcap of 20).
 """
 
 from __future__ import annotations
@@ -26,7 +16,12 @@ from core.config_fields import boolean
 GENERATIONS = ("G0", "G1", "G2", "G3", "G4")
 NORM_EPS = 2.0**-23  # F.rms_norm(eps=None) on fp32 = torch.finfo(torch.float32).eps
 
-# Constants tied to each generation and invisible in the files.
+# Constants tied to each generation and invisible in the files (shared/notes/nanochat-checkpoints.md, section 2.8):
+#   G0  original: rotary 1e4, QK norm, relu^2, softcap 15, full causal attention
+#   G1  + resid_lambdas / x0_lambdas, sliding windows from window_pattern (short = S//2)
+#   G2  + value embeddings on alternate layers, gate 2*sigmoid over 32 channels
+#   G3  VE gate 3*sigmoid over 12 channels, QK x1.15, rotary 1e5, short window ceil128(S/3)
+#   G4  + smear and backout, QK x1.2, short window ceil128(S/4) (nanochat HEAD, samosaChaat fork)
 _GENERATION_CONSTANTS: dict[str, dict] = {
     "G0": dict(rope_base=10000.0, rope_bf16=True, qk_scale=1.0, ve_gate_channels=0, ve_gate_scale=0.0,
                short_window="none", softcap=15.0, smear=False, backout=False, lambdas=False),

@@ -1,17 +1,7 @@
 """
-Sampling for a whole batch at once on the device that holds the logits, so a decode step hands the host one
-token id per row instead of rows x vocabulary floats (vLLM and TensorRT-LLM sample on the GPU for the same reason).
-
-`draw` takes the logits tensor where the runner left it (CUDA for TensorRT, host memory for ONNX Runtime and
-PyTorch on the CPU) and each row's settings as arrays:
-  - greedy rows (temperature 0): argmax;
-  - sampled rows: the Gumbel-max trick over the top-k values, argmax(logits / T + g) with g = -log(-log(u)),
-    an exact draw from softmax(top-k(logits) / T); top_p masks the sorted top-k first (the most likely token always
-    stays), as core.sampling does. One expression for the batch, noise from the runner's own generator;
-  - exact rows (a request with a seed): their logits are copied to the host, where core.sampling draws from
-    the request's own generator exactly as nanochat does, so seeded answers stay token-identical to nanochat's.
-A sampled row whose logits are not finite gets token -1 (the scheduler ends that request alone with an error).
-Rows marked `hold` cannot draw a stop token this step (vLLM's min_tokens and ignore_eos): its logits are -inf.
+Sampling a whole batch on the device that holds the logits, so a decode step hands the host one id per row, not
+rows x vocabulary floats (as vLLM and TensorRT-LLM do on the GPU). Sampled rows draw exactly by the Gumbel-max trick;
+a seeded row's logits go to the host, where core.sampling draws as nanochat does.
 """
 
 from __future__ import annotations
@@ -21,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-NOT_FINITE = -1  # the token of a sampled row whose logits are not finite
+NOT_FINITE = -1  # the token of a sampled row whose logits are not finite: the scheduler ends that request alone
 
 
 @dataclass
@@ -32,7 +22,8 @@ class BatchSampling:
     top_k: np.ndarray  # (B,) int64; 0 is the whole vocabulary
     top_p: np.ndarray  # (B,) float32; 1 is off
     exact: np.ndarray  # (B,) bool; rows the host samples itself: their logits come back, their token is unused
-    hold: np.ndarray | None = None  # (B,) bool; rows that may not stop yet: their stop_ids are masked (None: none)
+    # (B,) bool; rows that may not stop yet (vLLM's min_tokens, ignore_eos): their stop_ids are masked (None: none)
+    hold: np.ndarray | None = None
     stop_ids: tuple[int, ...] = ()
 
     def rows(self, index: np.ndarray) -> BatchSampling:
@@ -66,6 +57,7 @@ def draw(logits: torch.Tensor, sampling: BatchSampling, generator: torch.Generat
         picked = torch.as_tensor(sampled).to(logits.device, non_blocking=True)
         tokens[picked] = _sample(logits[picked].float(), sampling.rows(sampled), generator)
     exact = np.flatnonzero(sampling.exact)
+    # seeded rows: core.sampling draws them on the host from the request's generator, token-identical to nanochat
     exact_logits = logits[torch.as_tensor(exact).to(logits.device)].float().cpu().numpy() if len(exact) else None
     return Drawn(tokens.cpu().numpy(), exact_logits)
 
@@ -87,9 +79,10 @@ def _sample(logits: torch.Tensor, s: BatchSampling, generator: torch.Generator) 
         if nucleus:
             probs = torch.softmax(vals, dim=-1)
             top_p = torch.as_tensor(s.top_p).to(dev, non_blocking=True)[:, None]
+            # as core.sampling: the most likely token always stays (cols > 0)
             vals = vals.masked_fill((probs.cumsum(-1) - probs >= top_p) & (cols > 0), -torch.inf)
     u = torch.rand(vals.shape, device=dev, generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
-    choice = (vals - torch.log(-torch.log(u))).argmax(-1)
+    choice = (vals - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max: an exact draw from softmax(vals)
     top = vals.max(-1).values  # NaN or inf anywhere in a row shows here (topk puts NaN first)
     tokens = choice if idx is None else idx.gather(1, choice[:, None])[:, 0]
     return torch.where(torch.isfinite(top), tokens, NOT_FINITE)

@@ -1,14 +1,8 @@
 """
-nanochat's generation semantics for one request, independent of the model runtime.
-
-`Sequence` is nanochat Engine's per-row state (RowState) together with its sampling and stopping
-rules: the runner's batched draw (core/device_sampling.py), or for a request with a seed its own generator
-drawn once per token (by core.sampling.sample_rows, which samples many rows at once), forced tokens after a
-tool call, stop at <|assistant_end|> or <|bos|>, max_tokens counting forced tokens, and the context limit.
-Tool calls follow the model's channel: nanochat's calculator, answered at once as nanochat does, or samosaChaat's
-registry (core/tool_calls.py), whose call the caller runs and answers with give_result() while the row waits. The Triton
-backend's scheduler drives many Sequences in one batch; `generate` drives one Sequence through any
-`Runner` and is the reference loop the backend is tested against.
+nanochat's generation rules for one request, independent of the model runtime. `Sequence` is nanochat Engine's
+RowState with its sampling and stopping rules and both tool channels: nanochat's calculator, answered at once, or
+samosaChaat's registry, whose call the caller runs and answers with give_result() while the row waits. `generate`
+drives one Sequence through any `Runner`: the reference loop the backend's scheduler is tested against.
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
 """
-nanochat's GPT forward pass, written for serving and export rather than training.
-
-One function serves prefill and decode. It takes token ids (B, T), the position where each row
-starts, the cache rows (slots) the batch lives in, and the KV cache; it returns the logits of each
-row's last position (or of every position) and only the K/V of the T new positions, which the caller
-writes into its cache. The cache is read as given, never copied whole:
-
-    k_cache[i], v_cache[i]: (Lc, max_slots, n_kv_head, head_dim)   sequence axis first, so the
-                                                                   first Lc positions are a
-                                                                   contiguous slice
-    prev_ids:                (B,)                                  G4's smear: the token before each
-                                                                   row's first new one (any value at 0)
-
-Every generation's math comes from ModelConfig: rotary base and bf16 tables, QK scale, value
-embeddings and their gate, sliding windows (a query at p sees keys p-W..p), smear, backout and the
-softcap. Notable features, as in nanochat: rotary (half split, rotation by -theta) before QK norm,
-RMSNorm without weights (eps 2^-23), relu^2 MLP, no biases, untied embedding and lm_head. Everything
-is plain tensor math so torch.onnx.export can trace it.
+nanochat's GPT forward pass, written for serving and export rather than training: one function for prefill and
+decode that reads the KV cache as given, never copied whole, and returns only the new positions' K/V for the caller
+to store. Every generation's math comes from ModelConfig, and it is plain tensor math so torch.onnx.export can trace it.
 """
 
 from __future__ import annotations
@@ -54,7 +39,7 @@ def rotary_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
+    x1, x2 = x[..., :d], x[..., d:]  # nanochat's: halves split, rotation by -theta
     return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
 
 
@@ -160,6 +145,14 @@ class GPT(nn.Module):
         prev_ids: torch.Tensor | None = None,
         all_logits: bool = False,
     ) -> StepOutput:
+        """ids (B, T) starting at positions (B,) in cache rows slots (B,); the last position's logits (or every
+        position's) and the K/V of the T new positions. The cache is read as given:
+
+            k_cache[i], v_cache[i]: (Lc, max_slots, n_kv_head, head_dim)  sequence axis first: the first Lc
+                                                                          positions are a contiguous slice
+            prev_ids: (B,)  G4's smear: the token before each row's first new one (any value at 0)
+
+        As in nanochat: rotary before QK norm, RMSNorm without weights, relu^2 MLP, no biases, untied wte/lm_head."""
         cfg, eps = self.config, self.config.norm_eps
         B, T = input_ids.shape
         Lc = k_cache[0].shape[0]

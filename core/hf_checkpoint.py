@@ -1,13 +1,8 @@
 """
 A Hugging Face transformers NanoChat folder (what NanoChatForCausalLM.save_pretrained writes) read as a checkpoint.
-
-transformers' NanoChat is nanochat's original architecture, G0 (core/config.py): rotary, QK norm after rotary,
-relu², parameter-free RMSNorm (after the embedding too), softcap, lm_head untied unless tie_word_embeddings. What
-G0 fixes as constants, config.json says: the rotary base (rope_theta, with tables in fp32 where G0 rounded them to
-bf16), the norm's eps (rms_norm_eps) and the softcap (final_logit_softcapping; null is none). Anything else the
-core cannot represent is refused with the file and the field named. Weights are read from safetensors one tensor
-at a time into fp32 under nanochat's names, so they are held once (beside the mapped pages of the shard being read;
-an fp32 file's tensors stay views of its pages).
+transformers' NanoChat is nanochat's G0 (core/config.py), except where config.json gives what G0 fixes: rope_theta
+(tables in fp32), rms_norm_eps and final_logit_softcapping. Anything else the core cannot represent is refused, with
+the file and field named.
 """
 
 from __future__ import annotations
@@ -163,7 +158,8 @@ def read_state_dict(directory: Path, cfg: ModelConfig, tied: bool) -> dict:
                 if tuple(info.get_shape()) != shape:
                     raise CheckpointError(f"{shard}: {name} has shape {tuple(info.get_shape())}, but "
                                           f"{CONFIG_FILE}'s {fields} make it {shape}")
-                state_dict[ours] = f.get_tensor(name).float()  # one tensor in its file's dtype at a time
+                # one tensor at a time, so the weights are held once (an fp32 file's stay views of its mapped pages)
+                state_dict[ours] = f.get_tensor(name).float()
     if tied:
         state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
     return state_dict

@@ -1,8 +1,7 @@
 """
-Each cache row's last token id, kept by a runner whose model smears the previous token into the next (G4): the
-graph reads the token before each row's first new one as an input (prev_ids), and its embedding is a lookup, so a
-row continues exactly from any position of its cache. A caller that continues a row from an earlier position
-than its end (a prompt that shares only part of a cached row) says so with continue_after.
+Each cache row's last token id, for a model that smears the previous token into the next (G4): the graph reads it as
+an input (prev_ids) rather than a cached embedding, so a row continues exactly from any position of its cache. A
+caller that continues a row before its end (a prompt sharing part of a cached row) says so with continue_after.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """
-Small nanochat checkpoints the project makes itself, in nanochat's exact on-disk format.
-
-`make_checkpoint` writes a model of any generation G0..G4 with random weights, deterministic from a
-seed, under a nanochat base directory:
-
-    <base>/<source>_checkpoints/<tag>/model_<step:06d>.pt   state dict, as nanochat's save_checkpoint
-    <base>/<source>_checkpoints/<tag>/meta_<step:06d>.json  meta with model_config (+ user_config)
-    <base>/tokenizer/tokenizer.pkl                           pickled tiktoken.Encoding (rustbpe-trained)
-    <base>/tokenizer/token_bytes.pt                          UTF-8 length of each token, 0 for specials
-
-The tokenizer is trained with rustbpe on text the project ships (core/data/demo_corpus.txt),
-with nanochat's split pattern and special tokens. The demo that `make demo` serves is the default:
-a G4 model tagged "demo" in the sft checkpoints. Tests use the same function for every generation.
+Small nanochat checkpoints the project makes itself, in nanochat's exact on-disk format: random weights of any
+generation G0..G4, deterministic from a seed, and a tokenizer rustbpe trains on core/data/demo_corpus.txt. The
+default is the model `make demo` serves (a G4 "demo" among the sft checkpoints); `--help` shows a d20's flags.
 
     python -m core.random_checkpoint --out /tmp/nanochat-demo
-    python -m core.random_checkpoint --out /tmp/d20 --tag d20 --depth 20 --n-embd 1280 --n-head 10 \
-        --sequence-len 2048 --vocab-size 65536     # a d20 of the current shape: 1.4 B parameters
 """
 
 from __future__ import annotations
@@ -61,7 +49,7 @@ def write_tokenizer(enc, directory: Path) -> None:
         pickle.dump(enc, f)
     special_ids = set(enc._special_tokens.values())
     lengths = [0 if i in special_ids else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
-    torch.save(torch.tensor(lengths, dtype=torch.int32), directory / "token_bytes.pt")
+    torch.save(torch.tensor(lengths, dtype=torch.int32), directory / "token_bytes.pt")  # 0 for specials, as nanochat
 
 
 def model_config_for(generation: str, depth: int, n_embd: int, n_head: int, n_kv_head: int,
@@ -149,7 +137,9 @@ def save_checkpoint(base: str | Path, source: str, tag: str, step: int, model_co
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write a small nanochat checkpoint (random weights) in nanochat's format.")
+    p = argparse.ArgumentParser(description="Write a small nanochat checkpoint (random weights) in nanochat's format.",
+                                epilog="a d20 of the current shape (1.4 B parameters): --tag d20 --depth 20 "
+                                       "--n-embd 1280 --n-head 10 --sequence-len 2048 --vocab-size 65536")
     p.add_argument("--out", required=True, help="nanochat base directory to write into")
     p.add_argument("--generation", default="G4", choices=["G0", "G1", "G2", "G3", "G4"])
     p.add_argument("--tag", default="demo")

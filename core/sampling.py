@@ -1,11 +1,7 @@
 """
-nanochat's sample_next_token, and sample_rows: the same for a batch whose rows each have their own
-generator and settings (the Triton backend's batches).
-
-The RNG is consumed exactly as nanochat's Engine consumes it: one torch.Generator per request,
-seeded once, and one draw per generated token (forced tool tokens included) through topk, softmax
-and torch.multinomial. Each request owns its generator, so its tokens never depend on what else
-shares the batch.
+nanochat's sample_next_token, and sample_rows: the same for a batch whose rows each have their own generator and
+settings. The RNG is consumed exactly as nanochat's Engine does: one generator per request, seeded once, one draw per
+generated token (forced tool tokens included), so a request's tokens never depend on what shares its batch.
 """
 
 from __future__ import annotations

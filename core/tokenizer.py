@@ -1,11 +1,8 @@
 """
-nanochat's tokenizer and chat format, and an incremental detokenizer for streaming.
-
-The tokenizer is the pickled tiktoken.Encoding that nanochat's tok_train writes, or the same encoding read
-from a Hugging Face tokenizer.json (core/tokenizer_json.py). Special tokens are never parsed out of user
-text (encode_ordinary), exactly as nanochat does. A conversation is rendered as
-[bos] + <|user_start|>..<|user_end|> / <|assistant_start|>..<|assistant_end|> turns, with a leading system
-message merged into the first user message, and completion adds a final <|assistant_start|>.
+nanochat's tokenizer and chat format, and an incremental detokenizer for streaming. The tokenizer is the pickled
+tiktoken.Encoding that nanochat's tok_train writes, or the same encoding from a tokenizer.json
+(core/tokenizer_json.py). Special tokens are never parsed out of user text (encode_ordinary), as in nanochat: a user
+cannot forge a turn or a tool call.
 """
 
 from __future__ import annotations

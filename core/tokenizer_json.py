@@ -1,11 +1,8 @@
 """
-A Hugging Face tokenizer.json read back into the tiktoken.Encoding it was made from.
-
-transformers' own converter (convert_tiktoken_to_fast) writes nanochat's tiktoken encoding as a byte-level BPE:
-every token's bytes spelled in GPT-2's byte-to-unicode alphabet with its rank as its id, the split pattern as a
-Split pre-tokenizer, the special tokens as added tokens. Reading it back is exact: rank = id, the same pattern,
-the same special ids, so core.tokenizer.Tokenizer works unchanged. Only that shape is accepted; a tokenizer that
-would encode differently from tiktoken (a normalizer, a prefix space, merges out of rank order) is refused.
+A Hugging Face tokenizer.json read back into the tiktoken.Encoding it was made from. transformers' converter
+(convert_tiktoken_to_fast) writes nanochat's encoding as a byte-level BPE whose ids are tiktoken's ranks, so reading
+it back is exact and core.tokenizer works unchanged. Only that shape is accepted: a tokenizer that would encode
+differently from tiktoken is refused.
 """
 
 from __future__ import annotations

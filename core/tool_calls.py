@@ -1,14 +1,8 @@
 """
-The tool channel of samosaChaat's models (the `registry` tool channel): the payload between <|python_start|> and
-<|python_end|> is JSON {"tool": NAME, "arguments": {...}} ("tool_name"/"name" and "args" also accepted); a payload
-that is not such JSON is a legacy nanochat calculator expression. The result goes back between <|output_start|>
-and <|output_end|> as compact JSON {"error", "metadata", "output", "success", "tool"} (sorted keys, ASCII), at
-most MAX_PAYLOAD_CHARS characters; a tool that fails gives success false and its error, never an exception.
-
-Unlike samosaChaat's server, which cuts the serialized result at 4,096 characters (leaving broken JSON), a result
-that is too long has its longest strings shortened until it fits, so the client's result card still parses.
-
-nanochat's own models keep nanochat's channel (core/calculator.py, special tokens only, exactly as nanochat).
+The tool channel of samosaChaat's models (the `registry` channel): a call is JSON {"tool", "arguments"} between
+<|python_start|> and <|python_end|>, and its result compact JSON between <|output_start|> and <|output_end|>. A tool
+that fails gives success false and its error, never an exception. nanochat's own models keep nanochat's channel
+(core/calculator.py).
 """
 
 from __future__ import annotations
@@ -43,7 +37,8 @@ class ToolResult:
     metadata: dict = field(default_factory=dict)
 
     def payload(self) -> str:
-        """The compact, sorted JSON the model reads, shortened to MAX_PAYLOAD_CHARS (still valid JSON)."""
+        """The compact, sorted JSON the model reads, shortened to MAX_PAYLOAD_CHARS by its longest strings: still valid
+        JSON, so the client's result card parses (samosaChaat's server cuts the text, leaving broken JSON)."""
         body = {"error": self.error, "metadata": self.metadata, "output": self.output, "success": self.success,
                 "tool": self.tool}
         text = _dumps(body)

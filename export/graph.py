@@ -1,24 +1,7 @@
 """
-GPT.forward (core/gpt.py) as one ONNX graph that serves prefill and decode.
-
-Inputs:  input_ids int64 [B, T], positions int64 [B], slots int64 [B],
-         k_cache_{i}, v_cache_{i} [Lc, max_slots, Hkv, D] per layer, prev_ids int64 [B] (G4: the token before
-         each row's first new one, whose embedding the smear reads)
-Outputs: logits float32 [B, V] (last position), new_k_{i}, new_v_{i} [T, B, Hkv, D]
-
-B, T and Lc are dynamic; max_slots is fixed at export. The runtime passes the first Lc >= 1 rows
-of its cache (a contiguous slice, since the sequence axis is first) and writes the new K/V itself,
-so no step copies or rewrites the whole cache (the NeMo "kv_new" pattern in the TensorRT notes).
-
-Exporter: torch.onnx.export with dynamo=True (torch.export, then onnxscript), the path torch 2.13
-supports; the legacy TorchScript exporter is deprecated. Opset 18: ONNX Runtime and TensorRT 10's
-parser both take it, and the ops the model core traces to (MatMul/Gemm, Gather/GatherND, Range,
-ReduceMean, Softmax, Where, Tanh, ...) are all in TensorRT's supported list; RMSNorm is already
-decomposed in the model core. torch.export leaves small integer constants computed (a ReduceMean's axes
-as Reshape(Constant, Constant)), which TensorRT's parser refuses, so they are folded into initializers
-(export/tensorrt_rules.py checks the result). Weights go to one external data file (model.onnx.data),
-written from the model's own tensors, so models over protobuf's 2 GB limit export too. The graph's
-metadata_props record the serving shape.
+GPT.forward (core/gpt.py) as one ONNX graph for prefill and decode. It reads the first Lc rows of a cache the runtime
+owns and returns only the new K/V (the NeMo "kv_new" pattern), so no step copies the whole cache. B, T and Lc are
+dynamic; max_slots is fixed at export. Small integer constants are folded: TensorRT's parser refuses computed ones.
 """
 
 from __future__ import annotations
@@ -38,7 +21,7 @@ from core.gpt import GPT
 # The exporter warns once per torchvision operator it cannot register; nanochat uses none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
-OPSET = 18
+OPSET = 18  # ONNX Runtime and TensorRT 10's parser both take it, and every op the core traces to
 FOLD_LIMIT = 1024  # elements: axes, shapes and slice bounds fold; nothing of a weight's size is computed
 
 
@@ -106,7 +89,11 @@ def example_inputs(model: GPT, max_slots: int) -> tuple:
 
 
 def export_onnx(model: GPT, out_dir: Path, max_slots: int, max_seq: int, log=print) -> Path:
-    """Trace `model` and write out_dir/model.onnx + model.onnx.data (fp32); returns the .onnx path."""
+    """Trace `model` and write out_dir/model.onnx + model.onnx.data (fp32); returns the .onnx path.
+
+    Inputs:  input_ids int64 [B, T], positions int64 [B], slots int64 [B], k_cache_{i}, v_cache_{i}
+             [Lc, max_slots, Hkv, D] per layer, prev_ids int64 [B] (G4: the token before each row's first new one)
+    Outputs: logits float32 [B, V] (last position), new_k_{i}, new_v_{i} [T, B, Hkv, D]"""
     cfg = model.config
     Dim = torch.export.Dim
     # a batch of one row is common (batch-1 decode): B may be 1 although the trace uses 2
@@ -120,6 +107,7 @@ def export_onnx(model: GPT, out_dir: Path, max_slots: int, max_seq: int, log=pri
     # for the rest of the process (for a d20, 5.6 GB held while the graph is checked).
     with warnings.catch_warnings(), linears_stored_transposed(model):
         warnings.simplefilter("ignore")  # torch.onnx's notes on axis renaming and deprecated pytree APIs
+        # dynamo=True (torch.export, then onnxscript): the path torch 2.13 supports; TorchScript's is deprecated
         program = torch.onnx.export(
             StepGraph(model).eval(), example_inputs(model, max_slots), None,
             input_names=input_names(cfg.n_layer, cfg.smear), output_names=output_names(cfg.n_layer),
@@ -157,7 +145,8 @@ def set_metadata(model, values: dict) -> None:
 
 
 def save(model, out_dir: Path) -> Path:
-    """An onnx_ir model to out_dir/model.onnx, its weights streamed to one external data file."""
+    """An onnx_ir model to out_dir/model.onnx, its weights streamed to one external data file (so models over
+    protobuf's 2 GB limit export too)."""
     import onnx_ir as ir
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,8 @@
 """
-`make export`: a nanochat checkpoint -> ONNX graph (-> TensorRT engine) -> a Triton model.
-
-export_model() is the whole pipeline as one function, used by the CLI (export/__main__.py), the
-benchmark and tests: find the checkpoint (core/checkpoint.py: nanochat's files or a transformers NanoChat
-folder, the same model either way), load it into the model core,
-trace the graph (export/graph.py), lower its precision (export/precision.py), check it and run it
-once under ONNX Runtime against the model core, build a TensorRT engine on GPU nodes
-(export/tensorrt_build.py), and install everything into the repository atomically
-(export/repository.py). Bad input raises ExportError before any heavy work where it can.
+`make export`: a nanochat checkpoint -> ONNX graph (-> TensorRT engine) -> a Triton model. export_model() is the
+whole pipeline as one function, for the CLI (export/__main__.py), the benchmark and tests: find and load the
+checkpoint, trace, lower the precision, check the graph against the model core under ONNX Runtime, build an engine
+on GPU nodes, install atomically. Bad input fails before the heavy work.
 """
 
 from __future__ import annotations

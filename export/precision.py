@@ -1,20 +1,8 @@
 """
-fp16 / bf16 versions of the exported fp32 graph, typed so TensorRT can build it strongly typed.
-
-TensorRT deprecates weak typing (builder precision flags) since 10.12 and always builds strongly
-typed from 11.0, so the precision has to be in the ONNX graph itself. This pass rewrites the traced
-fp32 graph (one weight at a time from its file) rather than tracing a half model: the model core's
-RMSNorm computes x^2 in the input dtype, which overflows fp16 for activations above 256, and
-nanochat itself computes norms, softmax and the softcap in fp32. The rewrite is autocast-like:
-
-  - weights that feed MatMul/Gemm (every Linear) and Gather (embeddings, value embeddings) are
-    stored in the low dtype; those matmuls run in it, and their results and looked-up rows are cast
-    back to fp32 (this is what halves the bytes a decode step reads);
-  - the KV cache is an input and output in the low dtype (nanochat's CUDA
-    cache is bf16 too), cast to fp32 where the graph reads them: after the Gather that picks the batch's
-    slots, so a step converts the rows it reads, never every slot's cache;
-  - everything else stays fp32: RMSNorm, rotary (its small tables too), QK norm, attention scores and softmax, residual
-    stream, lambdas, softcap. logits stay float32.
+fp16 / bf16 versions of the exported fp32 graph, typed so TensorRT builds them strongly typed. The fp32 graph is
+rewritten, autocast-like, rather than a half model traced: the core's RMSNorm squares in the input dtype, which
+overflows fp16 above 256, and nanochat keeps norms, softmax and the softcap in fp32. Only weights and the KV cache
+go low: that halves the bytes a decode step reads.
 """
 
 from __future__ import annotations
@@ -59,8 +47,11 @@ def lower_file(path: Path, precision: str) -> Path:
 
 
 def lower_precision(proto, precision: str, base_dir: Path) -> None:
-    """Rewrite the fp32 ModelProto in place to `precision` (fp16|bf16) as described above. Weights held as external
-    data are read from `base_dir`; afterwards every weight is in the proto."""
+    """Rewrite the fp32 ModelProto in place to `precision` (fp16|bf16). Weights that feed MatMul/Gemm and Gather are
+    stored low, those matmuls run low and their results are cast back to fp32; the KV cache is low at the graph's
+    boundary (nanochat's CUDA cache is bf16 too) and fp32 inside; everything else (norms, rotary, attention scores,
+    softmax, residual stream, lambdas, softcap, logits) stays fp32. Weights held as external data are read from
+    `base_dir`; afterwards every weight is in the proto."""
     from onnx import TensorProto, helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 

@@ -1,14 +1,7 @@
 """
-Writing one model into a Triton model repository, atomically.
-
-Layout and parameters follow model_repository/README.md (names in backend/protocol.py): <repo>/<name>/
-config.pbtxt and a version folder 1/ with the artifacts and metadata.json. The model is assembled in a
-hidden staging folder next to the target (same filesystem, so the final rename is atomic) named after the exporting
-process. A model that exists is replaced by exchanging the two folders in one rename (Linux's
-renameat2 RENAME_EXCHANGE), so Triton, pointed at the repository, only ever sees the old model or the
-new one, and a kill at any moment leaves one of them in place, never neither. A staging folder left by
-a killed export (its process is gone) is removed by the next export of that name; where the exchange
-is not available the old model is first moved aside, and one left aside by a killed export is put back.
+Writing one model into a Triton model repository (layout: model_repository/README.md), atomically. The model is
+staged in a hidden folder beside the target and swapped in by one rename (renameat2 RENAME_EXCHANGE), so Triton only
+ever sees the old model or the new one, and a kill at any moment leaves one of them in place, never neither.
 """
 
 from __future__ import annotations
@@ -94,7 +87,8 @@ def clean_stale(repo: Path, name: str) -> None:
 
 @contextlib.contextmanager
 def staging(repo: Path, name: str) -> Iterator[Path]:
-    """A staging model folder next to repo/name; removed unless `install` moved it into place."""
+    """A staging model folder next to repo/name (the same filesystem, so renames are atomic), named after this
+    process so a later export knows it is stale; removed unless `install` moved it into place."""
     try:
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1,21 +1,8 @@
 """
-A TensorRT engine (model.plan) from the exported ONNX graph, with the tensorrt Python API.
-
-- Strongly typed network where TensorRT has the flag (9.x+; 10.12 deprecates weak typing and 11.0
-  always types strongly): the graph's own dtypes decide the precision, which is why fp16/bf16 are
-  lowered in the ONNX (export/precision.py). Older versions get the matching builder flag instead.
-- Two optimization profiles, one per execution context in backend/trt_runner.py (the NeMo GPT demo
-  pattern): 0 = prefill (up to PREFILL_ROWS rows of up to prefill_chunk tokens), 1 = decode (T = 1,
-  tuned for every slot busy at half the context). Lc (the cache rows read) ranges 1..max_seq.
-- A timing cache per TensorRT version and GPU model (its name, not only its compute capability: an H100
-  and an H200, or an L4 and an L40S, share one) under ~/.cache/nanochat-triton, so rebuilds (other
-  precisions, other models) reuse kernel timings; a cache TensorRT refuses is set aside, not fatal.
-- TF32 off for every precision: fp32 means fp32, and the matmuls a fp16/bf16 graph keeps in fp32
-  (attention scores, norms) stay fp32 too.
-- Progress through IProgressMonitor (TensorRT 10+), printed as phase lines.
-- The engine's TensorRT version and GPU compute capability are returned for metadata.json, where
-  the runner checks them before it deserializes anything, with each profile's activation memory
-  (what the runner allocates beside the KV cache; export checks that both fit).
+A TensorRT engine (model.plan) from the exported ONNX graph, with the tensorrt Python API. The network is strongly
+typed where TensorRT has the flag (10.12 deprecates weak typing, 11.0 drops it): the graph's own dtypes decide the
+precision, which is why fp16/bf16 are lowered in the ONNX (export/precision.py), not by builder flags. Two profiles,
+prefill and decode, one per execution context of backend/trt_runner.py.
 """
 
 from __future__ import annotations
@@ -70,6 +57,8 @@ def device_name(device: int = 0) -> str:
 
 
 def timing_cache_path(trt_version: str, device: str, cc: str) -> Path:
+    """One per TensorRT version and GPU model (its name: an H100 and an H200, or an L4 and an L40S, share a compute
+    capability), so rebuilds of other precisions and models reuse kernel timings."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanochat-triton"
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     return root / f"trt-{trt_version}-{slug}-sm{cc.replace('.', '')}.timing"
@@ -162,6 +151,8 @@ def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int,
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     scratch = {name: int(engine.get_device_memory_size_for_profile_v2(p)) for name, p in profiles.items()}
     log("tensorrt: activation memory per profile: " + ", ".join(f"{n} {b / 1e9:.2f} GB" for n, b in scratch.items()))
+    # metadata.json's: the runner checks version and compute capability before it deserializes; export checks that
+    # the larger profile's activations fit beside the KV cache
     return dict(version=trt.__version__, compute_capability=cc, device=device, strongly_typed=strongly_typed,
                 profiles=profiles, scratch_bytes=scratch)
 
@@ -173,7 +164,7 @@ def profile_shapes(max_slots: int, max_seq: int, prefill_chunk: int) -> dict[int
     chunk = max(1, min(prefill_chunk, max_seq))
     return {
         PREFILL_PROFILE: ((1, 1, 1), (1, chunk, chunk), (min(max_slots, PREFILL_ROWS), chunk, max_seq)),
-        DECODE_PROFILE: ((1, 1, 1), (max_slots, 1, max(1, max_seq // 2)), (max_slots, 1, max_seq)),
+        DECODE_PROFILE: ((1, 1, 1), (max_slots, 1, max(1, max_seq // 2)), (max_slots, 1, max_seq)),  # tuned: all busy
     }
 
 

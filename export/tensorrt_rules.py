@@ -1,9 +1,7 @@
 """
-Whether TensorRT's ONNX parser takes a graph, decided from the ONNX file alone (no GPU, no TensorRT): every
-node's op is in the parser's support table for TensorRT 10 with the element types of its inputs, and each
-restriction the table states for an op holds. The table is onnx-tensorrt's docs/operators.md (rows of the
-10.x series; restrictions that date from 10.0, when computed axes started being refused: NVIDIA/TensorRT#3467).
-An op missing here is refused until its row is added from that table.
+Whether TensorRT 10's ONNX parser takes a graph, decided from the ONNX file alone (no GPU, no TensorRT): each node's
+op and input types are in the parser's support table, and each restriction the table states holds. An op missing
+here is refused until its row is added from that table.
 """
 
 from __future__ import annotations
@@ -14,7 +12,8 @@ FLOATS = ("FLOAT", "FLOAT16", "BFLOAT16")
 INTS = ("INT32", "INT64")
 ANY = (*FLOATS, *INTS, "BOOL")
 
-# op -> input element types its row lists
+# op -> input element types its row lists, from onnx-tensorrt's docs/operators.md (the 10.x series; restrictions
+# from 10.0, when computed axes started being refused: NVIDIA/TensorRT#3467)
 SUPPORTED: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("Add", "Sub", "Mul", "Div", "Pow", "Neg", "Abs", "Max", "Min", "Mod", "Relu", "Sign"),
                     (*FLOATS, *INTS)),

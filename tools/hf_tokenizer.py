@@ -1,9 +1,9 @@
 """
 A model's tokenizer in Hugging Face's format, for the tools that count tokens with one (AIPerf, genai-perf):
-nanochat's tokenizer is a pickled tiktoken Encoding, and transformers' own converter writes it as a fast
-tokenizer (tokenizer.json) whose ids are the same (core/tokenizer_json.py reads it back). Needs transformers
-(the dev extra, and the benchmark tools' environments):
-`python -m tools.hf_tokenizer <model version folder> <output folder>`.
+transformers' own converter writes nanochat's tiktoken Encoding as a tokenizer.json with the same ids
+(core/tokenizer_json.py reads it back). Needs transformers (the dev extra).
+
+    python -m tools.hf_tokenizer <model version folder> <output folder>
 """
 
 from __future__ import annotations

@@ -1,21 +1,8 @@
 """
-A real Triton Inference Server on this machine, serving a model repository with the nanochat backend.
-
-`LocalTriton` is a context manager for tests, benchmarks and `make triton`. It builds a temporary
-backend directory the way NVIDIA's container lays one out:
-
-    <tmp>/backends/python/    libtriton_python.so, triton_python_backend_utils.py and the stub built
-                              for the running Python (all from the nvidia-pytriton wheel)
-    <tmp>/backends/nanochat/  model.py: our Python-based backend (backend/model.py)
-
-then runs the wheel's `tritonserver` with explicit model control, free ports and a short exit timeout,
-waits until the server and the requested models are ready, and always stops it (on exit, on an
-exception, on Ctrl-C). The stub runs an isolated interpreter that ignores PYTHONPATH, so the backend
-reads NANOCHAT_TRITON_SYS_PATH (set here: the project root and this environment's site-packages, whose
-.pth files carry the editable install) and adds those directories itself.
-
-On a machine with NVIDIA's Triton container, copy backend/model.py to
-/opt/tritonserver/backends/nanochat/ instead and run the container's tritonserver (docker/triton.Dockerfile).
+A real Triton Inference Server on this machine, from the nvidia-pytriton wheel, serving a model repository with the
+nanochat backend. `LocalTriton` (for tests, benchmarks and `make triton`) lays out a backend directory as NVIDIA's
+container does, runs `tritonserver` with explicit model control on free ports, waits until the models are ready,
+and always stops it. In NVIDIA's container, use docker/triton.Dockerfile instead.
 
     python -m tools.local_triton --model-repository model_repository --load demo
 """
@@ -82,7 +69,8 @@ def free_port() -> int:
 
 
 def make_backend_dir(root: Path) -> Path:
-    """Fill root/backends with the Python backend, the stub for this Python and our backend."""
+    """Fill root/backends as NVIDIA's container does: python/ (libtriton_python.so, triton_python_backend_utils.py and
+    the stub built for this Python, all from the wheel) and nanochat/model.py (backend/model.py)."""
     tritonserver = pytriton_root() / "tritonserver"
     backends = root / "backends"
     python = backends / "python"
@@ -95,7 +83,8 @@ def make_backend_dir(root: Path) -> Path:
 
 
 def stub_sys_path() -> str:
-    """Directories the stub's interpreter needs: the project (first, so this checkout wins) and site-packages."""
+    """Directories the stub's interpreter needs: the project (first, so this checkout wins) and site-packages (whose
+    .pth files carry the editable install). The stub ignores PYTHONPATH: backend/model.py reads SYS_PATH_VAR."""
     return os.pathsep.join([str(PROJECT), *site.getsitepackages()])
 
 

@@ -1,8 +1,7 @@
 """
-The batched draw (core/device_sampling.py) against the distribution it must sample, on any device: for each row's
-settings softmax(top-k(logits) / T) with top_p's nucleus, computed in numpy, and a chi-square test per row; and how
-many batch draws a second the device makes at a d20's vocabulary. The tests run it on the CPU, `make gpu-check` on
-the GPU (where TensorRT's runner draws).
+The batched draw (core/device_sampling.py) against the distribution it must sample, on any device: per row, a
+chi-square test against softmax(top-k(logits) / T) with top_p's nucleus, computed in numpy; and the draws a second
+at a d20's vocabulary. The tests run it on the CPU, `make gpu-check` on the GPU.
 """
 
 from __future__ import annotations

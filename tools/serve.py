@@ -1,11 +1,9 @@
 """
 `python -m tools.serve`: the BFF on 127.0.0.1:8003 in front of Triton, for `make serve` and `make demo`.
 
-Settings come from bff/settings.py (the environment), with the flags below on top. Without --triton-url it
-starts a local Triton (tools.local_triton) over the model repository with the
-model loaded; with it, it uses that server (and loads the model there through the BFF's registry). Ctrl-C
-stops uvicorn, then Triton. Without INTERNAL_API_KEY (and without BFF_RUN_OPEN=1) it makes a random key
-for this run and prints it, so a local server is never open by accident.
+Settings are bff/settings.py's, with the flags on top; without --triton-url it starts a local Triton with the model
+loaded. Without INTERNAL_API_KEY (or BFF_RUN_OPEN=1) it makes a random key for this run and prints it: a local
+server is never open by accident.
 
     python -m tools.serve --model demo --model-repository model_repository
 """

@@ -1,15 +1,8 @@
 """
-`make demo`'s model, trained for about a minute on CPU so that the first thing a newcomer sees answers in
-words: nanochat's recipe at toy scale, with the project's own PyTorch core.
-
-1. tokenizer: rustbpe on the corpus the project ships (core/data/demo_corpus.txt), as nanochat's tok_train;
-2. pretraining: the smallest G4 shape (core/random_checkpoint.py's defaults, random init), next-token loss
-   on random windows of the corpus;
-3. chat fine-tuning: a few conversations (tools/data/demo_chats.json) in nanochat's chat format, the loss on
-   the assistant's tokens only, through <|assistant_end|>, so answers end; corpus windows keep the words.
-
-Seeds are fixed and the work runs on one thread, so every machine trains the same weights. It is a toy: it
-answers with sentences it has seen. The result is an sft checkpoint tagged "demo" in nanochat's format.
+`make demo`'s model, trained for about a minute on CPU so that the first thing a newcomer sees answers in words:
+nanochat's recipe at toy scale with the project's own core (rustbpe tokenizer, pretraining on the shipped corpus,
+then chat fine-tuning with the loss on the answer through <|assistant_end|>, so answers end). Fixed seeds on one
+thread: every machine trains the same weights. A toy that answers with sentences it has seen.
 
     python -m tools.train_demo --out build/demo/nanochat
 """
@@ -31,7 +24,7 @@ from core.gpt import build_gpt
 from core.random_checkpoint import CORPUS, model_config_for, random_state_dict, save_checkpoint, tokenizer_for
 from core.tokenizer import Tokenizer
 
-CHATS = Path(__file__).parent / "data" / "demo_chats.json"
+CHATS = Path(__file__).parent / "data" / "demo_chats.json"  # a few conversations in nanochat's chat format
 SHAPE = dict(depth=4, n_embd=128, n_head=2, n_kv_head=2, sequence_len=512, window_pattern="SSSL")
 SEED = 1234
 PRETRAIN_STEPS, CHAT_STEPS, BATCH, WINDOW, LR = 400, 300, 8, 96, 3e-3
