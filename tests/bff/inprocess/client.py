@@ -8,22 +8,21 @@ does (falcon's simulated requests disconnect at once, which ends a stream at its
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
-import falcon.asgi
 import falcon.testing
 import httpx
 import orjson
 
 from bff.app import create_app
-from bff.settings import Settings, from_env
+from bff.settings import from_env
 from tests.bff.bffkit import AUTH, KEY
 from tests.support.fake_triton import FakePool, repository
 
-
-def make_app(pool: FakePool, settings: Settings) -> falcon.asgi.App:
-    """The app as servers build it, with the fake for a pool."""
-    return create_app(settings, pool_factory=lambda _: pool)
+BASE_URL = "http://bff"
+T = TypeVar("T")
 
 
 class Bff:
@@ -34,18 +33,19 @@ class Bff:
         self.pool = pool
         self.settings = from_env({}, **{"api_key": KEY, "model_repository": str(repository(folder, pool.states)),
                                         **overrides})
-        self.app = make_app(pool, self.settings)
+        self.app = create_app(self.settings, pool_factory=lambda _: pool)  # the app as servers build it
+
+    def call(self, work: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+        """What `work` gives with an httpx client of the app, run inside the app's lifespan."""
+        async def run() -> T:
+            async with falcon.testing.ASGIConductor(self.app), \
+                    httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=BASE_URL) as http:
+                return await work(http)
+
+        return asyncio.run(run())
 
     def request(self, method: str, path: str, headers: dict | None = AUTH, **kwargs) -> httpx.Response:
-        async def send() -> httpx.Response:
-            async with falcon.testing.ASGIConductor(self.app), self.http() as http:
-                return await http.request(method, path, headers=headers, **kwargs)
-
-        return asyncio.run(send())
-
-    def http(self) -> httpx.AsyncClient:
-        """An httpx client of the app (inside a running lifespan: `async with ASGIConductor(app)`)."""
-        return httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url="http://bff")
+        return self.call(lambda http: http.request(method, path, headers=headers, **kwargs))
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         return self.request("GET", path, **kwargs)
