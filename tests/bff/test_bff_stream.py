@@ -15,8 +15,6 @@ from tests.bff.bffkit import (
     assert_cancelled_and_freed,
     finished,
     generate,
-    is_done,
-    parse_events,
     run_bff,
     stats,
     text_of,
@@ -39,36 +37,6 @@ def test_greedy_matches_nanochat(triton_server, oracle_references, oracle):
                                   "usage": {"prompt_tokens": conv["prompt_len"], "completion_tokens": 32}}
             assert all(set(e) == {"token", "gpu"} and e["token"] and e["gpu"] == 0 for e in events[:-1])
             assert text_of(events) == conv["greedy"]["text"], conv["name"]
-
-
-def test_stream_headers_and_framing(bff_url):
-    body = {"messages": [{"role": "user", "content": "line\nbreaks \"quoted\""}], "max_tokens": 8}
-    with httpx.stream("POST", bff_url + "/generate", json=body, headers={**AUTH, "X-Request-ID": "abc"},
-                      timeout=SERVER_TIMEOUT_S) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        assert r.headers["cache-control"] == "no-cache"
-        assert r.headers["x-accel-buffering"] == "no"
-        assert r.headers["x-request-id"] == "abc"
-        lines = list(r.iter_lines())
-    assert all(line == "" or line.startswith(("data: ", ": ping")) for line in lines)
-    assert is_done(parse_events(lines)[-1])
-
-
-def test_a_request_waiting_for_its_first_token_gets_pings(triton_server):
-    # No wait before committing the 200 and a ping every millisecond: the first token, a Triton round
-    # trip through the backend's step thread away (milliseconds), comes after at least one ping.
-    settings = triton_settings(triton_server, model="head", first_response_wait_s=0, ping_interval_s=0.001)
-    with run_bff(**settings) as url:
-        body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 16}
-        with httpx.stream("POST", url + "/generate", json=body, headers=AUTH, timeout=SERVER_TIMEOUT_S) as r:
-            assert r.status_code == 200
-            lines = [line for line in r.iter_lines() if line]
-    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
-    assert first_data > 0 and all(line == ": ping" for line in lines[:first_data])
-    events = parse_events(lines)
-    assert is_done(events[-1]) and all("token" in e for e in events[:-1])
-    assert len(events) > 1
 
 
 def test_prompt_longer_than_the_context_is_a_400(bff_url):

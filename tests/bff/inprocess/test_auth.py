@@ -1,14 +1,13 @@
 """X-Internal-API-Key (or, as OpenAI clients send it, Authorization: Bearer): every protected route, every way
-of getting it wrong, and the run-open switch."""
+of getting it wrong, the public routes, the run-open switch, and the request id."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from bff.settings import from_env
-from tests.bff.bffkit import AUTH, KEY, run_bff
-from tools.measure import SERVER_TIMEOUT_S
+from tests.bff.bffkit import AUTH, KEY
+from tests.bff.inprocess.client import Bff
 
 PROTECTED = [("POST", "/generate", {"messages": [{"role": "user", "content": "hi"}]}),
              ("GET", "/models", None), ("POST", "/models/swap", {"model_tag": "head"}), ("GET", "/stats", None),
@@ -20,35 +19,37 @@ WRONG = {"missing": {}, "wrong": {"X-Internal-API-Key": "nope"}, "empty": {"X-In
                                                                             "Authorization": f"Bearer {KEY}"}}
 
 
-@pytest.mark.triton
 @pytest.mark.parametrize(("method", "path", "body"), PROTECTED, ids=[p[1] for p in PROTECTED])
 @pytest.mark.parametrize("case", list(WRONG))
-def test_protected_routes_need_the_key(bff_url, method, path, body, case):
-    r = httpx.request(method, bff_url + path, json=body, headers=WRONG[case], timeout=SERVER_TIMEOUT_S)
+def test_protected_routes_need_the_key(bff, method, path, body, case):
+    r = bff.request(method, path, json=body, headers=WRONG[case])
     assert r.status_code == 401
     assert r.json() == {"detail": "missing or invalid X-Internal-API-Key (or Bearer key)"}
+    assert bff.pool.opened == [] and bff.pool.states["head"] == "READY"
 
 
-@pytest.mark.triton
 @pytest.mark.parametrize("path", ["/v1/models", "/models"])
-def test_a_bearer_key_opens_them_and_openais_routes_answer_401_in_openais_shape(bff_url, path):
-    bearer = {"Authorization": f"Bearer {KEY}"}
-    assert httpx.get(bff_url + path, headers=bearer, timeout=SERVER_TIMEOUT_S).status_code == 200
-    r = httpx.get(bff_url + path, timeout=SERVER_TIMEOUT_S)
+def test_a_bearer_key_opens_them_and_openais_routes_answer_401_in_openais_shape(bff, path):
+    assert bff.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    r = bff.get(path, headers={})
     assert r.status_code == 401
     if path.startswith("/v1/"):
         assert r.json()["error"]["type"] == "authentication_error"
 
 
-@pytest.mark.triton
+def test_a_bearer_key_opens_chat_completions(bff):
+    body = {"model": "head", "messages": [{"role": "user", "content": "hi"}]}
+    assert bff.post("/v1/chat/completions", body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert bff.post("/v1/chat/completions", body, headers={}).json()["error"]["type"] == "authentication_error"
+
+
 @pytest.mark.parametrize("path", ["/models", "/stats", "/metrics", "/openapi.yaml"])
-def test_the_key_opens_them(bff_url, path):
-    assert httpx.get(bff_url + path, headers=AUTH, timeout=SERVER_TIMEOUT_S).status_code == 200
+def test_the_key_opens_them(bff, path):
+    assert bff.get(path, headers=AUTH).status_code == 200
 
 
-@pytest.mark.triton
-def test_health_needs_no_key(bff_url):
-    r = httpx.get(bff_url + "/health", timeout=SERVER_TIMEOUT_S)
+def test_health_needs_no_key(bff):
+    r = bff.get("/health", headers={})
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "ready": True, "current_model": "head"}
 
@@ -72,31 +73,22 @@ def test_refuses_a_short_key_and_an_open_switch_beside_a_key():
         from_env({"INTERNAL_API_KEY": "k" * 16, "BFF_RUN_OPEN": "1"})
 
 
-@pytest.mark.triton
 @pytest.mark.parametrize("given, kept", [("abc-123", True), ("x" * 129, False), ("a\tb", False)])
-def test_the_request_id_is_kept_only_when_sane(bff_url, given, kept):
-    r = httpx.get(bff_url + "/health", headers={"X-Request-ID": given}, timeout=SERVER_TIMEOUT_S)
+def test_the_request_id_is_kept_only_when_sane(bff, given, kept):
+    r = bff.get("/health", headers={"X-Request-ID": given})
     echoed = r.headers["x-request-id"]
     assert (echoed == given) == kept and len(echoed) <= 128
 
 
-@pytest.mark.triton
-def test_json_nested_a_thousand_deep_is_a_400_not_a_500(bff_url):
-    body = '{"messages": ' + "[" * 1000 + "]" * 1000 + "}"
-    r = httpx.post(bff_url + "/generate", content=body, headers={**AUTH, "Content-Type": "application/json"},
-                   timeout=SERVER_TIMEOUT_S)
-    assert r.status_code == 400 and r.json() == {"detail": "body is nested more than 16 levels deep"}
+def test_runs_open_only_when_told(pool, tmp_path):
+    bff = Bff(pool, tmp_path, api_key=None, run_open=True)
+    assert bff.get("/models", headers={}).status_code == 200
+    assert bff.get("/openapi.yaml", headers={}).status_code == 200
+    assert bff.post("/generate", {"messages": [{"role": "user", "content": "hi"}]}, headers={}).status_code == 200
 
 
-def test_runs_open_only_when_told():
-    with run_bff(api_key=None, run_open=True, triton_urls=("127.0.0.1:1",)) as url:
-        assert httpx.get(url + "/models", timeout=SERVER_TIMEOUT_S).status_code == 200
-        assert httpx.get(url + "/openapi.yaml", timeout=SERVER_TIMEOUT_S).status_code == 200
-
-
-def test_metrics_need_the_key_unless_opened_for_prometheus():
-    with run_bff(triton_urls=("127.0.0.1:1",)) as url:
-        assert httpx.get(url + "/metrics", timeout=SERVER_TIMEOUT_S).status_code == 401
-    with run_bff(triton_urls=("127.0.0.1:1",), metrics_open=True) as url:
-        assert httpx.get(url + "/metrics", timeout=SERVER_TIMEOUT_S).status_code == 200
-        assert httpx.get(url + "/stats", timeout=SERVER_TIMEOUT_S).status_code == 401  # only the scrape path opens
+def test_metrics_need_the_key_unless_opened_for_prometheus(pool, tmp_path):
+    assert Bff(pool, tmp_path).get("/metrics", headers={}).status_code == 401
+    opened = Bff(pool, tmp_path, metrics_open=True)
+    assert opened.get("/metrics", headers={}).status_code == 200
+    assert opened.get("/stats", headers={}).status_code == 401  # only the scrape path opens
