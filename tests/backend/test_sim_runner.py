@@ -16,7 +16,7 @@ from backend.sim_runner import SimRunner, text_ids, write_sim_model
 from core.device_sampling import BatchSampling
 from core.roofline import PROFILES
 from core.tokenizer import Tokenizer
-from tests.oracles import oracle_tokenizer
+from tests.support.oracles import oracle_tokenizer
 
 
 def test_a_d20_decode_step_on_the_h100_profile_is_what_the_roofline_says():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bff.bffkit import run_bff, triton_settings
+from tests.support.bffkit import run_bff, triton_settings
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import socket
 import httpx
 import pytest
 
-from tests.bff.bffkit import (
+from tests.support.bffkit import (
     AUTH,
     assert_cancelled_and_freed,
     finished,
@@ -28,7 +28,7 @@ from tests.bff.bffkit import (
     text_of,
     wait_until,
 )
-from tests.tritonkit import stub_process
+from tests.support.tritonkit import stub_process
 
 pytestmark = pytest.mark.triton
 BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 64}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bff.bffkit import free_port, run_bff
+from tests.support.bffkit import free_port, run_bff
 
 DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "bff.Dockerfile"
 

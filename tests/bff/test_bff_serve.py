@@ -19,8 +19,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.bff.bffkit import free_port, is_done, parse_events, ready, text_of, wait_until
-from tests.httpkit import LoopbackServer, json_reply, searxng_results
+from tests.support.bffkit import free_port, is_done, parse_events, ready, text_of, wait_until
+from tests.support.httpkit import LoopbackServer, json_reply, searxng_results
 from tools.local_triton import session_members
 from tools.measure import SERVER_TIMEOUT_S
 

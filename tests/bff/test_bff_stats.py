@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, generate, is_done, stats, wait_until
+from tests.support.bffkit import AUTH, generate, is_done, stats, wait_until
 from tools import measure
 from tools.measure import SERVER_TIMEOUT_S
 

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.bff.bffkit import (
+from tests.support.bffkit import (
     AUTH,
     assert_cancelled_and_freed,
     finished,
@@ -23,7 +23,7 @@ from tests.bff.bffkit import (
     triton_settings,
     wait_until,
 )
-from tests.tritonkit import stub_process
+from tests.support.tritonkit import stub_process
 from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from tests.bff.bffkit import (
+from tests.support.bffkit import (
     AUTH,
     first_tokens,
     generate,
@@ -28,7 +28,7 @@ from tests.bff.bffkit import (
     triton_settings,
     wait_until,
 )
-from tests.tritonkit import stub_process
+from tests.support.tritonkit import stub_process
 from tools.local_triton import LocalTriton, derive_model
 from tools.measure import SERVER_TIMEOUT_S
 from tools.stream_client import make_inputs, stream

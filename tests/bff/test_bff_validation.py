@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, generate, is_done
+from tests.support.bffkit import AUTH, generate, is_done
 from tools.measure import SERVER_TIMEOUT_S
 
 USER = {"role": "user", "content": "hi"}

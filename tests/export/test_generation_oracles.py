@@ -16,7 +16,7 @@ import pytest
 from backend.onnx_runner import OrtRunner
 from backend.protocol import METADATA_FILE, ONNX_FILE, VERSION
 from export.tensorrt_rules import problems
-from tests.oracles import generation_oracle, generation_oracles, overrides_of
+from tests.support.oracles import generation_oracle, generation_oracles, overrides_of
 
 TOL = 1e-3
 

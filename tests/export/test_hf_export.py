@@ -17,7 +17,7 @@ import torch
 from backend import protocol
 from backend.onnx_runner import OrtRunner
 from core.tokenizer import Tokenizer
-from tests.hf_models import oracle_encoding
+from tests.support.hf_models import oracle_encoding
 
 TOL = 1e-3
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word, then explain."}]
@@ -76,7 +76,7 @@ def test_onnx_runtime_matches_transformers(oracle_repository):
 def test_greedy_through_triton_and_the_bff_is_transformers_generate(triton_server, oracle_repository):
     import tritonclient.grpc.aio as grpcclient
 
-    from tests.bff.bffkit import generate, run_bff, text_of, triton_settings
+    from tests.support.bffkit import generate, run_bff, text_of, triton_settings
     from tools.measure import SERVER_TIMEOUT_S
     from tools.stream_client import make_inputs, stream
 

@@ -17,7 +17,7 @@ from backend import protocol
 from backend.model_config import EngineConfig
 from export import ExportError, export_model, options, repository
 from export.__main__ import main, parse_options
-from tests.oracles import oracle_or_skip
+from tests.support.oracles import oracle_or_skip
 from tools.paths import PROJECT as ROOT
 
 

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.oracles import oracle_or_skip
+from tests.support.oracles import oracle_or_skip
 
 pytestmark = pytest.mark.gpu
 

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from backend.protocol import METRIC_ACTIVE_SLOTS
-from tests.bff.bffkit import AUTH, finished, gunicorn, is_done, parse_events, text_of, wait_until
-from tests.tritonkit import stub_process
+from tests.support.bffkit import AUTH, finished, gunicorn, is_done, parse_events, text_of, wait_until
+from tests.support.tritonkit import stub_process
 from tools.measure import SERVER_TIMEOUT_S, metric
 
 pytestmark = pytest.mark.triton

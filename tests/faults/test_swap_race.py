@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.bff.bffkit import (
+from tests.support.bffkit import (
     AUTH,
     first_tokens,
     gunicorn,

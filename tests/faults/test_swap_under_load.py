@@ -10,7 +10,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.bff.bffkit import (
+from tests.support.bffkit import (
     AUTH,
     generate,
     health,

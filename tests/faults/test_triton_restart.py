@@ -13,7 +13,7 @@ import signal
 import httpx
 import pytest
 
-from tests.bff.bffkit import (
+from tests.support.bffkit import (
     AUTH,
     generate,
     health,
