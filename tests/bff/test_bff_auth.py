@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from bff.settings import from_env
-from tests.support.bffkit import AUTH, KEY, run_bff
+from tools.bff_client import AUTH, KEY, run_bff
 from tools.measure import SERVER_TIMEOUT_S
 
 PROTECTED = [("POST", "/generate", {"messages": [{"role": "user", "content": "hi"}]}),

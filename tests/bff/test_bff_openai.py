@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.bffkit import AUTH, KEY
+from tools.bff_client import AUTH, KEY
 from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bff.validation import OPENAPI_PATH
-from tests.support.bffkit import KEY, run_bff, triton_settings
+from tools.bff_client import KEY, run_bff, triton_settings
 from tools.local_triton import LocalTriton
 from tools.paths import CONTRACT
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support.bffkit import AUTH, generate, is_done
+from tests.support.bffkit import is_done
+from tools.bff_client import AUTH, generate
 from tools.measure import SERVER_TIMEOUT_S
 
 USER = {"role": "user", "content": "hi"}

@@ -76,7 +76,7 @@ def test_onnx_runtime_matches_transformers(oracle_repository):
 def test_greedy_through_triton_and_the_bff_is_transformers_generate(triton_server, oracle_repository):
     import tritonclient.grpc.aio as grpcclient
 
-    from tests.support.bffkit import generate, run_bff, text_of, triton_settings
+    from tools.bff_client import generate, run_bff, text_of, triton_settings
     from tools.measure import SERVER_TIMEOUT_S
     from tools.stream_client import make_inputs, stream
 
