@@ -17,7 +17,9 @@ model_repository/README.md documents the same tables; tests/backend/test_protoco
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 BACKEND = "nanochat"  # config.pbtxt's backend: the Python-based backend that serves every model here
 
@@ -165,6 +167,13 @@ ONNX_DATA_FILE = "model.onnx.data"  # the graph's weights (ONNX external data)
 PLAN_FILE = "model.plan"
 TOKENIZER_FILE = "tokenizer.pkl"  # the checkpoint's tokenizer, copied under the name nanochat gives it
 METADATA_FILE = "metadata.json"
+
+
+def read_metadata(version_dir: Path | str) -> dict:
+    """A version folder's metadata.json, as the exporter wrote it; OSError or ValueError when it is missing or
+    not JSON."""
+    return json.loads((Path(version_dir) / METADATA_FILE).read_text(encoding="utf-8"))
+
 
 # The exported graph's tensors (export/graph.py): one graph serves prefill and decode.
 INPUT_IDS, POSITIONS, SLOTS, PREV_IDS = "input_ids", "positions", "slots", "prev_ids"

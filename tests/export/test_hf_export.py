@@ -7,7 +7,6 @@ that folder, and its greedy answer through the real Triton server and the BFF ag
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ def hf_export(oracle_repository) -> tuple[Path, dict, object]:
     from transformers import NanoChatForCausalLM
 
     version = oracle_repository / "hf" / protocol.VERSION
-    meta = json.loads((version / protocol.METADATA_FILE).read_text())
+    meta = protocol.read_metadata(version)
     model = NanoChatForCausalLM.from_pretrained(meta["checkpoint_path"], dtype=torch.float32).eval()
     return version, meta, model
 
