@@ -1,8 +1,7 @@
 """
-The BFF's client kit, for the tools and the tests: one key, the gateway's SSE reader and the BFF's launchers.
-The reader is the gateway's parser: every `data:` line is one JSON event, the `token`s concatenate, and a stream
-ends at `done` (one without it is an incomplete answer). A BFF runs either as uvicorn in a thread of this process
-or as a process of its own (uvicorn, or gunicorn as in production); both take Settings' fields.
+The BFF's client kit for the tools and the tests: one key, the gateway's SSE reader (each `data:` line is one
+JSON event, tokens concatenate, `done` ends the answer) and two launchers sharing one settings builder: uvicorn
+in a thread here, or a process of its own (uvicorn, or gunicorn as in production).
 """
 
 from __future__ import annotations
