@@ -32,11 +32,11 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from backend.metrics import TritonMetrics  # noqa: E402
 from backend.model_config import EngineConfig, ModelShape  # noqa: E402
 from backend.protocol import (  # noqa: E402
-    METADATA_FILE,
     PIECE_OUTPUTS,
     REGISTRY_TOOLS,
     TOKENIZER_FILE,
     USAGE_OUTPUTS,
+    read_metadata,
 )
 from backend.requests import RequestError, parse_force, parse_request, parse_stops, parse_stream  # noqa: E402
 from backend.responses import OUTPUT_ARRAYS, Output  # noqa: E402
@@ -86,7 +86,7 @@ class TritonPythonModel:
                 "the nanochat backend needs model_transaction_policy { decoupled: true }")
         engine = EngineConfig.from_parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        shape = ModelShape.from_metadata(json.loads((version_dir / METADATA_FILE).read_text(encoding="utf-8")))
+        shape = ModelShape.from_metadata(read_metadata(version_dir))
         kind, device_id = args["model_instance_kind"], int(args["model_instance_device_id"])
         self.tokenizer = Tokenizer.load(version_dir / TOKENIZER_FILE)
         runner = make_runner(shape, version_dir, kind == "GPU", device_id)

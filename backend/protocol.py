@@ -7,7 +7,9 @@ tests/backend/test_protocol.py checks model_repository/README.md against it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 BACKEND = "nanochat"  # config.pbtxt's backend: the Python-based backend that serves every model here
 
@@ -153,6 +155,13 @@ ONNX_DATA_FILE = "model.onnx.data"  # the graph's weights (ONNX external data)
 PLAN_FILE = "model.plan"
 TOKENIZER_FILE = "tokenizer.pkl"  # the checkpoint's tokenizer, copied under the name nanochat gives it
 METADATA_FILE = "metadata.json"
+
+
+def read_metadata(version_dir: Path | str) -> dict:
+    """A version folder's metadata.json, as the exporter wrote it; OSError or ValueError when it is missing or
+    not JSON."""
+    return json.loads((Path(version_dir) / METADATA_FILE).read_text(encoding="utf-8"))
+
 
 # The exported graph's tensors (export/graph.py): one graph serves prefill and decode.
 INPUT_IDS, POSITIONS, SLOTS, PREV_IDS = "input_ids", "positions", "slots", "prev_ids"

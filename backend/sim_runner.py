@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.model_config import EngineConfig, ModelShape, config_pbtxt
-from backend.protocol import CONFIG_FILE, METADATA_FILE, TOKENIZER_FILE, VERSION
+from backend.protocol import CONFIG_FILE, METADATA_FILE, TOKENIZER_FILE, VERSION, read_metadata
 from core.device_sampling import BatchSampling, Drawn
 from core.roofline import PROFILES, GpuProfile
 from core.tokenizer import Tokenizer
@@ -66,8 +66,7 @@ def text_ids(tok: Tokenizer) -> np.ndarray:
 
 
 def load_sim_runner(shape: ModelShape, version_dir: Path) -> SimRunner:
-    meta = json.loads((version_dir / METADATA_FILE).read_text(encoding="utf-8"))
-    name = meta.get(PROFILE_KEY)
+    name = read_metadata(version_dir).get(PROFILE_KEY)
     if name not in PROFILES:
         raise ValueError(f"{version_dir / METADATA_FILE}: {PROFILE_KEY} must be one of {sorted(PROFILES)}, "
                          f"got {name!r}")

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from backend.protocol import CONFIG_FILE, METADATA_FILE
+from backend.protocol import read_metadata as read_version_metadata
 from bff.errors import Conflict, NotFound, Unavailable, UpstreamFailed, UpstreamTimeout
 from bff.settings import Settings
 from bff.stats import BffStats
@@ -39,7 +40,7 @@ def read_metadata(repository: Path, name: str) -> dict:
     if not versions:
         return {}
     try:
-        return json.loads(versions[-1].read_text(encoding="utf-8"))
+        return read_version_metadata(versions[-1].parent)
     except (OSError, ValueError):
         return {}
 

@@ -10,13 +10,12 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from backend.protocol import METADATA_FILE, VERSION
+from backend.protocol import METADATA_FILE, VERSION, read_metadata
 
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 ASIDE = ".old"  # suffix of an old model moved aside by the fallback of install()
@@ -42,21 +41,15 @@ def describe_files(version_dir: Path) -> tuple[dict, str]:
     return files, content
 
 
-def read_metadata(model_dir: Path) -> dict | None:
-    try:
-        return json.loads((model_dir / VERSION / METADATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def check_target(target: Path, checkpoint_path: str, force: bool) -> None:
     """Refuse to replace a different model (or a folder that is not one of ours) without force."""
     if not target.exists() or force:
         return
-    meta = read_metadata(target)
-    if meta is None:
+    try:
+        meta = read_metadata(target / VERSION)
+    except (OSError, ValueError):
         raise RepositoryError(f"{target} exists and is not a model this exporter wrote; use FORCE=1 (--force) "
-                              "to replace it")
+                              "to replace it") from None
     if meta.get("checkpoint_path") != checkpoint_path:
         raise RepositoryError(f"{target} holds another model (from {meta.get('checkpoint_path')}); use FORCE=1 "
                               "(--force) to replace it, or NAME= to export under another name")

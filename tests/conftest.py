@@ -5,7 +5,7 @@ Session fixtures that start one real Triton server for every test that needs it 
                        checkpoints exported as "head" (G4) and "orig" (G0), a small demo checkpoint
                        as "demo" (and as "demo_tools", with samosaChaat's tool channel), "demo_1slot" (a larger
                        demo model with max_slots 1, max_queue 1), and "hf", a transformers NanoChat
-                       folder (tests/hf_models.py; its metadata.json's checkpoint_path is the folder)
+                       folder (tests/support/hf_models.py; its metadata.json's checkpoint_path is the folder)
     triton_server      a tools.local_triton.LocalTriton over it with five models loaded (not demo_tools);
                        use .grpc_url / .http_url / .metrics_url
     oracle_references  {"head": references.json, "orig": ...} of ../shared/oracle
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.oracles import ORACLES, references
-
-DEMO_MAX_SEQ = 256
+from tests.support.oracles import ORACLES, references
+from tests.support.tritonkit import DEMO_MAX_SEQ
 
 
 def export_options(repository: Path, name: str, nanochat_base: Path, source: str, **settings):
@@ -44,8 +43,8 @@ def oracle_references() -> dict:
 @pytest.fixture(scope="session")
 def oracle_repository(tmp_path_factory, oracle_references) -> Path:
     from core.random_checkpoint import make_checkpoint
-    from tests.exports import export_all
-    from tests.hf_models import write_oracle_model
+    from tests.support.exports import export_all
+    from tests.support.hf_models import write_oracle_model
 
     repo = tmp_path_factory.mktemp("model_repository")
     jobs = [export_options(repo, name, base, "base", max_slots=16, max_seq=512, max_queue=64, prefill_chunk=256)
@@ -101,8 +100,8 @@ def generation_exports(tmp_path_factory):
     returns a function that waits for them and gives name -> model folder."""
     import numpy as np
 
-    from tests.exports import start_exports
-    from tests.oracles import checkpoint_with_tokenizer, generation_oracle, generation_oracles, overrides_of
+    from tests.support.exports import start_exports
+    from tests.support.oracles import checkpoint_with_tokenizer, generation_oracle, generation_oracles, overrides_of
 
     names, jobs = generation_oracles(), []
     for name in names:
@@ -122,8 +121,8 @@ def head_export(tmp_path_factory):
     """`make export` on the head oracle, as a user types it; returns a function that waits for it and gives
     (completed process, repository, peak resident memory in bytes: the export's fixed cost, the head being
     small)."""
-    from tests.exports import start_measured
-    from tests.oracles import oracle_or_skip
+    from tests.support.exports import start_measured
+    from tests.support.oracles import oracle_or_skip
     from tools.paths import PROJECT
 
     head, repo = oracle_or_skip("head"), tmp_path_factory.mktemp("make_export") / "repo"
@@ -141,7 +140,7 @@ def wide_export(tmp_path_factory):
     import sys
 
     from core.random_checkpoint import make_checkpoint
-    from tests.exports import start_measured
+    from tests.support.exports import start_measured
     from tools.paths import PROJECT
 
     base = tmp_path_factory.mktemp("wide")

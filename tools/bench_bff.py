@@ -30,25 +30,21 @@ import contextlib
 import http.client
 import multiprocessing
 import os
-import subprocess
-import sys
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import httpx
 import numpy as np
 import orjson
 import psutil
 
 from bff.settings import Settings
 from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
+from tools.bff_client import bff_process, token_times
 from tools.local_triton import BESIDE_BFF_PRIORITY, PRIORITIES, LocalTriton
-from tools.measure import SERVER_TIMEOUT_S, percentile
+from tools.measure import percentile
 
-KEY = "bench-bff-one-run-key"  # at least 16 characters, as the BFF requires
 PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to code."}]
 
 
@@ -92,19 +88,9 @@ async def direct_request(triton: Endpoint, model: str, max_tokens: int, run: Run
 
 
 async def bff_request(client: aiohttp.ClientSession, url: str, max_tokens: int, run: Run) -> None:
-    """One /generate, its events read line by line as the gateway reads them (aiohttp: less CPU per event
-    than httpx, which on a shared machine is taken from the server's; figures in the README)."""
-    body = {"messages": PROMPT, "temperature": 0, "max_tokens": max_tokens}
-    stamps = []
+    """One /generate, its events read as the gateway reads them."""
     start = time.perf_counter()
-    async with client.post(url + "/generate", json=body, headers=AUTH) as r:
-        r.raise_for_status()
-        async for line in r.content:
-            if line.startswith(b'data: {"token"'):
-                stamps.append(time.perf_counter())
-            elif line.startswith(b'data: {"error"'):
-                raise RuntimeError(line.decode())
-    run.record(start, stamps)
+    run.record(start, await token_times(client, url, {"messages": PROMPT, "temperature": 0, "max_tokens": max_tokens}))
 
 
 class Route:
@@ -260,62 +246,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-AUTH = {"X-Internal-API-Key": KEY}
-
-
-@dataclass
-class Answer:
-    """One /generate as the gateway reads it: the tokens concatenated, and when they came."""
-
-    text: str
-    tokens: int  # token events
-    first_s: float  # seconds from the request to the first token event
-    last_s: float  # ... to the last one
-    done: dict | None  # the done event; None when the stream ended without one
-
-
-def generate_sse(client: httpx.Client, url: str, body: dict) -> Answer:
-    """POST /generate and read its data: lines to the end; an error event raises RuntimeError."""
-    start, times, text, done = time.perf_counter(), [], [], None
-    with client.stream("POST", url + "/generate", json=body, headers=AUTH) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = orjson.loads(line[5:])
-            if "token" in event:
-                times.append(time.perf_counter() - start)
-                text.append(event["token"])
-            elif "error" in event:
-                raise RuntimeError(f"the stream failed: {event}")
-            elif event.get("done"):
-                done = event
-    return Answer("".join(text), len(times), times[0] if times else 0.0, times[-1] if times else 0.0, done)
-
-
-@contextlib.contextmanager
-def bff_process(grpc_url: str, metrics_url: str, model: str, repository: str, port: int):
-    env = {**os.environ, "INTERNAL_API_KEY": KEY, "BFF_TRITON_URLS": grpc_url, "BFF_MODEL": model,
-           "BFF_TRITON_METRICS_URLS": metrics_url, "BFF_MODEL_REPOSITORY": repository}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bff.app:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning", "--no-access-log"],
-                            env=env, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=SERVER_TIMEOUT_S).json()["ready"]:
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the BFF did not become ready")
-            time.sleep(0.2)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.bench_bff", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo")
@@ -349,8 +279,10 @@ def main(argv: list[str] | None = None) -> None:
             triton = stack.enter_context(LocalTriton(a.model_repository, load=[a.model], cpus=a.triton_cpus,
                                                      priority=a.triton_priority))
             grpc_url, metrics_url = triton.grpc_url, triton.metrics_url
-        url, pid = stack.enter_context(bff_process(grpc_url, metrics_url, a.model, a.model_repository, a.port))
-        tokens, rows = asyncio.run(measure(url, pid, grpc_url, a.model, a.concurrency, a.requests_per_client,
+        proc, url = stack.enter_context(bff_process(
+            triton_urls=(grpc_url,), triton_metrics_urls=(metrics_url,) if metrics_url else (), model=a.model,
+            model_repository=a.model_repository, port=a.port))
+        tokens, rows = asyncio.run(measure(url, proc.pid, grpc_url, a.model, a.concurrency, a.requests_per_client,
                                            a.max_tokens, a.rounds))
     cpus = f"Triton on CPUs {sorted(a.triton_cpus)}, the BFF and the clients on the others" if a.triton_cpus \
         else "Triton, the BFF and the clients sharing all CPUs"

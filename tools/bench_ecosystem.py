@@ -25,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tools.bench_bff import KEY, bff_process
-from tools.local_triton import LocalTriton, free_port
+from tools.bff_client import KEY, bff_process, triton_settings
+from tools.local_triton import LocalTriton
 
 
 def hf_tokenizer(python: Path, version_dir: Path, out: Path) -> Path:
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = hf_tokenizer(a.aiperf.parent / "python", version_dir,
                                  Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tokenizer")
         triton = stack.enter_context(LocalTriton(a.model_repository, load=[a.model]))
-        bff_url, _ = stack.enter_context(bff_process(triton.grpc_url, triton.metrics_url, a.model,
-                                                     str(a.model_repository), free_port()))
+        _, bff_url = stack.enter_context(bff_process(**triton_settings(triton, model=a.model)))
         print(f"== AIPerf {a.aiperf} -> {bff_url}/v1/chat/completions (the BFF's OpenAI surface)", flush=True)
         run_aiperf(a.aiperf, bff_url, a, tokenizer, a.out)
         if a.genai_perf:

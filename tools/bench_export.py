@@ -11,7 +11,6 @@ per-token time is the median step, as nanochat's infer_bench reports TPOT.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.protocol import METADATA_FILE, ONNX_FILE, VERSION
+from backend.protocol import ONNX_FILE, VERSION, read_metadata
 from export.__main__ import parse_options
 from export.pipeline import ExportError, export_model
 
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench-export: error: {e}", file=sys.stderr)
             return 2
         export_s = time.perf_counter() - t
-        meta = json.loads((target / VERSION / METADATA_FILE).read_text())
+        meta = read_metadata(target / VERSION)
         from core.checkpoint import find_checkpoint, open_checkpoint
 
         ref = find_checkpoint(meta["source"] if meta["source"] != "dir" else None, meta["model_tag"], meta["step"],

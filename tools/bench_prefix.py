@@ -18,9 +18,8 @@ from pathlib import Path
 import httpx
 
 from core.random_checkpoint import CORPUS
-from tools.bench_bff import AUTH, bff_process, generate_sse
-from tools.local_triton import LocalTriton, derive_model, free_port
-from tools.measure import SERVER_TIMEOUT_S
+from tools.bff_client import bff_process, generate_sse, stats, triton_settings
+from tools.local_triton import LocalTriton, derive_model
 
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Tell me about the sea.",
              "What do cats eat?", "How far is the moon?"]
@@ -45,13 +44,13 @@ def conversations(url: str, turns: int, count: int, max_tokens: int, system: str
 def measure(repository: Path, model: str, a: argparse.Namespace) -> tuple[list[float], dict]:
     """Median TTFT (ms) per turn with `model` served, and the BFF's /stats prefix-cache summary."""
     with LocalTriton(repository, load=[model]) as triton, \
-            bff_process(triton.grpc_url, triton.metrics_url, model, str(repository), free_port()) as (url, _):
+            bff_process(**triton_settings(triton, model=model)) as (_, url):
         conversations(url, 2, 1, a.max_tokens)  # warm-up
         system = " ".join(CORPUS.read_text(encoding="utf-8").split()[: a.system_words])
         runs = conversations(url, a.turns, a.conversations, a.max_tokens, system)
-        stats = httpx.get(url + "/stats", headers=AUTH, timeout=SERVER_TIMEOUT_S).json()
+        cache = stats(url)["triton"]["prefix_cache"]
     per_turn = [statistics.median(r[t] for r in runs) for t in range(a.turns)]
-    return per_turn, stats["triton"]["prefix_cache"]
+    return per_turn, cache
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,46 +125,42 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
-async def sse_clients(url: str, key: str, texts: list[str], rows: int, per_stream: int, max_tokens: int,
-                      sampling: str) -> int:
-    """`rows` gateway-like clients, each posting /generate per_stream times and reading its data lines to done."""
+async def sse_clients(url: str, texts: list[str], rows: int, per_stream: int, max_tokens: int, sampling: str) -> int:
+    """`rows` gateway-like clients, each posting /generate per_stream times and reading its events to done; the
+    token events they read."""
     import aiohttp
 
-    events = [0]
+    from tools.bff_client import token_times
 
-    async def stream(client, i: int) -> None:
+    async def stream(client, i: int) -> int:
+        events = 0
         for r in range(per_stream):
             body = {"messages": [{"role": "user", "content": texts[(i + r * rows) % len(texts)]}],
                     "max_tokens": max_tokens, **SAMPLING[sampling]}
-            async with client.post(url + "/generate", json=body, headers={"X-Internal-API-Key": key}) as resp:
-                resp.raise_for_status()
-                async for line in resp.content:
-                    if line.startswith(b'data: {"error"'):
-                        raise SystemExit(f"stream failed: {line.decode()}")
-                    events[0] += line.startswith(b'data: {"token"')
+            events += len(await token_times(client, url, body))
+        return events
 
     connector = aiohttp.TCPConnector(limit=rows * 2)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
-        await asyncio.gather(*(stream(client, i) for i in range(rows)))
-    return events[0]
+        return sum(await asyncio.gather(*(stream(client, i) for i in range(rows))))
 
 
 def triton_layer(profile: str, rows: int, sampling: str, repo: Path, tok_file: Path, texts: list[str],
                  per_stream: int, max_tokens: int, engine: EngineConfig, port: int) -> dict:
-    from tools.bench_bff import KEY, bff_process
+    from tools.bff_client import bff_process, triton_settings
 
     name = f"sim_{rows}"
     write_sim_model(repo, name, tok_file, profile, rows, MAX_SEQ, engine)
     with LocalTriton(repo, load=[name]) as triton, \
-            bff_process(triton.grpc_url, triton.metrics_url, name, str(repo), port) as (url, bff_pid):
-        server = triton.process.pid
+            bff_process(**triton_settings(triton, model=name, port=port)) as (bff, url):
+        server, bff_pid = triton.process.pid, bff.pid
         stubs = [p for p in session_members(server) if p != server]
-        asyncio.run(sse_clients(url, KEY, texts, WARM_UP, 1, 8, sampling))  # connections, the first prefill
+        asyncio.run(sse_clients(url, texts, WARM_UP, 1, 8, sampling))  # connections, the first prefill
         metrics_once_ended(triton.metrics_url, name, WARM_UP)  # the backend's counters include the warm-up
         before = backend_counters(triton.metrics_url, name), cpu_of([server]), cpu_of(stubs), cpu_of([bff_pid])
         client = time.process_time()
         start = time.perf_counter()
-        events = asyncio.run(sse_clients(url, KEY, texts, rows, per_stream, max_tokens, sampling))
+        events = asyncio.run(sse_clients(url, texts, rows, per_stream, max_tokens, sampling))
         wall = time.perf_counter() - start
         client = time.process_time() - client
         metrics_once_ended(triton.metrics_url, name, WARM_UP + rows * per_stream)

@@ -222,8 +222,8 @@ def serve_row(label: str, repo: Path, name: str, log: Callable[[str], None]) -> 
     one /generate streamed to its done event, as the gateway reads it."""
     import httpx
 
-    from tools.bench_bff import bff_process, generate_sse
-    from tools.local_triton import LocalTriton, free_port
+    from tools.bff_client import bff_process, generate_sse, triton_settings
+    from tools.local_triton import LocalTriton
     from tools.serve import README_PROMPT
 
     runtime = "triton + bff"
@@ -233,7 +233,7 @@ def serve_row(label: str, repo: Path, name: str, log: Callable[[str], None]) -> 
     body = {"messages": [{"role": "user", "content": README_PROMPT}], "max_tokens": 64, "temperature": 0}
     try:
         with LocalTriton(repo, load=[name]) as triton, \
-                bff_process(triton.grpc_url, triton.metrics_url, name, str(repo), free_port()) as (url, _), \
+                bff_process(**triton_settings(triton, model=name)) as (_, url), \
                 httpx.Client(timeout=120) as client:
             answer = generate_sse(client, url, body)
     except Exception as e:  # a failure is a row of the table, not the end of the check

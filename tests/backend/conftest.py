@@ -10,8 +10,8 @@ import pytest
 from core.checkpoint import find_checkpoint, open_checkpoint
 from core.gpt import build_gpt
 from core.random_checkpoint import make_checkpoint
-from tests.backend.schedkit import MAX_SEQ
-from tests.httpkit import LoopbackServer
+from tests.support.httpkit import LoopbackServer
+from tests.support.schedkit import MAX_SEQ
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from backend.scheduler import Scheduler
 from core.device_sampling import BatchSampling, DrawsOnHost, draw
 from core.generation import SamplingParams
 from core.tokenizer import Tokenizer
-from tests.backend.schedkit import FakeSink
-from tests.oracles import oracle_tokenizer
+from tests.support.oracles import oracle_tokenizer
+from tests.support.schedkit import FakeSink
 
 
 @pytest.fixture(scope="module")

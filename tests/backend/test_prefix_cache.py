@@ -22,10 +22,10 @@ from core.generation import SamplingParams
 from core.gpt import TorchRunner, build_gpt
 from core.random_checkpoint import make_checkpoint
 from core.tokenizer import Tokenizer
-from tests.backend.schedkit import FakeSink, GatedRunner, alone
-from tests.backend.test_triton import greedy, run
-from tests.bff.bffkit import wait_until
-from tests.oracles import generation_model, generation_oracles, oracle_tokenizer
+from tests.support.bffkit import wait_until
+from tests.support.oracles import generation_model, generation_oracles, oracle_tokenizer
+from tests.support.schedkit import FakeSink, GatedRunner, alone
+from tests.support.tritonkit import greedy, run
 from tools import measure
 from tools.local_triton import derive_model
 from tools.measure import SERVER_TIMEOUT_S

@@ -15,7 +15,7 @@ import pytest
 
 from backend.public_fetch import Page, fetch_public, page_text
 from core.tool_calls import ToolError
-from tests.httpkit import LOOPBACK, LoopbackServer, html, names, redirect
+from tests.support.httpkit import LOOPBACK, LoopbackServer, html, names, redirect
 
 TIMEOUT_S = 2.0
 

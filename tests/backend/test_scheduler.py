@@ -12,8 +12,8 @@ from backend.stops import StopMatcher
 from core.generation import SamplingParams
 from core.gpt import TorchRunner
 from core.tokenizer import Detokenizer
-from tests.backend.schedkit import MAX_SEQ, FakeSink, alone, prompts, start
-from tests.bff.bffkit import wait_until
+from tests.support.bffkit import wait_until
+from tests.support.schedkit import MAX_SEQ, FakeSink, alone, prompts, start
 
 
 def test_batched_requests_get_what_they_get_alone(demo):

@@ -15,8 +15,8 @@ import pytest
 from backend.protocol import QUEUE_FULL, SHUTTING_DOWN
 from backend.scheduler import Scheduler
 from core.generation import SamplingParams
-from tests.backend.schedkit import FakeSink, GatedRunner, alone, prompts, start
-from tests.bff.bffkit import wait_until
+from tests.support.bffkit import wait_until
+from tests.support.schedkit import FakeSink, GatedRunner, alone, prompts, start
 
 GREEDY = SamplingParams(0.0, None, 30, 0)
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from backend.model_config import EngineConfig, ModelShape
-from backend.protocol import METADATA_FILE, VERSION
+from backend.protocol import METADATA_FILE, VERSION, read_metadata
 from backend.runner import make_runner
 from backend.sim_runner import SimRunner, text_ids, write_sim_model
 from core.device_sampling import BatchSampling
 from core.roofline import PROFILES
 from core.tokenizer import Tokenizer
-from tests.oracles import oracle_tokenizer
+from tests.support.oracles import oracle_tokenizer
 
 
 def test_a_d20_decode_step_on_the_h100_profile_is_what_the_roofline_says():
@@ -50,7 +50,7 @@ def test_the_runner_returns_text_tokens_and_the_logits_of_exact_rows():
 
 def test_a_sim_model_folder_builds_the_runner_its_metadata_names(tmp_path):
     folder = write_sim_model(tmp_path, "sim", oracle_tokenizer(), "d20-l4", 8, 256, EngineConfig())
-    meta = json.loads((folder / VERSION / METADATA_FILE).read_text())
+    meta = read_metadata(folder / VERSION)
     runner = make_runner(ModelShape.from_metadata(meta), folder / VERSION, gpu=False, device_id=0)
     assert isinstance(runner, SimRunner) and runner.profile is PROFILES["d20-l4"] and runner.max_slots == 8
     meta["sim_profile"] = "d20-tpu"

@@ -22,9 +22,9 @@ from core.device_sampling import DrawsOnHost
 from core.generation import SamplingParams
 from core.tokenizer import Tokenizer
 from core.tool_calls import ToolCall, ToolRegistry, ToolResult, forced_text
-from tests.backend.schedkit import FakeSink
-from tests.httpkit import json_reply, searxng_results
-from tests.oracles import oracle_tokenizer
+from tests.support.httpkit import json_reply, searxng_results
+from tests.support.oracles import oracle_tokenizer
+from tests.support.schedkit import FakeSink
 
 GREEDY = SamplingParams(0.0, None, 200)
 

@@ -9,30 +9,14 @@ from backend import protocol as P
 from backend.model_config import EngineConfig
 from backend.protocol import INVALID
 from backend.sim_runner import write_sim_model
-from tests.bff.bffkit import assert_cancelled_and_freed, finished
-from tests.conftest import DEMO_MAX_SEQ
-from tests.tritonkit import stub_process, wait_busy
+from tests.support.bffkit import assert_cancelled_and_freed, finished
+from tests.support.tritonkit import DEMO_MAX_SEQ, greedy, long_prompt, run, stub_process, wait_busy
 from tools import measure
 from tools.local_triton import derive_model
 from tools.measure import SERVER_TIMEOUT_S, metrics_once_ended
 from tools.stream_client import make_inputs, stream
 
 pytestmark = pytest.mark.triton
-
-
-def run(coro_fn, server, timeout: float = 120.0):
-    async def main():
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        try:
-            return await asyncio.wait_for(coro_fn(client), timeout)
-        finally:
-            await client.close()
-
-    return asyncio.run(main())
-
-
-def greedy(**kw):
-    return make_inputs(temperature=0.0, **kw)
 
 
 @pytest.mark.parametrize("model", ["head", "orig"])
@@ -168,12 +152,6 @@ def test_16_concurrent_streams_get_what_they_get_alone(triton_server, oracle_ref
     for i, (a, b) in enumerate(zip(alone, together, strict=True)):
         assert a.error is None and b.error is None and a.finals == b.finals == 1, i
         assert (a.token_ids, a.text) == (b.token_ids, b.text), i
-
-
-def long_prompt():
-    # 801 tokens before a stop token from demo_1slot's random weights (the longest run of seeds 1-60):
-    # close to two seconds of its one slot, so tests that need it busy have a wide margin
-    return make_inputs(prompt_ids=[5, 6, 7, 8], temperature=1.0, top_k=50, seed=10, max_tokens=1000)
 
 
 def test_cancelled_stream_frees_its_slot(triton_server):
@@ -335,7 +313,7 @@ def test_tritons_generate_extension_answers_text_input(triton_server, oracle_ref
     import orjson
 
     from core.tokenizer import Tokenizer
-    from tests.oracles import oracle_tokenizer
+    from tests.support.oracles import oracle_tokenizer
 
     tok = Tokenizer.load(oracle_tokenizer())
     text = "The capital of France is"

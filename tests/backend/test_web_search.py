@@ -14,7 +14,7 @@ import pytest
 from backend.public_fetch import fetch_public
 from backend.web_search import NO_BACKEND, TAVILY_URL, SearXNG, Tavily, WebSearch, from_env
 from core.tool_calls import ToolCall, ToolError, ToolRegistry
-from tests.httpkit import LOOPBACK, html, json_reply, searxng_results
+from tests.support.httpkit import LOOPBACK, html, json_reply, searxng_results
 
 TIMEOUT_S = 2.0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bff.bffkit import run_bff, triton_settings
+from tools.bff_client import run_bff, triton_settings
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ import httpx
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from tests.bff.bffkit import health, is_done, model_ready, run_bff, stats, stream_events, text_of, wait_until
+from tests.support.bffkit import is_done, model_ready, wait_until
+from tools.bff_client import health, run_bff, stats, stream_events, text_of
 from tools.local_triton import LocalTriton
 from tools.measure import SERVER_TIMEOUT_S
 from tools.stream_client import make_inputs, stream

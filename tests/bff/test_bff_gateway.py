@@ -10,7 +10,8 @@ import logging
 
 import pytest
 
-from tests.bff.bffkit import generate, is_done, text_of
+from tests.support.bffkit import is_done
+from tools.bff_client import generate, text_of
 
 pytestmark = pytest.mark.triton
 BODY = {"temperature": 0.0, "max_tokens": 16, "top_k": 50}  # what the gateway sends beside the messages

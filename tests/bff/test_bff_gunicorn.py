@@ -17,18 +17,9 @@ import socket
 import httpx
 import pytest
 
-from tests.bff.bffkit import (
-    AUTH,
-    assert_cancelled_and_freed,
-    finished,
-    generate,
-    gunicorn,
-    is_done,
-    parse_events,
-    text_of,
-    wait_until,
-)
-from tests.tritonkit import stub_process
+from tests.support.bffkit import assert_cancelled_and_freed, finished, is_done, wait_until
+from tests.support.tritonkit import stub_process
+from tools.bff_client import AUTH, bff_process, generate, parse_events, text_of, triton_settings
 
 pytestmark = pytest.mark.triton
 BODY = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 64}
@@ -45,7 +36,8 @@ def refuses_connections(url: str) -> bool:
 
 def test_sigterm_lets_a_live_stream_finish(triton_server):
     stub = stub_process(triton_server, "head")
-    with gunicorn(triton_server, graceful_s=30) as (proc, url):
+    settings = triton_settings(triton_server, model="head", workers=1, graceful_timeout_s=30)
+    with bff_process(gunicorn=True, **settings) as (proc, url):
         _, reference = generate(url, BODY)
         lines = []
         try:
@@ -72,7 +64,8 @@ def test_sigterm_lets_a_live_stream_finish(triton_server):
 
 def test_a_stream_past_the_graceful_bound_is_cut_and_its_request_cancelled(triton_server):
     stub = stub_process(triton_server, "head")
-    with gunicorn(triton_server, graceful_s=1) as (proc, url):
+    settings = triton_settings(triton_server, model="head", workers=1, graceful_timeout_s=1)
+    with bff_process(gunicorn=True, **settings) as (proc, url):
         before = finished(triton_server, "head")
         lines = []
         try:

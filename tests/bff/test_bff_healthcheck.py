@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bff.bffkit import free_port, run_bff
+from tools.bff_client import run_bff
+from tools.local_triton import free_port
 
 DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "bff.Dockerfile"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.bff.bffkit import KEY
+from tools.bff_client import KEY
 from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton

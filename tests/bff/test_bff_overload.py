@@ -13,9 +13,9 @@ import httpx
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from tests.backend.test_triton import long_prompt
-from tests.bff.bffkit import AUTH, generate, health, model_ready, run_bff, stats, triton_settings, wait_until
-from tests.tritonkit import stub_process, wait_busy
+from tests.support.bffkit import model_ready, wait_until
+from tests.support.tritonkit import long_prompt, stub_process, wait_busy
+from tools.bff_client import AUTH, generate, health, run_bff, stats, triton_settings
 from tools.local_triton import free_port
 from tools.measure import SERVER_TIMEOUT_S
 from tools.stream_client import stream
@@ -130,7 +130,8 @@ def test_health_answers_without_waiting_for_a_frozen_triton(triton_server):
 
 
 def test_a_silent_triton_ends_the_stream_with_an_error_and_cancels_it(triton_server):
-    from tests.bff.bffkit import assert_cancelled_and_freed, finished, parse_events
+    from tests.support.bffkit import assert_cancelled_and_freed, finished
+    from tools.bff_client import parse_events
 
     stub = stub_process(triton_server, "head")
     settings = triton_settings(triton_server, model="head", stream_silence_s=1.0, ping_interval_s=0.2)
@@ -161,7 +162,8 @@ def test_keepalive_ends_a_stream_whose_triton_froze_long_before_the_silence_boun
 
     from backend.protocol import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS, METRIC_ACTIVE_SLOTS
     from bff.triton import PROBE_TIMEOUT_S
-    from tests.bff.bffkit import finished, parse_events
+    from tests.support.bffkit import finished
+    from tools.bff_client import parse_events
     from tools.measure import metric
 
     with run_bff(**triton_settings(triton_server, model="head", stream_silence_s=600.0)) as url:
@@ -192,7 +194,7 @@ def test_keepalive_ends_a_stream_whose_triton_froze_long_before_the_silence_boun
 def test_the_repository_api_answers_only_the_bff(oracle_repository, tmp_path):
     """Triton with its repository API restricted (as the images run it): a client without the key can
     neither list, load nor unload models; the BFF, given the key, swaps as usual."""
-    from tests.bff.bffkit import KEY
+    from tools.bff_client import KEY
     from tools.local_triton import LocalTriton
 
     repository = tmp_path / "repository"

@@ -8,8 +8,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.bff.bffkit import AUTH, generate, is_done, stats, wait_until
+from tests.support.bffkit import is_done, wait_until
 from tools import measure
+from tools.bff_client import AUTH, generate, stats
 from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton

@@ -10,18 +10,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.bff.bffkit import (
-    AUTH,
-    assert_cancelled_and_freed,
-    finished,
-    generate,
-    run_bff,
-    stats,
-    text_of,
-    triton_settings,
-    wait_until,
-)
-from tests.tritonkit import stub_process
+from tests.support.bffkit import assert_cancelled_and_freed, finished, wait_until
+from tests.support.tritonkit import stub_process
+from tools.bff_client import AUTH, generate, run_bff, stats, text_of, triton_settings
 from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton

@@ -13,22 +13,9 @@ import httpx
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from tests.bff.bffkit import (
-    AUTH,
-    first_tokens,
-    generate,
-    health,
-    is_done,
-    loaded_models,
-    model_ready,
-    run_bff,
-    stats,
-    stream_events,
-    text_of,
-    triton_settings,
-    wait_until,
-)
-from tests.tritonkit import stub_process
+from tests.support.bffkit import first_tokens, is_done, loaded_models, model_ready, wait_until
+from tests.support.tritonkit import stub_process
+from tools.bff_client import AUTH, generate, health, run_bff, stats, stream_events, text_of, triton_settings
 from tools.local_triton import LocalTriton, derive_model
 from tools.measure import SERVER_TIMEOUT_S
 from tools.stream_client import make_inputs, stream

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from core.gpt import TorchRunner
-from tests.oracles import generation_model, generation_oracle, generation_oracles
+from tests.support.oracles import generation_model, generation_oracle, generation_oracles
 
 TOL = 1e-4
 

@@ -21,7 +21,7 @@ from core.config import NORM_EPS
 from core.gpt import TorchRunner, build_gpt
 from core.tokenizer import Tokenizer
 from core.tokenizer_json import read_encoding
-from tests.hf_models import nanochat_model, oracle_encoding, save_folder
+from tests.support.hf_models import nanochat_model, oracle_encoding, save_folder
 
 TOL = 1e-4
 MESSAGES = [{"role": "user", "content": "Why is the sky blue? Explain it to a child, in 3 short sentences."}]

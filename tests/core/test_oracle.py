@@ -10,7 +10,7 @@ import torch
 from core.checkpoint import find_checkpoint, open_checkpoint
 from core.generation import SamplingParams, generate
 from core.gpt import TorchRunner, build_gpt
-from tests.oracles import oracle_or_skip, references
+from tests.support.oracles import oracle_or_skip, references
 
 
 @pytest.fixture(scope="module", params=["head", "orig"])

@@ -4,7 +4,7 @@
 import pytest
 
 from core.tokenizer import ConversationError, Detokenizer, Tokenizer
-from tests.oracles import oracle_tokenizer
+from tests.support.oracles import oracle_tokenizer
 
 
 @pytest.fixture(scope="module")

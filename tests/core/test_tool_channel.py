@@ -24,7 +24,7 @@ from core.tool_calls import (
     parse_call,
     search_query,
 )
-from tests.oracles import oracle_tokenizer
+from tests.support.oracles import oracle_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from core.device_sampling import DrawsOnHost
 from core.generation import SamplingParams, generate
 from core.sampling import make_generator, sample_next_token
 from core.tokenizer import Tokenizer
-from tests.oracles import oracle_tokenizer
+from tests.support.oracles import oracle_tokenizer
 
 
 class ScriptedRunner(DrawsOnHost):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bff.bffkit import AUTH, KEY, generate, health, is_done, ready, text_of, wait_until
+from tests.support.bffkit import is_done, wait_until
+from tools.bff_client import AUTH, KEY, generate, health, ready, text_of
 from tools.local_triton import LocalTriton, free_port
 from tools.paths import PROJECT
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import oracles
+from tests.support import oracles
 
 GENERATIONS = ("G0", "G1", "G2", "G3", "G4")
 # small models; sequence_len 512 puts G3's short window at 256 and G4's at 128, so a 240-token

@@ -15,8 +15,8 @@ import pytest
 from backend.onnx_runner import OrtRunner
 from core.checkpoint import find_checkpoint, open_checkpoint
 from core.gpt import TorchRunner, build_gpt
-from tests.exports import lowered
-from tests.oracles import oracle_or_skip
+from tests.support.exports import lowered
+from tests.support.oracles import oracle_or_skip
 
 TOL = 1e-3
 STEPS = 32

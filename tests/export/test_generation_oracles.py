@@ -7,16 +7,15 @@ only with their --override flags (recorded in metadata.json), which tests/core s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from backend.onnx_runner import OrtRunner
-from backend.protocol import METADATA_FILE, ONNX_FILE, VERSION
+from backend.protocol import ONNX_FILE, VERSION, read_metadata
 from export.tensorrt_rules import problems
-from tests.oracles import generation_oracle, generation_oracles, overrides_of
+from tests.support.oracles import generation_oracle, generation_oracles, overrides_of
 
 TOL = 1e-3
 
@@ -41,7 +40,7 @@ def decode(name: str, target: Path) -> float:
 def test_exported_graph_decodes_as_nanochat(name, exported):
     _, entry = generation_oracle(name)
     err = decode(name, exported[name])
-    meta = json.loads((exported[name] / VERSION / METADATA_FILE).read_text())
+    meta = read_metadata(exported[name] / VERSION)
     assert err < TOL, f"max |logits - nanochat| = {err:.2e}"
     assert problems(exported[name] / VERSION / ONNX_FILE) == []  # TensorRT's parser would take it too
     assert meta["generation"] == entry["generation"] and meta["overrides"] == overrides_of(entry)

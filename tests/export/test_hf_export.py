@@ -7,7 +7,6 @@ that folder, and its greedy answer through the real Triton server and the BFF ag
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from backend import protocol
 from backend.onnx_runner import OrtRunner
 from core.tokenizer import Tokenizer
-from tests.hf_models import oracle_encoding
+from tests.support.hf_models import oracle_encoding
 
 TOL = 1e-3
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word, then explain."}]
@@ -29,7 +28,7 @@ def hf_export(oracle_repository) -> tuple[Path, dict, object]:
     from transformers import NanoChatForCausalLM
 
     version = oracle_repository / "hf" / protocol.VERSION
-    meta = json.loads((version / protocol.METADATA_FILE).read_text())
+    meta = protocol.read_metadata(version)
     model = NanoChatForCausalLM.from_pretrained(meta["checkpoint_path"], dtype=torch.float32).eval()
     return version, meta, model
 
@@ -76,7 +75,7 @@ def test_onnx_runtime_matches_transformers(oracle_repository):
 def test_greedy_through_triton_and_the_bff_is_transformers_generate(triton_server, oracle_repository):
     import tritonclient.grpc.aio as grpcclient
 
-    from tests.bff.bffkit import generate, run_bff, text_of, triton_settings
+    from tools.bff_client import generate, run_bff, text_of, triton_settings
     from tools.measure import SERVER_TIMEOUT_S
     from tools.stream_client import make_inputs, stream
 

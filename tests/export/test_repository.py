@@ -17,7 +17,7 @@ from backend import protocol
 from backend.model_config import EngineConfig
 from export import ExportError, export_model, options, repository
 from export.__main__ import main, parse_options
-from tests.oracles import oracle_or_skip
+from tests.support.oracles import oracle_or_skip
 from tools.paths import PROJECT as ROOT
 
 
@@ -59,7 +59,7 @@ def test_make_export_writes_a_triton_model(make_export_head):
     version = model / "1"
     assert sorted(p.name for p in version.iterdir()) == ["metadata.json", "model.onnx", "model.onnx.data",
                                                          "tokenizer.pkl"]
-    meta = json.loads((version / "metadata.json").read_text())
+    meta = protocol.read_metadata(version)
     head = oracle_or_skip("head")
     assert meta["checkpoint_path"] == str(head / "base_checkpoints" / "d4" / "model_000900.pt")
     assert (meta["name"], meta["model_tag"], meta["source"], meta["step"], meta["source_format"]) == \
@@ -162,7 +162,7 @@ def test_other_model_needs_force(tmp_path, demo_base, demo_exports):
     with pytest.raises(ExportError, match="not a model this exporter wrote"):
         export_model(options(model_repository=tmp_path / "repo", model="g0", **opts), quiet)
     forced = export_model(options(model_repository=tmp_path / "repo", model="g0", force=True, **opts), quiet)
-    assert json.loads((forced / "1" / "metadata.json").read_text())["generation"] == "G0"
+    assert protocol.read_metadata(forced / protocol.VERSION)["generation"] == "G0"
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["g0"]
 
 
@@ -223,7 +223,7 @@ def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
                                  nanochat_base_dir=demo_base, runtime="onnx", max_slots=3, verify=False),
                          log=lambda _: None)
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]
-    meta = json.loads((again / "1" / "metadata.json").read_text())
+    meta = protocol.read_metadata(again / protocol.VERSION)
     assert meta["content_hash"] == json.loads(before["1/metadata.json"])["content_hash"]
 
 

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.oracles import oracle_or_skip
+from backend.protocol import METADATA_FILE, VERSION, read_metadata
+from tests.support.oracles import oracle_or_skip
 
 pytestmark = pytest.mark.gpu
 
@@ -34,7 +35,7 @@ def engines(tmp_path_factory):
 def test_engine_greedy_matches_nanochat(engines, references):
     from backend.trt_runner import TrtRunner
 
-    meta = json.loads((engines["fp32"] / "1" / "metadata.json").read_text())
+    meta = read_metadata(engines["fp32"] / VERSION)
     assert meta["runtime"] == "tensorrt" and meta["tensorrt"]["compute_capability"]
     runner = TrtRunner(engines["fp32"] / "1" / "model.plan", 2, 512)
     for conv in references("orig")["conversations"]:
@@ -69,8 +70,8 @@ def test_engine_for_another_gpu_is_refused(engines, tmp_path):
 
     copy = tmp_path / "1"
     shutil.copytree(engines["fp32"] / "1", copy)
-    meta = json.loads((copy / "metadata.json").read_text())
+    meta = read_metadata(copy)
     meta["tensorrt"]["compute_capability"] = "1.0"
-    (copy / "metadata.json").write_text(json.dumps(meta))
+    (copy / METADATA_FILE).write_text(json.dumps(meta))
     with pytest.raises(EngineMismatch, match=r"compute capability 1\.0"):
         TrtRunner(copy / "model.plan", 2, 512)

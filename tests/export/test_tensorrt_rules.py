@@ -17,8 +17,8 @@ from onnx import TensorProto, helper
 from backend.protocol import CACHE_PREFIXES, ONNX_FILE, VERSION
 from export import graph
 from export.tensorrt_rules import TOPK_MAX, problems
-from tests.exports import lowered
-from tests.oracles import generation_oracles
+from tests.support.exports import lowered
+from tests.support.oracles import generation_oracles
 
 
 def state_readers(proto) -> list[str]:

@@ -20,7 +20,8 @@ import tritonclient.grpc.aio as grpcclient
 from onnx import helper, numpy_helper
 
 from backend.protocol import INPUT_IDS, LOGITS, METRIC_HEALTHY
-from tests.bff.bffkit import generate, health, run_bff, triton_settings, wait_until
+from tests.support.bffkit import wait_until
+from tools.bff_client import generate, health, run_bff, triton_settings
 from tools.local_triton import LocalTriton, derive_model
 from tools.measure import metric
 from tools.stream_client import make_inputs, stream

@@ -16,8 +16,9 @@ import psutil
 import pytest
 
 from backend.protocol import METRIC_ACTIVE_SLOTS
-from tests.bff.bffkit import AUTH, finished, gunicorn, is_done, parse_events, text_of, wait_until
-from tests.tritonkit import stub_process
+from tests.support.bffkit import finished, is_done, wait_until
+from tests.support.tritonkit import stub_process
+from tools.bff_client import AUTH, bff_process, parse_events, text_of, triton_settings
 from tools.measure import SERVER_TIMEOUT_S, metric
 
 pytestmark = pytest.mark.triton
@@ -78,7 +79,7 @@ def idle(server) -> None:
 
 def test_1000_requests_a_hundred_disconnected_leave_no_growth(triton_server):
     stub = stub_process(triton_server, MODEL)
-    with gunicorn(triton_server, model=MODEL, workers=2) as (proc, url):
+    with bff_process(gunicorn=True, **triton_settings(triton_server, model=MODEL, workers=2)) as (proc, url):
         bff = psutil.Process(proc.pid)
         first = burst(url, range(WARM))
         idle(triton_server)
@@ -100,7 +101,7 @@ def test_1000_requests_a_hundred_disconnected_leave_no_growth(triton_server):
 
 def test_a_slow_reader_harms_no_other_stream_and_holds_no_memory(triton_server):
     long = body(7, max_tokens=200)
-    with gunicorn(triton_server, model=MODEL, workers=1) as (proc, url):
+    with bff_process(gunicorn=True, **triton_settings(triton_server, model=MODEL, workers=1)) as (proc, url):
         worker = psutil.Process(proc.pid)
         reference = [burst_text(url, body(i, 40)) for i in range(3)]  # each alone
         before = rss(worker)

@@ -15,19 +15,8 @@ import time
 import httpx
 import pytest
 
-from tests.bff.bffkit import (
-    AUTH,
-    first_tokens,
-    gunicorn,
-    health,
-    is_done,
-    model_ready,
-    run_bff,
-    stats,
-    stream_events,
-    triton_settings,
-    wait_until,
-)
+from tests.support.bffkit import first_tokens, is_done, model_ready, wait_until
+from tools.bff_client import AUTH, bff_process, health, run_bff, stats, stream_events, triton_settings
 from tools.local_triton import LocalTriton, derive_model
 from tools.measure import SERVER_TIMEOUT_S
 
@@ -122,7 +111,8 @@ def worker_pids(proc, request_ids: list[str]) -> dict[str, int]:
 def test_two_swaps_at_once_on_the_two_gunicorn_workers_end_with_one_model_every_worker_serves(race_triton):
     """Each swap goes on a connection that a different worker accepted (a kept-alive connection stays with its
     worker; the access lines' pids say which), while four streams run."""
-    with gunicorn(race_triton, model="demo", workers=2, BFF_DRAIN_TIMEOUT_S="20") as (proc, url):
+    settings = triton_settings(race_triton, model="demo", workers=2, drain_timeout_s=20)
+    with bff_process(gunicorn=True, **settings) as (proc, url):
 
         async def worker_clients() -> list[httpx.AsyncClient]:
             """One single-connection client per worker: new connections until both workers have accepted one."""

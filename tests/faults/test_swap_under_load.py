@@ -10,17 +10,8 @@ import asyncio
 import httpx
 import pytest
 
-from tests.bff.bffkit import (
-    AUTH,
-    generate,
-    health,
-    is_done,
-    loaded_models,
-    run_bff,
-    stream_events,
-    triton_settings,
-    wait_until,
-)
+from tests.support.bffkit import is_done, loaded_models, wait_until
+from tools.bff_client import AUTH, generate, health, run_bff, stream_events, triton_settings
 from tools.local_triton import LocalTriton, derive_model
 
 pytestmark = pytest.mark.triton

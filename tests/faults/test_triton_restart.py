@@ -13,17 +13,8 @@ import signal
 import httpx
 import pytest
 
-from tests.bff.bffkit import (
-    AUTH,
-    generate,
-    health,
-    is_done,
-    model_ready,
-    parse_events,
-    run_bff,
-    triton_settings,
-    wait_until,
-)
+from tests.support.bffkit import is_done, model_ready, wait_until
+from tools.bff_client import AUTH, generate, health, parse_events, run_bff, triton_settings
 from tools.local_triton import LocalTriton, derive_model
 from tools.measure import SERVER_TIMEOUT_S
 

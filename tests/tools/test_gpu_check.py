@@ -8,7 +8,7 @@ say why instead of failing, and the stream through Triton and the BFF on a CPU m
 from __future__ import annotations
 
 from core import roofline
-from tests.oracles import oracle_or_skip, references
+from tests.support.oracles import oracle_or_skip, references
 from tools import gpu_check
 
 

@@ -18,8 +18,8 @@ import orjson
 
 from bff.app import create_app
 from bff.settings import from_env
-from tests.bff.bffkit import AUTH, KEY
 from tests.support.fake_triton import FakePool, repository
+from tools.bff_client import AUTH, KEY
 
 BASE_URL = "http://bff"
 T = TypeVar("T")

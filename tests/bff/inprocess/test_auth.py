@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from bff.settings import from_env
-from tests.bff.bffkit import AUTH, KEY
 from tests.bff.inprocess.client import Bff
+from tools.bff_client import AUTH, KEY
 
 PROTECTED = [("POST", "/generate", {"messages": [{"role": "user", "content": "hi"}]}),
              ("GET", "/models", None), ("POST", "/models/swap", {"model_tag": "head"}), ("GET", "/stats", None),

@@ -12,9 +12,9 @@ import logging
 import falcon.testing
 import pytest
 
-from tests.bff.bffkit import AUTH
 from tests.bff.inprocess.client import Bff
 from tests.support.fake_triton import KINDS, SILENT, FakePool, TritonError, answer
+from tools.bff_client import AUTH
 
 USER = {"role": "user", "content": "hi"}
 CHAT = {"model": "head", "messages": [USER]}

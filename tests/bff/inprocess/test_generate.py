@@ -12,9 +12,10 @@ import falcon.testing
 import orjson
 
 from bff.conversation import JOINER
-from tests.bff.bffkit import AUTH, is_done, text_of
 from tests.bff.inprocess.client import Bff, events
+from tests.support.bffkit import is_done
 from tests.support.fake_triton import SILENT, TritonError, answer
+from tools.bff_client import AUTH, text_of
 
 USER = {"role": "user", "content": "hi"}
 

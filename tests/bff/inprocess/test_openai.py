@@ -10,9 +10,9 @@ import openai
 import orjson
 import pytest
 
-from tests.bff.bffkit import AUTH, KEY
 from tests.bff.inprocess.client import BASE_URL, Bff, events
 from tests.support.fake_triton import SILENT, TritonError, answer
+from tools.bff_client import AUTH, KEY
 
 USER = {"role": "user", "content": "hi"}
 CHAT = {"model": "head", "messages": [USER]}

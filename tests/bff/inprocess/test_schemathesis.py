@@ -20,9 +20,9 @@ import pytest
 import schemathesis
 from schemathesis.checks import positive_data_acceptance, status_code_conformance
 
-from tests.bff.bffkit import AUTH
 from tests.bff.inprocess.client import Bff
 from tests.support.fake_triton import FakePool
+from tools.bff_client import AUTH
 from tools.paths import CONTRACT
 
 FUZZ = hypothesis.settings(max_examples=12, deadline=None, database=None,

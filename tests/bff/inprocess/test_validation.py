@@ -8,9 +8,10 @@ import logging
 import pytest
 
 from bff.validation import MAX_DEPTH, MAX_TOTAL_CHARS
-from tests.bff.bffkit import AUTH, is_done
 from tests.bff.inprocess.client import events
+from tests.support.bffkit import is_done
 from tests.support.fake_triton import answer
+from tools.bff_client import AUTH
 
 USER = {"role": "user", "content": "hi"}
 

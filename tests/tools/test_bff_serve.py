@@ -19,9 +19,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.bff.bffkit import free_port, is_done, parse_events, ready, text_of, wait_until
-from tests.httpkit import LoopbackServer, json_reply, searxng_results
-from tools.local_triton import session_members
+from tests.support.bffkit import is_done, wait_until
+from tests.support.httpkit import LoopbackServer, json_reply, searxng_results
+from tools.bff_client import parse_events, ready, text_of
+from tools.local_triton import free_port, session_members
 from tools.measure import SERVER_TIMEOUT_S
 
 pytestmark = pytest.mark.triton

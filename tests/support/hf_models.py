@@ -48,10 +48,10 @@ def save_folder(model, encoding, out: Path, **save) -> Path:
 
 
 def oracle_encoding():
-    """nanochat's tokenizer as the head oracle trained it (tests/oracles.py), unpickled."""
+    """nanochat's tokenizer as the head oracle trained it (tests/support/oracles.py), unpickled."""
     import pickle
 
-    from tests.oracles import oracle_tokenizer
+    from tests.support.oracles import oracle_tokenizer
 
     with open(oracle_tokenizer(), "rb") as f:
         return pickle.load(f)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.bff.bffkit import free_port
+from tools.local_triton import free_port
 
 pytestmark = pytest.mark.triton
 
