@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from tests.support.bffkit import assert_cancelled_and_freed, finished, wait_until
-from tests.support.tritonkit import stub_process
+from tests.support.tritonkit import long_answers
 from tools.bff_client import AUTH, generate, run_bff, stats, text_of, triton_settings
 from tools.measure import SERVER_TIMEOUT_S
 
@@ -42,30 +42,12 @@ def disconnects(url: str) -> int:
 
 
 def test_disconnect_mid_stream_cancels_the_triton_request(triton_server):
-    # The model is paused (its stub SIGSTOPped) the moment the first token reaches the client, so the
-    # generation (head runs to its 512-token context in under a second) cannot end on its own while the
-    # client goes away. Safe only because no new request reaches this stub meanwhile: Triton declares a
-    # stopped stub unhealthy when it hands it one. On a machine so loaded that the first token reaches the
-    # client only after the whole answer was made, the answer ends "length" before anyone left: that attempt
-    # shows nothing, and the scenario runs again (a missed cancellation ends "length" every time).
-    stub = stub_process(triton_server, "head")
-    with run_bff(**triton_settings(triton_server, model="head")) as url:
-        body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0,
-                "max_tokens": 4096}  # greedy: head runs this prompt to its context, never to an early stop
-        for attempt in range(1, 4):
-            before = finished(triton_server, "head")
-            try:
-                with httpx.stream("POST", url + "/generate", json=body, headers=AUTH,
-                                  timeout=SERVER_TIMEOUT_S) as r:
-                    first = next(line for line in r.iter_lines() if line.startswith("data:"))
-                    stub.suspend()
-                    assert "token" in orjson.loads(first[5:])
-                wait_until(lambda a=attempt: disconnects(url) == a, "the BFF did not notice the client leave")
-            finally:
-                stub.resume()
-            wait_until(lambda b=before: sum(finished(triton_server, "head").values()) > sum(b.values()),
-                       "the backend request did not end")
-            if finished(triton_server, "head")["length"] == before["length"]:
-                break
-        assert_cancelled_and_freed(triton_server, "head", before)
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 4096}
+    with long_answers(triton_server) as model, run_bff(**triton_settings(triton_server, model=model)) as url:
+        before = finished(triton_server, model)
+        with httpx.stream("POST", url + "/generate", json=body, headers=AUTH, timeout=SERVER_TIMEOUT_S) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data:"))
+            assert "token" in orjson.loads(first[5:])
+        wait_until(lambda: disconnects(url) == 1, "the BFF did not notice the client leave")
+        assert_cancelled_and_freed(triton_server, model, before)
         assert stats(url)["bff"]["streams"]["active"] == 0

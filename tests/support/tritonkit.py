@@ -4,15 +4,19 @@ tests send, the backend stub of a model, and a wait for its slots and queue to f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
+import httpx
 import psutil
 import tritonclient.grpc.aio as grpcclient
 
-from backend.protocol import METRIC_ACTIVE_SLOTS, METRIC_QUEUE_DEPTH
-from tools.measure import OUTCOME_TIMEOUT_S, metric, scrape
+from backend.model_config import EngineConfig
+from backend.protocol import METRIC_ACTIVE_SLOTS, METRIC_QUEUE_DEPTH, TOKENIZER_FILE, VERSION
+from backend.sim_runner import write_sim_model
+from tools.measure import OUTCOME_TIMEOUT_S, SERVER_TIMEOUT_S, metric, scrape
 from tools.stream_client import make_inputs
 
 T = TypeVar("T")
@@ -40,6 +44,21 @@ def long_prompt() -> list:
     # 801 tokens before a stop token from demo_1slot's random weights (the longest run of seeds 1-60):
     # close to two seconds of its one slot, so tests that need it busy have a wide margin
     return make_inputs(prompt_ids=[5, 6, 7, 8], temperature=1.0, top_k=50, seed=10, max_tokens=1000)
+
+
+@contextlib.contextmanager
+def long_answers(server, name: str = "sim_long") -> Iterator[str]:
+    """A simulated GPU (backend/sim_runner.py, d20 on an L4: ~5 ms a step) loaded in `server` for the block: it
+    writes ordinary tokens until max_tokens, so 4,096 of them take 20 s or more however loaded the host is, and a
+    test can leave or stop mid-answer without racing the answer's end."""
+    repo = server.model_repository
+    write_sim_model(repo, name, repo / "demo" / VERSION / TOKENIZER_FILE, "d20-l4", 2, 8192, EngineConfig())
+    control = f"{server.http_url}/v2/repository/models/{name}"
+    httpx.post(f"{control}/load", timeout=SERVER_TIMEOUT_S).raise_for_status()
+    try:
+        yield name
+    finally:
+        httpx.post(f"{control}/unload", timeout=SERVER_TIMEOUT_S).raise_for_status()
 
 
 def stub_process(server, model: str) -> psutil.Process:
