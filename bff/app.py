@@ -19,19 +19,22 @@ import orjson
 from bff import errors, logs, resources
 from bff.generate import Generate
 from bff.middleware import ApiKey, RequestId
+from bff.model_control import ModelControl
 from bff.openai import ChatCompletions, V1Models
 from bff.registry import Registry
 from bff.settings import Settings, from_env
 from bff.stats import BffStats
 from bff.streaming import Streams
 from bff.triton import TritonPool
+from bff.triton_metrics import TritonMetrics
 
 log = logging.getLogger("bff")
 
 
 class Service:
-    """What the resources share. The Triton pool is created at lifespan startup, inside the worker's own
-    event loop (its gRPC channel is bound to that loop), and closed at shutdown."""
+    """What the resources share. The Triton pool, and the repository control and metrics scrapes over it, are
+    created at lifespan startup, inside the worker's own event loop (its gRPC channel is bound to that loop),
+    and closed at shutdown."""
 
     def __init__(self, settings: Settings, pool_factory: Callable[[Settings], TritonPool]) -> None:
         self.settings = settings
@@ -39,12 +42,16 @@ class Service:
         self.stats = BffStats()
         self.streams = Streams(self)
         self.pool: TritonPool
+        self.control: ModelControl
+        self.metrics: TritonMetrics
         self.registry: Registry
         self._probe: asyncio.Task | None = None
 
     async def process_startup(self, scope: dict, event: dict) -> None:
         self.pool = self.pool_factory(self.settings)
-        self.registry = Registry(self.settings, self.pool, self.stats)
+        self.control = ModelControl(self.pool, self.settings.triton_admin_key)
+        self.metrics = TritonMetrics(self.pool)
+        self.registry = Registry(self.settings, self.pool, self.control, self.metrics, self.stats)
         await self.registry.start()
         await self.registry.probe()
         self._probe = asyncio.create_task(self._probe_forever())
@@ -54,7 +61,7 @@ class Service:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
-        await self.pool.close()
+        await asyncio.gather(self.pool.close(), self.metrics.close(), return_exceptions=True)
 
     async def _probe_forever(self) -> None:
         while True:
@@ -67,7 +74,7 @@ class Service:
 
 
 def default_pool(settings: Settings) -> TritonPool:
-    return TritonPool(settings.triton_urls, settings.triton_metrics_urls, settings.triton_admin_key)
+    return TritonPool(settings.triton_urls, settings.triton_metrics_urls)
 
 
 def create_app(settings: Settings, pool_factory: Callable[[Settings], TritonPool] = default_pool) -> falcon.asgi.App:
