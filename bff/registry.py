@@ -1,14 +1,7 @@
 """
-Which model the BFF serves, what the repository holds, and model swaps.
-
-Triton is the only shared state, so every gunicorn worker and every replica reads the same answer from it:
-the model served is the one READY in Triton, and when several are (a swap elsewhere is still draining, or
-two swaps raced), the one the newest swap loaded. A swap loads its model with the swap's wall-clock time as
-a config.pbtxt parameter (EPOCH_PARAMETER, through the config override of Triton's load call), so "newest"
-is read back from Triton's model config; a swap that finds a newer one beside its model when its load ends
-unloads its own and answers 409. Within one process swaps are serialized by a lock; streams are counted per
-model so the old model can be drained before it is unloaded. Models that a BFF which died mid-swap left
-beside the served one are unloaded by the probers once that swap would have been over.
+Which model the BFF serves, what the repository holds, and model swaps. Triton is the only shared state: every
+worker and replica serves the model READY there and, when several are, the one the newest swap loaded. Streams
+are counted per model here, so a swap drains the old model before it unloads it.
 """
 
 from __future__ import annotations
@@ -32,7 +25,9 @@ from bff.wire import TritonError
 
 log = logging.getLogger("bff.registry")
 POLL_S = 0.05
-EPOCH_PARAMETER = "bff_swap_epoch"  # the backend ignores config parameters it does not know
+# A swap's wall-clock time, set through the config override of Triton's load call and read back from the model's
+# config: "newest" is what Triton says, the same for every worker. The backend ignores parameters it does not know.
+EPOCH_PARAMETER = "bff_swap_epoch"
 
 
 def read_metadata(repository: Path, name: str) -> dict:
@@ -85,7 +80,7 @@ class Registry:
         self._streams: Counter[str] = Counter()  # open streams per model, so a swap can drain the old one
         self.swap_state: dict = {"state": "idle", "from": None, "to": None, "last_error": None,
                                  "last_finished": None}
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one swap at a time in this process
         self._background: asyncio.Task | None = None
         self.model_ready = False  # the current model READY on every live endpoint, as the last probe saw it
         self._sick: list[str] = []  # endpoints whose current model reports repeated runner failures

@@ -1,15 +1,14 @@
 """
-The BFF's streams to Triton: a pool of endpoints (one gRPC server each) and one `ModelStreamInfer` stream
-per generation. New streams go to the live endpoint with the fewest active streams. An endpoint is marked
-down when a call to it fails at the transport level and up when the periodic probe gets an answer: no new
-stream goes to a dead server, and streams on live ones are left alone.
+The BFF's streams to Triton: a pool of endpoints and one `ModelStreamInfer` stream per generation, sent to the
+live endpoint with the fewest active streams. An endpoint is marked down when a call to it fails at the
+transport level and up when the periodic probe gets an answer; streams on live servers are left alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Set
+from collections.abc import Iterable, Set
 
 import grpc
 from tritonclient.grpc import service_pb2
@@ -80,7 +79,7 @@ class Endpoint:
         """One model found READY here or not (a readiness call, a load, a failed stream, a failing runner)."""
         (self._serving.add if ready else self._serving.discard)(model)
 
-    def start(self, request: service_pb2.ModelInferRequest) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+    def start(self, request: service_pb2.ModelInferRequest) -> grpc.aio.UnaryStreamCall:
         """Start one stream call here; `release()` when it is over."""
         self.active += 1
         self.opened += 1
