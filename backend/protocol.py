@@ -111,6 +111,11 @@ def wire_type(triton_type: str) -> str:
     return "BYTES" if triton_type == "TYPE_STRING" else triton_type.removeprefix("TYPE_")
 
 
+# One element of each fixed-size wire type as raw contents carry it: a struct format, which numpy reads as the
+# same dtype (np.dtype("<i") is int32). A BYTES element is a UINT32 length and the bytes.
+WIRE_FORMAT = {"BOOL": "<?", "INT32": "<i", "INT64": "<q", "UINT32": "<I", "FP32": "<f"}
+
+
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 # A stream's error has no code, only a message: its prefix tells the client's fault (400) from retry-later (503).

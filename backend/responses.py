@@ -11,13 +11,14 @@ import collections
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from backend.metrics import EngineStats
-from backend.protocol import OUTPUT
+from backend.protocol import OUTPUT, WIRE_FORMAT, wire_type
 
 
 @dataclass
@@ -31,19 +32,26 @@ class Output:
     dropped_turns: int = 0  # the conversation's oldest turns left out to fit the context
 
 
+def _array(name: str, values: Callable[[Output], list]) -> Callable[[Output], np.ndarray]:
+    """An output's array builder, typed as backend/protocol.py declares the output (BYTES: Python bytes objects)."""
+    wire = wire_type(OUTPUT[name].triton_type)
+    dtype = np.dtype(np.object_) if wire == "BYTES" else np.dtype(WIRE_FORMAT[wire])
+    return lambda o: np.array(values(o), dtype=dtype)
+
+
 # Each output's array from the Output of one response, keyed by the protocol's output names.
-OUTPUT_ARRAYS = {
-    "text": lambda o: np.array([o.text.encode()], dtype=np.object_),
-    "text_output": lambda o: np.array([o.text.encode()], dtype=np.object_),
-    "token_ids": lambda o: np.array(o.token_ids, dtype=np.int64),
-    "device_id": lambda o: np.array([o.device_id], dtype=np.int32),
-    "finish_reason": lambda o: np.array([o.finish_reason.encode()], dtype=np.object_),
-    "num_input_tokens": lambda o: np.array([o.prompt_tokens], dtype=np.uint32),
-    "num_output_tokens": lambda o: np.array([len(o.token_ids)], dtype=np.uint32),
-    "prompt_tokens": lambda o: np.array([o.prompt_tokens], dtype=np.int32),
-    "completion_tokens": lambda o: np.array([o.completion_tokens], dtype=np.int32),
-    "dropped_turns": lambda o: np.array([o.dropped_turns], dtype=np.int32),
-}
+OUTPUT_ARRAYS = {name: _array(name, values) for name, values in {
+    "text": lambda o: [o.text.encode()],
+    "text_output": lambda o: [o.text.encode()],
+    "token_ids": lambda o: o.token_ids,
+    "device_id": lambda o: [o.device_id],
+    "finish_reason": lambda o: [o.finish_reason.encode()],
+    "num_input_tokens": lambda o: [o.prompt_tokens],
+    "num_output_tokens": lambda o: [len(o.token_ids)],
+    "prompt_tokens": lambda o: [o.prompt_tokens],
+    "completion_tokens": lambda o: [o.completion_tokens],
+    "dropped_turns": lambda o: [o.dropped_turns],
+}.items()}
 assert OUTPUT_ARRAYS.keys() == OUTPUT.keys(), "an output of backend/protocol.py has no builder here"
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import falcon
 import falcon.asgi
@@ -19,32 +20,51 @@ import orjson
 from bff import errors, logs, resources
 from bff.generate import Generate
 from bff.middleware import ApiKey, RequestId
+from bff.model_control import ModelControl
 from bff.openai import ChatCompletions, V1Models
 from bff.registry import Registry
 from bff.settings import Settings, from_env
 from bff.stats import BffStats
 from bff.streaming import Streams
 from bff.triton import TritonPool
+from bff.triton_metrics import TritonMetrics
 
 log = logging.getLogger("bff")
 
 
-class Service:
-    """What the resources share. The Triton pool is created at lifespan startup, inside the worker's own
-    event loop (its gRPC channel is bound to that loop), and closed at shutdown."""
+@dataclass
+class Triton:
+    """The BFF's doors to Triton: streams and routing, repository control, metrics scrapes."""
 
-    def __init__(self, settings: Settings, pool_factory: Callable[[Settings], TritonPool]) -> None:
+    pool: TritonPool
+    control: ModelControl
+    metrics: TritonMetrics
+
+
+def connect(settings: Settings) -> Triton:
+    pool = TritonPool(settings.triton_urls, settings.triton_metrics_urls)
+    return Triton(pool, ModelControl(pool, settings.triton_admin_key), TritonMetrics(pool))
+
+
+class Service:
+    """What the resources share. The doors to Triton are made at lifespan startup, inside the worker's own
+    event loop (a gRPC channel is bound to the loop it was made in), and closed at shutdown."""
+
+    def __init__(self, settings: Settings, connect: Callable[[Settings], Triton]) -> None:
         self.settings = settings
-        self.pool_factory = pool_factory
+        self.connect = connect
         self.stats = BffStats()
         self.streams = Streams(self)
         self.pool: TritonPool
+        self.control: ModelControl
+        self.metrics: TritonMetrics
         self.registry: Registry
         self._probe: asyncio.Task | None = None
 
     async def process_startup(self, scope: dict, event: dict) -> None:
-        self.pool = self.pool_factory(self.settings)
-        self.registry = Registry(self.settings, self.pool, self.stats)
+        triton = self.connect(self.settings)
+        self.pool, self.control, self.metrics = triton.pool, triton.control, triton.metrics
+        self.registry = Registry(self.settings, self.pool, self.control, self.metrics, self.stats)
         await self.registry.start()
         await self.registry.probe()
         self._probe = asyncio.create_task(self._probe_forever())
@@ -54,7 +74,7 @@ class Service:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
-        await self.pool.close()
+        await asyncio.gather(self.pool.close(), self.metrics.close(), return_exceptions=True)
 
     async def _probe_forever(self) -> None:
         while True:
@@ -66,12 +86,9 @@ class Service:
                 log.exception("endpoint probe failed")
 
 
-def default_pool(settings: Settings) -> TritonPool:
-    return TritonPool(settings.triton_urls, settings.triton_metrics_urls, settings.triton_admin_key)
-
-
-def create_app(settings: Settings, pool_factory: Callable[[Settings], TritonPool] = default_pool) -> falcon.asgi.App:
-    service = Service(settings, pool_factory)
+def create_app(settings: Settings, connect: Callable[[Settings], Triton] = connect) -> falcon.asgi.App:
+    """The app; `connect` makes its doors to Triton (the in-process tests pass fakes)."""
+    service = Service(settings, connect)
     middleware = [service, RequestId(service.stats)]
     if not settings.run_open:
         middleware.append(ApiKey(settings.api_key))

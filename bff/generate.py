@@ -1,12 +1,7 @@
 """
-POST /generate: the contract's streaming route. Validate, repair the history into a conversation
-(bff/conversation.py), open one Triton stream (bff/streaming.py) and relay its pieces as server-sent events.
-The backend cuts a history longer than the context, oldest turns first.
-
-`done` means the answer is whole (the gateway then saves it): it is sent only after Triton's final
-response, with the finish reason, the token counts and how many turns were cut. A failure after the 200
-is one error event and the end of the stream, without `done`, so the client can tell an interrupted
-answer from a finished one. A client that goes away gets its Triton request cancelled.
+POST /generate, the contract's streaming route: validate, repair the history (bff/conversation.py), and relay
+one generation (bff/streaming.py) as server-sent events. `done` is sent only after Triton's final response:
+the answer is whole and the gateway saves it. A failure after the 200 is one error event and no `done`.
 """
 
 from __future__ import annotations
@@ -16,9 +11,10 @@ import orjson
 
 from backend.protocol import FORCED_TOOLS
 from bff.conversation import normalize
+from bff.generation_params import GenerationParams
 from bff.streaming import Generation
-from bff.triton import Piece, TritonError
 from bff.validation import check_generate, read_json
+from bff.wire import Piece
 
 FORCED_SEARCH = FORCED_TOOLS[0]  # web_search
 
@@ -58,14 +54,11 @@ class Generate:
     async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = await read_json(req, self.settings.max_body_bytes)
         check_generate(body)
-        s = self.settings
-        # int(): JSON Schema's "integer" admits 1.0
-        params = dict(
-            messages=orjson.dumps(normalize(body["messages"])),
-            temperature=s.temperature if body.get("temperature") is None else float(body["temperature"]),
-            top_k=s.top_k if body.get("top_k") is None else int(body["top_k"]),
-            max_tokens=s.max_tokens if body.get("max_tokens") is None else int(body["max_tokens"]),
-            min_answer_tokens=s.min_answer_tokens,
+        params = GenerationParams(
+            messages=orjson.dumps(normalize(body["messages"])), temperature=body.get("temperature"),
+            top_k=body.get("top_k"), max_tokens=body.get("max_tokens"),
+            # the backend cuts a history longer than the context, oldest turns first
+            min_answer_tokens=self.settings.min_answer_tokens,
             # the Search toggle: the backend starts the answer with a search (or, without the registry channel or
             # a search backend, serves it as a plain turn and logs why)
             force_tool=FORCED_SEARCH if body.get("force_web_search") else None,
@@ -78,21 +71,12 @@ class Generate:
 
     async def _events(self, g: Generation):
         streams = self.service.streams
-        reason, failure = "disconnect", None
-        try:
-            try:
-                async for piece in streams.pieces(g):
-                    if piece is None:
-                        yield None  # `: ping`; also lets Falcon notice a client that left
-                    elif piece.text:
-                        yield Event({"token": piece.text, "gpu": piece.gpu})
-                reason = "done"
-                yield done_event(g.final)  # pieces() ends a generation only after its final response
-            except TritonError as exc:
-                reason, failure = "error", exc.detail
-                streams.stats.error(exc.kind)
-                yield Event({"error": exc.kind, "detail": exc.detail})  # and no done: the answer is not whole
-        finally:
-            # Runs on normal end, on error, and when the generator is closed after a disconnect or
-            # cancelled by a graceful shutdown; never yields, so it is safe during finalization.
-            streams.end(g, reason, failure)
+        with streams.relay(g):
+            async for piece in streams.pieces(g):
+                if piece is None:
+                    yield None  # `: ping`; also lets Falcon notice a client that left
+                elif piece.text:
+                    yield Event({"token": piece.text, "gpu": piece.gpu})
+            yield done_event(g.final)  # pieces() ends a generation only after its final response
+        if g.error is not None:
+            yield Event({"error": g.error.kind, "detail": g.error.detail})  # and no done: the answer is not whole

@@ -1,16 +1,8 @@
 """
 OpenAI's chat API beside the contract, for the clients of vLLM, SGLang and trtllm-serve (the openai SDK,
-LangChain, AIPerf): GET /v1/models and POST /v1/chat/completions, answered as OpenAI answers them: ids,
-`created`, `model`, `choices` with `message` or `delta`, finish reasons `stop` and `length`, `usage`; a stream
-of `chat.completion.chunk` events ending in `data: [DONE]`; errors as {"error": {message, type, param, code}}.
-Same process and key as the contract (X-Internal-API-Key, or `Authorization: Bearer <key>` as OpenAI clients
-send it).
-
-Unlike /generate, a conversation is sent as given (no repair, no cut): a prompt longer than the context is
-OpenAI's `context_length_exceeded` 400, as vLLM answers. `stop` strings go to the backend, which ends the
-answer (and frees its slot) at the first.
-Beyond OpenAI's fields, `top_k` is taken as vLLM takes it (0 or -1: the whole vocabulary), and so are `min_tokens`
-and `ignore_eos` (AIPerf and vLLM's benchmark send them to fix answer lengths).
+LangChain, AIPerf): GET /v1/models and POST /v1/chat/completions, answered in OpenAI's shapes, streamed or
+whole. Unlike /generate, a conversation is sent as given: a prompt longer than the context is OpenAI's
+`context_length_exceeded` 400, as vLLM answers. vLLM's `top_k`, `min_tokens` and `ignore_eos` are taken too.
 """
 
 from __future__ import annotations
@@ -24,8 +16,8 @@ import orjson
 from backend.protocol import FORCED_TOOLS
 from bff.errors import OpenAIError
 from bff.generate import Event, stream_headers
+from bff.generation_params import GenerationParams
 from bff.streaming import Generation
-from bff.triton import TritonError
 from bff.validation import OPENAI_CHAT, read_json, violation
 
 DONE = Event(b"data: [DONE]\n\n")
@@ -79,17 +71,16 @@ class ChatCompletions:
             raise OpenAIError(falcon.HTTP_404, f"The model `{body['model']}` does not exist or is not the one "
                               f"served; this server serves `{model}` (GET /v1/models)", param="model",
                               code="model_not_found")
-        s = self.settings
         top_k = body.get("top_k")
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        params = dict(
+        params = GenerationParams(
             messages=orjson.dumps([{"role": "system" if m["role"] == "developer" else m["role"],
                                     "content": content_text(m["content"])} for m in body["messages"]]),
-            temperature=s.temperature if body.get("temperature") is None else float(body["temperature"]),
-            top_k=s.top_k if top_k is None else max(0, int(top_k)),
-            max_tokens=s.max_tokens if max_tokens is None else int(max_tokens),
-            min_answer_tokens=None, top_p=body.get("top_p"), seed=body.get("seed"),
-            stop=[body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or [],
+            temperature=body.get("temperature"),
+            top_k=None if top_k is None else max(0, int(top_k)),  # vLLM's -1: the whole vocabulary, our 0
+            max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
+            top_p=body.get("top_p"), seed=body.get("seed"),
+            # the backend ends the answer (and frees its slot) at the first stop string
+            stop=(body["stop"],) if isinstance(body.get("stop"), str) else tuple(body.get("stop") or ()),
             force_tool=forced_tool(body.get("tool_choice")),
             min_tokens=body.get("min_tokens"), ignore_eos=body.get("ignore_eos"),  # vLLM's, as benchmarks send them
         )
@@ -110,7 +101,6 @@ class ChatCompletions:
                 yield None, None
             elif piece.final:
                 yield piece.text, "length" if piece.finish_reason == "length" else "stop"
-                return
             elif piece.text:
                 yield piece.text, None
 
@@ -120,51 +110,38 @@ class ChatCompletions:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def _whole(self, g: Generation, head: dict) -> dict:
-        streams, text, finish, reason, failure = self.service.streams, [], "stop", "disconnect", None
-        try:
+        text, finish = [], "stop"
+        with self.service.streams.relay(g):
             async for chunk, finished in self._run(g):
                 text.append(chunk or "")
                 finish = finished or finish
-            reason = "done"
-        except TritonError as exc:
-            reason, failure = "error", exc.detail
-            streams.stats.error(exc.kind)
-            raise OpenAIError(falcon.HTTP_502, f"the generation failed: {exc.detail}", kind="server_error") from None
-        finally:
-            streams.end(g, reason, failure)
+        if g.error is not None:
+            raise OpenAIError(falcon.HTTP_502, f"the generation failed: {g.error.detail}", kind="server_error")
         return {**head, "object": "chat.completion", "system_fingerprint": None,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
                              "finish_reason": finish}],
                 "usage": self._usage(g)}
 
     async def _chunks(self, g: Generation, head: dict, include_usage: bool):
-        streams = self.service.streams
         chunk = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
 
         def event(delta: dict, finish: str | None) -> Event:
             return Event({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                 "finish_reason": finish}]})
 
-        reason, failure = "disconnect", None
-        try:
-            try:
-                yield event({"role": "assistant", "content": ""}, None)
-                async for text, finish in self._run(g):
-                    if text is None and finish is None:
-                        yield None  # `: ping` (SSE comment lines are skipped by OpenAI clients)
-                        continue
-                    if text:
-                        yield event({"content": text}, None)
-                    if finish:
-                        yield event({}, finish)
-                reason = "done"
-                if include_usage:
-                    yield Event({**chunk, "choices": [], "usage": self._usage(g)})
-                yield DONE
-            except TritonError as exc:
-                reason, failure = "error", exc.detail
-                streams.stats.error(exc.kind)
-                yield Event({"error": {"message": f"the generation failed: {exc.detail}", "type": "server_error",
-                                       "param": None, "code": exc.kind}})
-        finally:
-            streams.end(g, reason, failure)
+        with self.service.streams.relay(g):
+            yield event({"role": "assistant", "content": ""}, None)
+            async for text, finish in self._run(g):
+                if text is None and finish is None:
+                    yield None  # `: ping` (SSE comment lines are skipped by OpenAI clients)
+                    continue
+                if text:
+                    yield event({"content": text}, None)
+                if finish:
+                    yield event({}, finish)
+            if include_usage:
+                yield Event({**chunk, "choices": [], "usage": self._usage(g)})
+            yield DONE
+        if g.error is not None:
+            yield Event({"error": {"message": f"the generation failed: {g.error.detail}", "type": "server_error",
+                                   "param": None, "code": g.error.kind}})

@@ -1,14 +1,7 @@
 """
-Which model the BFF serves, what the repository holds, and model swaps.
-
-Triton is the only shared state, so every gunicorn worker and every replica reads the same answer from it:
-the model served is the one READY in Triton, and when several are (a swap elsewhere is still draining, or
-two swaps raced), the one the newest swap loaded. A swap loads its model with the swap's wall-clock time as
-a config.pbtxt parameter (EPOCH_PARAMETER, through the config override of Triton's load call), so "newest"
-is read back from Triton's model config; a swap that finds a newer one beside its model when its load ends
-unloads its own and answers 409. Within one process swaps are serialized by a lock; streams are counted per
-model so the old model can be drained before it is unloaded. Models that a BFF which died mid-swap left
-beside the served one are unloaded by the probers once that swap would have been over.
+Which model the BFF serves, what the repository holds, and model swaps. Triton is the only shared state: every
+worker and replica serves the model READY there and, when several are, the one the newest swap loaded. Streams
+are counted per model here, so a swap drains the old model before it unloads it.
 """
 
 from __future__ import annotations
@@ -24,13 +17,18 @@ from pathlib import Path
 from backend.protocol import CONFIG_FILE, METADATA_FILE
 from backend.protocol import read_metadata as read_version_metadata
 from bff.errors import Conflict, NotFound, Unavailable, UpstreamFailed, UpstreamTimeout
+from bff.model_control import ModelControl
 from bff.settings import Settings
 from bff.stats import BffStats
-from bff.triton import Endpoint, TritonError, TritonPool
+from bff.triton import Endpoint, TritonPool
+from bff.triton_metrics import TritonMetrics
+from bff.wire import TritonError
 
 log = logging.getLogger("bff.registry")
 POLL_S = 0.05
-EPOCH_PARAMETER = "bff_swap_epoch"  # the backend ignores config parameters it does not know
+# A swap's wall-clock time, set through the config override of Triton's load call and read back from the model's
+# config: "newest" is what Triton says, the same for every worker. The backend ignores parameters it does not know.
+EPOCH_PARAMETER = "bff_swap_epoch"
 
 
 def read_metadata(repository: Path, name: str) -> dict:
@@ -70,17 +68,20 @@ def epoch_of(config: dict) -> float:
 
 
 class Registry:
-    def __init__(self, settings: Settings, pool: TritonPool, stats: BffStats) -> None:
+    def __init__(self, settings: Settings, pool: TritonPool, control: ModelControl, metrics: TritonMetrics,
+                 stats: BffStats) -> None:
         self.settings = settings
         self.pool = pool
+        self.control = control
+        self.metrics = metrics
         self.stats = stats
         self.repository = Path(settings.model_repository)
         self.current: str | None = None
         self.blocked = False  # a drain-first swap has stopped admitting new streams
-        self.streams: Counter[str] = Counter()
+        self._streams: Counter[str] = Counter()  # open streams per model, so a swap can drain the old one
         self.swap_state: dict = {"state": "idle", "from": None, "to": None, "last_error": None,
                                  "last_finished": None}
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one swap at a time in this process
         self._background: asyncio.Task | None = None
         self.model_ready = False  # the current model READY on every live endpoint, as the last probe saw it
         self._sick: list[str] = []  # endpoints whose current model reports repeated runner failures
@@ -88,7 +89,7 @@ class Registry:
     async def start(self) -> None:
         """Adopt what Triton serves; load the configured model if Triton serves nothing."""
         try:
-            ready = await self.pool.ready_models()
+            ready = await self.control.ready_models()
         except TritonError as exc:
             log.warning("Triton not reachable at start (%s); will retry", exc.detail)
             return
@@ -99,7 +100,7 @@ class Registry:
         elif self.settings.model:
             try:
                 # no epoch: loaded at start, like Triton's --load-model, so any deliberate swap outranks it
-                await self.pool.load(self.settings.model, self.settings.model_load_timeout_s)
+                await self.control.load(self.settings.model, self.settings.model_load_timeout_s)
                 self.current = self.settings.model
             except TritonError as exc:
                 log.error("loading %s failed: %s", self.settings.model, exc.detail)
@@ -111,7 +112,8 @@ class Registry:
         epochs = {name: 0.0 for name in ready}
         if list(ready) != [self.current]:  # else (the steady state) nothing to compare
             names = list(ready)
-            configs = await asyncio.gather(*(self.pool.config(n, ready[n][0]) for n in names), return_exceptions=True)
+            configs = await asyncio.gather(*(self.control.config(n, ready[n][0]) for n in names),
+                                           return_exceptions=True)
             epochs = {n: 0.0 if isinstance(c, BaseException) else epoch_of(c)
                       for n, c in zip(names, configs, strict=True)}
         name = max(ready, key=lambda n: (epochs[n], len(ready[n]), n == self.settings.model, n))
@@ -146,13 +148,13 @@ class Registry:
         log.warning("unloading %s: left beside %s by a swap that did not finish", ", ".join(strays), self.current)
         for model in strays:
             with contextlib.suppress(TritonError):  # another worker's prober may be unloading it too
-                await self.pool.unload(model, self.settings.model_load_timeout_s)
+                await self.control.unload(model, self.settings.model_load_timeout_s)
 
     async def refresh(self) -> str | None:
         """Re-read from Triton which model to serve (unless a swap here is moving models); the current model."""
         if self.swap_state["state"] == "idle":
             with contextlib.suppress(TritonError):
-                await self._adopt(await self.pool.ready_models())
+                await self._adopt(await self.control.ready_models())
         return self.current
 
     def serving(self) -> str:
@@ -168,7 +170,7 @@ class Registry:
         models), note whether it is READY on every live endpoint, and load it on any endpoint that lacks it
         (a replica that restarted or was added) with the config, and so the epoch, it has elsewhere."""
         try:
-            ready = await self.pool.ready_models()
+            ready = await self.control.ready_models()
         except TritonError:
             self.model_ready = False
             return
@@ -184,21 +186,21 @@ class Registry:
             return
         if current in ready:
             try:
-                config = json.dumps(await self.pool.config(current, ready[current][0]))
+                config = json.dumps(await self.control.config(current, ready[current][0]))
             except TritonError:
                 return
         else:  # READY nowhere (Triton restarted): load it as a swap would, to outrank the default it came back with
             config = epoch_config(self.repository, current, time.time())
-        loaded = await self.pool.reconcile(current, self.settings.model_load_timeout_s, config)
+        loaded = await self.control.reconcile(current, self.settings.model_load_timeout_s, config)
         if loaded:
             log.warning("loaded %s on %s, which lacked it", current, ", ".join(loaded))
-        self.model_ready = await self.pool.ready(current)
+        self.model_ready = await self.control.ready(current)
 
     async def _healthy_somewhere(self, model: str, endpoints: list[Endpoint]) -> bool:
         """Route around endpoints whose model reports repeated runner failures; False if that is all of them."""
-        sick = await self.pool.unhealthy(model, endpoints)
+        sick = await self.metrics.unhealthy(model, endpoints)
         for endpoint in sick:
-            endpoint.serving.discard(model)
+            endpoint.note(model, False)
         urls = sorted(e.url for e in sick)
         if urls != self._sick:
             log.warning("%s failing on %s", model, ", ".join(urls)) if urls else log.warning("%s healthy again", model)
@@ -213,7 +215,7 @@ class Registry:
     async def models(self) -> list[dict]:
         """Every model in the repository (Triton's index, else the folder) with its metadata."""
         try:
-            states = {m["name"]: m.get("state") for m in await self.pool.index()}
+            states = {m["name"]: m.get("state") for m in await self.control.index()}
         except TritonError:
             states = {}
         names = set(states)
@@ -239,7 +241,7 @@ class Registry:
             if name == self.current:
                 return {"status": "unchanged", "current_model": name}
             try:
-                known = {m["name"] for m in await self.pool.index()}
+                known = {m["name"] for m in await self.control.index()}
             except TritonError as exc:
                 raise Unavailable(f"Triton is not reachable: {exc.detail}") from None
             if name not in known:
@@ -252,7 +254,7 @@ class Registry:
                 self._background = asyncio.create_task(self._drain_then_load(old, name, config))
                 return {"status": "draining", "current_model": old}
             try:
-                await self.pool.load(name, self.settings.model_load_timeout_s, config)
+                await self.control.load(name, self.settings.model_load_timeout_s, config)
             except TritonError as exc:
                 self._finish(f"loading {name} failed: {exc.detail}")
                 error = UpstreamTimeout if exc.kind == "timeout" else UpstreamFailed
@@ -272,11 +274,11 @@ class Registry:
     async def _superseded(self, name: str) -> str | None:
         """After loading `name`: the model a newer swap elsewhere loaded, if there is one; `name` is then unloaded
         and that one served. None when `name` is the newest."""
-        ready = await self.pool.ready_models()
+        ready = await self.control.ready_models()
         winner, _ = await self._winner(ready) if ready else (name, 0.0)
         if winner == name:
             return None
-        await self.pool.unload(name, self.settings.model_load_timeout_s)
+        await self.control.unload(name, self.settings.model_load_timeout_s)
         self.current = winner
         self._finish(f"swap to {name} superseded by a newer swap to {winner}")
         return winner
@@ -287,12 +289,18 @@ class Registry:
         if error:
             log.error("swap: %s", error)
 
+    def stream_opened(self, model: str) -> None:
+        self._streams[model] += 1
+
+    def stream_closed(self, model: str) -> None:
+        self._streams[model] -= 1
+
     async def _drain(self, model: str) -> None:
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while self.streams[model] > 0 and time.monotonic() < deadline:
+        while self._streams[model] > 0 and time.monotonic() < deadline:
             await asyncio.sleep(POLL_S)
-        if self.streams[model]:
-            log.warning("swap: %d streams still on %s after the drain bound", self.streams[model], model)
+        if self._streams[model]:
+            log.warning("swap: %d streams still on %s after the drain bound", self._streams[model], model)
 
     async def _retire(self, old: str | None) -> None:
         try:
@@ -307,18 +315,18 @@ class Registry:
     async def _unload_others(self) -> None:
         """Unload every READY model but the one served: the old one, and any that a swap which lost a race
         left behind. Triton lets requests still in flight finish before it releases a model."""
-        ready = await self.pool.ready_models()
+        ready = await self.control.ready_models()
         if ready:
             winner, _ = await self._winner(ready)
             for model in ready:
                 if model != winner:
-                    await self.pool.unload(model, self.settings.model_load_timeout_s)
+                    await self.control.unload(model, self.settings.model_load_timeout_s)
 
     async def _gone(self, model: str) -> None:
         """Wait (bounded) until Triton has really released the model, so its memory is free."""
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while time.monotonic() < deadline:
-            states = {m["name"]: m.get("state") for m in await self.pool.index()}
+            states = {m["name"]: m.get("state") for m in await self.control.index()}
             if states.get(model) not in ("READY", "UNLOADING"):
                 return
             await asyncio.sleep(POLL_S)
@@ -327,13 +335,13 @@ class Registry:
         try:
             await self._drain(old)
             self.swap_state["state"] = "unloading"
-            await self.pool.unload(old, self.settings.model_load_timeout_s)
+            await self.control.unload(old, self.settings.model_load_timeout_s)
             await self._gone(old)
             self.swap_state["state"] = "loading"
             try:
-                await self.pool.load(name, self.settings.model_load_timeout_s, config)
+                await self.control.load(name, self.settings.model_load_timeout_s, config)
             except TritonError as exc:
-                await self.pool.load(old, self.settings.model_load_timeout_s)  # put the old model back
+                await self.control.load(old, self.settings.model_load_timeout_s)  # put the old model back
                 self.model_ready = True
                 self._finish(f"loading {name} failed, {old} reloaded: {exc.detail}")
                 return

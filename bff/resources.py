@@ -7,33 +7,9 @@ from __future__ import annotations
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from backend.protocol import METRIC_PREFILLED, METRIC_PREFIX, METRIC_PREFIX_HITS, METRIC_PREFIX_REUSED
+from bff.triton_metrics import backend_metrics, prefix_cache
 from bff.validation import OPENAPI_TEXT, SWAP, check, read_json
-
-# The nanochat backend's own metrics (slots, queue, ...) and Triton's pending-request count, picked from
-# Triton's /metrics for /stats.
-BACKEND_METRICS = (METRIC_PREFIX, "nv_inference_pending_request_count")
-
-
-def backend_metrics(text: str) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name.startswith(BACKEND_METRICS):
-            out[family.name] = [{"labels": s.labels, "value": s.value} for s in family.samples]
-    return out
-
-
-def prefix_cache(backends: dict[str, dict[str, list[dict]]]) -> dict:
-    """The backends' prefix-cache counters summed over endpoints and models, and the share of prompt tokens
-    taken from the cache (None before any prompt)."""
-    def total(metric: str) -> int:  # the text parser names a counter's family without its _total
-        return int(sum(s["value"] for b in backends.values() for s in b.get(metric.removesuffix("_total"), [])))
-
-    hits, reused, prefilled = (total(m) for m in (METRIC_PREFIX_HITS, METRIC_PREFIX_REUSED, METRIC_PREFILLED))
-    rate = round(reused / (reused + prefilled), 4) if reused + prefilled else None
-    return {"hits": hits, "reused_tokens": reused, "prefilled_tokens": prefilled, "token_hit_rate": rate}
 
 
 class Health:
@@ -73,7 +49,7 @@ class Stats:
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         svc = self.service
-        metrics = await svc.pool.metrics_text()
+        metrics = await svc.metrics.text()
         backends = {url: backend_metrics(text) for url, text in metrics.items()}
         resp.media = {
             "bff": svc.stats.snapshot(),
@@ -82,7 +58,7 @@ class Stats:
             "endpoints": [{"url": e.url, "up": e.up, "serving": sorted(e.serving), "active_streams": e.active,
                            "streams_total": e.opened} for e in svc.pool.endpoints],
             "triton": {
-                "model_stats": await svc.pool.statistics(),
+                "model_stats": await svc.control.statistics(),
                 "backend": backends,
                 "prefix_cache": prefix_cache(backends),
             },

@@ -1,29 +1,29 @@
 """
-One generation through Triton, for every surface that streams (the contract's /generate, OpenAI's chat
-completions): admission against the stream limit, opening the stream on an endpoint that serves the model,
-relaying its pieces with pings and a bound on Triton's silence, and the one log line when it ends.
-
-Everything that can still become an HTTP status happens in `open` (the limit, the model, an endpoint, a short
-wait for Triton's first response, so a full queue is a 503 and bad arguments a 400). After that a failure is
-a TritonError for the surface to put in its own words.
+One generation through Triton, shared by every surface that streams (/generate, OpenAI's chat completions):
+admission, opening the stream, relaying its pieces with pings, and its end. Whatever can still be an HTTP
+status happens in `open`, before the 200; after it a failure is a TritonError each surface words itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import falcon
 
 from bff.errors import BadRequest, Unavailable, UpstreamFailed
+from bff.generation_params import GenerationParams
 from bff.middleware import log_request
-from bff.triton import Piece, Stream, TritonError
+from bff.triton import Stream
+from bff.wire import Piece, TritonError
 
 _WAITING = object()
 
 
 def http_error(exc: TritonError) -> falcon.HTTPError:
+    """A failure before the 200, as the HTTP status it is."""
     if exc.kind == "invalid":
         return BadRequest(exc.detail)
     if exc.kind in ("busy", "no_model", "down"):
@@ -33,7 +33,7 @@ def http_error(exc: TritonError) -> falcon.HTTPError:
 
 @dataclass
 class Generation:
-    """One admitted, opened stream and what its log line will say."""
+    """One admitted, opened stream, how it ended and what its log line will say."""
 
     req: falcon.Request
     stream: Stream
@@ -43,6 +43,8 @@ class Generation:
     first_at: float | None = None
     final: Piece | None = None
     log: dict = field(default_factory=dict)  # extra fields for the log line
+    end_reason: str = "disconnect"  # until pieces() sees the final response, or relay() a TritonError
+    error: TritonError | None = None  # what ended it, for the surface to put in its own words
 
 
 class Streams:
@@ -56,8 +58,9 @@ class Streams:
         # pass the limit together. Released when the stream ends or fails to open.
         self.admitted = 0
 
-    async def open(self, req: falcon.Request, params: dict, model: str | None = None) -> Generation:
-        """Admit and open one generation of `model` (default: the one served), or raise an HTTP error."""
+    async def open(self, req: falcon.Request, params: GenerationParams, model: str | None = None) -> Generation:
+        """Admit and open one generation of `model` (default: the one served), or raise an HTTP error. Unset
+        sampling values get the settings' defaults here, whichever surface asks."""
         s = self.settings
         if self.admitted >= s.max_streams:
             self.stats.error("stream_limit")
@@ -65,15 +68,16 @@ class Streams:
         self.admitted += 1
         try:
             started = time.perf_counter()
-            stream, first = await self._open(model or self.service.registry.serving(), params,
+            stream, first = await self._open(model or self.service.registry.serving(), params.with_defaults(s),
                                              req.context.request_id, follow_swaps=model is None)
         except BaseException:
             self.admitted -= 1
             raise
-        self.stats.stream_started()  # end() counts it ended, whichever surface relays it
+        self.stats.stream_started()  # relay() counts it ended
         return Generation(req, stream, first, started)
 
-    async def _open(self, model: str, params: dict, request_id: str, follow_swaps: bool) -> tuple[Stream, object]:
+    async def _open(self, model: str, params: GenerationParams, request_id: str,
+                    follow_swaps: bool) -> tuple[Stream, object]:
         """Open the Triton stream and wait briefly for its first response. An endpoint that is dead or does
         not serve the model (a replica back with only its default) is skipped for another one: nothing has
         been sent to the client yet. The prober loads the model there (Registry.probe). When no endpoint has
@@ -84,8 +88,8 @@ class Streams:
         last = TritonError("down", "no Triton endpoint is reachable")
         while (endpoint := pool.pick(model, tried)) is not None:
             tried += (endpoint,)
-            stream = pool.open(endpoint, model, request_id=request_id, **params)
-            registry.streams[model] += 1
+            stream = pool.open(endpoint, model, request_id, params)
+            registry.stream_opened(model)
             try:
                 return stream, await stream.next(self.settings.first_response_wait_s)
             except TimeoutError:
@@ -95,7 +99,7 @@ class Streams:
                 self.stats.error(exc.kind)
                 if exc.kind not in ("down", "no_model"):
                     raise http_error(exc) from None
-                endpoint.serving.discard(model)
+                endpoint.note(model, False)
                 last = exc
         if last.kind == "no_model" and follow_swaps and (now := await registry.refresh()) not in (None, model):
             return await self._open(now, params, request_id, follow_swaps=False)
@@ -103,7 +107,7 @@ class Streams:
 
     def _release(self, stream: Stream) -> None:
         stream.close()
-        self.service.registry.streams[stream.model] -= 1
+        self.service.registry.stream_closed(stream.model)
 
     async def pieces(self, g: Generation) -> AsyncIterator[Piece | None]:
         """The generation's pieces in order, and None whenever BFF_PING_INTERVAL_S passes without one (a
@@ -117,13 +121,14 @@ class Streams:
                     heard = time.monotonic()
                 except TimeoutError:
                     if time.monotonic() - heard > self.settings.stream_silence_s:
-                        # a hung or unreachable Triton: the stream ends (end() cancels it)
+                        # a hung or unreachable Triton: the stream ends (relay() cancels it)
                         raise TritonError("timeout", f"no response from Triton for "
                                                      f"{self.settings.stream_silence_s:g} s") from None
                     yield None
                     continue
             piece, g.pending = g.pending, _WAITING
             if piece is None:
+                g.end_reason = "done"  # the answer is whole
                 return
             if piece.final:
                 g.final = piece
@@ -137,14 +142,26 @@ class Streams:
                 g.pieces += 1
             yield piece
 
-    def end(self, g: Generation, reason: str, failure: str | None = None) -> None:
-        """The generation is over (done, error or disconnect): cancel it in Triton if it still runs, release
-        its admission, count it and write its log line. Never awaits: safe in a generator's finally."""
+    @contextlib.contextmanager
+    def relay(self, g: Generation) -> Iterator[Generation]:
+        """Relay `g` in this block; however it is left (done, a TritonError, the client gone, a shutdown), the
+        stream ends. A TritonError is counted and kept in g.error, not raised. Synchronous: it never awaits, so
+        it is safe while a disconnected client's generator is finalized."""
+        try:
+            yield g
+        except TritonError as exc:
+            g.end_reason, g.error = "error", exc
+            self.stats.error(exc.kind)
+        finally:
+            self._end(g)
+
+    def _end(self, g: Generation) -> None:
+        """Cancel the generation in Triton if it still runs, release its admission, count it and log it."""
         self._release(g.stream)
         self.admitted -= 1
-        self.stats.stream_ended(reason)
+        self.stats.stream_ended(g.end_reason)
         if g.final is not None:
             g.log.update(finish_reason=g.final.finish_reason, **g.final.usage)
         ttft = None if g.first_at is None else round((g.first_at - g.started) * 1000, 2)
-        log_request(g.req, 200, model=g.stream.model, endpoint=g.stream.endpoint.url, pieces=g.pieces, end=reason,
-                    detail=failure, ttft_ms=ttft, **g.log)
+        log_request(g.req, 200, model=g.stream.model, endpoint=g.stream.endpoint.url, pieces=g.pieces,
+                    end=g.end_reason, detail=None if g.error is None else g.error.detail, ttft_ms=ttft, **g.log)

@@ -39,8 +39,10 @@ import numpy as np
 import orjson
 import psutil
 
+from bff.generation_params import GenerationParams
 from bff.settings import Settings
-from bff.triton import OUTPUTS, Endpoint, Piece, raw_outputs, request_message
+from bff.triton import Endpoint
+from bff.wire import OUTPUTS, Piece, raw_outputs, request_message
 from tools.bff_client import bff_process, token_times
 from tools.local_triton import BESIDE_BFF_PRIORITY, PRIORITIES, LocalTriton
 from tools.measure import percentile
@@ -72,8 +74,8 @@ class Run:
 
 async def direct_request(triton: Endpoint, model: str, max_tokens: int, run: Run, count_tokens: bool = False) -> int:
     """One stream asking for the outputs the BFF asks for (and token_ids, INT64, when counting tokens)."""
-    request = request_message(model, "", orjson.dumps(PROMPT), 0.0, 0, max_tokens, Settings.min_answer_tokens,
-                              outputs=(*OUTPUTS, "token_ids") if count_tokens else OUTPUTS)
+    params = GenerationParams(orjson.dumps(PROMPT), 0.0, 0, max_tokens, Settings.min_answer_tokens)
+    request = request_message(model, "", params, outputs=(*OUTPUTS, "token_ids") if count_tokens else OUTPUTS)
     stamps, tokens = [], 0
     start = time.perf_counter()
     async for response in triton.stream_infer(request):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from backend.model_config import EngineConfig, config_pbtxt
 from backend.protocol import BACKEND, CONFIG_FILE, TRITON_KEEPALIVE_FLAGS
-from bff.triton import ADMIN_HEADER
+from bff.model_control import ADMIN_HEADER
 from tools.paths import PROJECT
 
 BACKEND_SOURCE = PROJECT / "backend" / "model.py"

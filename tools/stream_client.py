@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 
-from backend.protocol import INPUT, wire_type
-
-DTYPES = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}  # numpy's by wire type
+from backend.protocol import INPUT, WIRE_FORMAT, wire_type
 
 
 @dataclass
@@ -53,15 +51,16 @@ def make_inputs(messages: list[dict] | None = None, prompt_ids: list[int] | None
         x.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
         inputs.append(x)
     if prompt_ids is not None:
-        x = grpcclient.InferInput("prompt_ids", [len(prompt_ids)], "INT64")
-        x.set_data_from_numpy(np.array(prompt_ids, dtype=np.int64))
+        wire = wire_type(INPUT["prompt_ids"].triton_type)
+        x = grpcclient.InferInput("prompt_ids", [len(prompt_ids)], wire)
+        x.set_data_from_numpy(np.array(prompt_ids, dtype=WIRE_FORMAT[wire]))
         inputs.append(x)
     for name, value in params.items():
         if value is None:
             continue
         wire = wire_type(INPUT[name].triton_type)
         x = grpcclient.InferInput(name, [1], wire)
-        x.set_data_from_numpy(np.array([value], dtype=DTYPES[wire]))
+        x.set_data_from_numpy(np.array([value], dtype=WIRE_FORMAT[wire]))  # numpy reads struct's codes
         inputs.append(x)
     return inputs
 

@@ -1,10 +1,10 @@
-"""How the BFF reads a Triton error (bff.triton.error_kind): the client's fault, try later, or a failure."""
+"""How the BFF reads a Triton error (bff.wire.error_kind): the client's fault, try later, or a failure."""
 
 import grpc
 import pytest
 
 from bff.streaming import http_error
-from bff.triton import TritonError, error_kind
+from bff.wire import TritonError, error_kind
 
 
 @pytest.mark.parametrize(("code", "message", "kind", "status"), [

@@ -1,10 +1,14 @@
-"""The BFF's own Triton protobufs (bff.triton): the request it writes and the responses it reads."""
+"""The BFF's own Triton protobufs (bff.wire): the request it writes and the responses it reads."""
+
+from dataclasses import replace
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2
 from tritonclient.grpc._utils import _get_inference_request
 
-from bff.triton import OUTPUTS, Piece, Stream, TritonError, request_message
+from bff.generation_params import GenerationParams
+from bff.triton import Stream
+from bff.wire import OUTPUTS, Piece, TritonError, request_message
 
 
 def test_request_message_is_what_tritonclient_builds():
@@ -28,8 +32,9 @@ def test_request_message_is_what_tritonclient_builds():
             outputs=[InferRequestedOutput(n) for n in OUTPUTS], sequence_id=0, sequence_start=False,
             sequence_end=False, priority=0, timeout=None, parameters=None)
 
-    assert request_message("head", "r1", messages, 0.7, 50, 512, 128, stop=stop) == built(inputs)
-    assert request_message("head", "r1", messages, 0.7, 50, 512, 128) == built(inputs[:1] + inputs[2:])  # no stop
+    params = GenerationParams(messages, 0.7, 50, 512, 128)
+    assert request_message("head", "r1", replace(params, stop=tuple(stop))) == built(inputs)
+    assert request_message("head", "r1", params) == built(inputs[:1] + inputs[2:])  # no stop
 
 
 def response(text: str, device: int, finish: str, final: bool | None, **usage: int) -> service_pb2.ModelInferResponse:
@@ -74,8 +79,13 @@ class FakeCall:
 
 class FakeEndpoint:
     def __init__(self, responses: list) -> None:
-        self.active = self.opened = 0
-        self.stream_infer = lambda request: FakeCall(responses)
+        self.responses = responses
+
+    def start(self, request) -> FakeCall:
+        return FakeCall(self.responses)
+
+    def release(self) -> None:
+        pass
 
 
 def read_all(responses: list, timeout: float = 2.0) -> list:

@@ -1,21 +1,25 @@
 """
-A Triton pool without Triton, for the BFF's in-process tier: `create_app(settings, pool_factory=...)` with a
-FakePool answers from scripts in microseconds. It implements only what the app calls (bff.app, bff.registry,
-bff.streaming, bff.resources) and keeps every stream's inputs as Triton would receive them, so a test sees
-what the BFF sent. It refuses inputs the backend would refuse: a fake that accepts more hides a BFF bug.
+Triton without Triton, for the BFF's in-process tier: `create_app(settings, connect=fake_connect(pool))` with a
+FakePool, which answers from scripts in microseconds as the pool, the repository control and the metrics scrape.
+It keeps every stream's inputs as Triton would receive them, so a test sees what the BFF sent, and refuses inputs
+the backend would refuse: a fake that accepts more hides a BFF bug.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import orjson
 
 from backend.protocol import CONFIG_FILE, INPUT, MAX_STOP_CHARS, MAX_STOPS
-from bff.triton import Piece, TritonError, request_message
+from bff.app import Triton
+from bff.generation_params import GenerationParams
+from bff.settings import Settings
+from bff.wire import Piece, TritonError, request_message
 
 URL = "fake-triton:8001"
 # A script item: one wait for a response that passes without one (the BFF then pings, or gives up on Triton).
@@ -45,6 +49,12 @@ class FakeEndpoint:
         self.active = 0
         self.opened = 0
         self.serving: set[str] = set()
+
+    def serves(self, models: Iterable[str]) -> None:
+        self.serving = set(models)
+
+    def note(self, model: str, ready: bool) -> None:
+        (self.serving.add if ready else self.serving.discard)(model)
 
 
 class FakeStream:
@@ -96,15 +106,19 @@ class FakePool:
     def pick(self, model: str, exclude: tuple = ()) -> FakeEndpoint | None:
         return next((e for e in self.endpoints if e not in exclude), None)
 
-    def open(self, endpoint: FakeEndpoint, model: str, request_id: str, **inputs) -> FakeStream:
-        request_message(model, request_id, **inputs)  # the inputs are ones the wire encoding takes
+    def open(self, endpoint: FakeEndpoint, model: str, request_id: str, params: GenerationParams) -> FakeStream:
+        request_message(model, request_id, params)  # the inputs are ones the wire encoding takes
+        inputs = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "messages"}
+        inputs["stop"] = list(params.stop)  # a BYTES tensor of one element per string
         for name, value in inputs.items():
+            if name == "stop":
+                continue
             spec = INPUT[name]
             assert value is None or spec.low is None or spec.low <= value <= spec.high, f"{name}={value!r}"
         stop = inputs.get("stop") or ()
         assert len(stop) <= MAX_STOPS and all(len(s) <= MAX_STOP_CHARS for s in stop), stop
         self.opened.append({"model": model, "request_id": request_id, **inputs,
-                            "messages": orjson.loads(inputs["messages"])})
+                            "messages": orjson.loads(params.messages)})
         stream = FakeStream(endpoint, model, self.scripts.pop(0) if self.scripts else self.default)
         self.streams.append(stream)
         return stream
@@ -117,7 +131,7 @@ class FakePool:
 
     async def ready_models(self) -> dict[str, list[FakeEndpoint]]:
         for endpoint in self.live():
-            endpoint.serving = {n for n, s in self.states.items() if s == "READY"}
+            endpoint.serves(n for n, s in self.states.items() if s == "READY")
         return {name: self.live() for name, state in self.states.items() if state == "READY"}
 
     async def config(self, model: str, endpoint: FakeEndpoint) -> dict:
@@ -144,8 +158,13 @@ class FakePool:
     async def statistics(self) -> dict[str, list]:
         return {e.url: [] for e in self.live()}
 
-    async def metrics_text(self, endpoints: list | None = None) -> dict[str, str]:
+    async def text(self, endpoints: list | None = None) -> dict[str, str]:
         return {e.url: self.metrics for e in (self.live() if endpoints is None else endpoints)}
 
     async def close(self) -> None:
         pass
+
+
+def fake_connect(pool: FakePool) -> Callable[[Settings], Triton]:
+    """create_app's `connect` for the fake: it is the pool, the repository control and the metrics scrape."""
+    return lambda settings: Triton(pool, pool, pool)

@@ -18,7 +18,7 @@ import orjson
 
 from bff.app import create_app
 from bff.settings import from_env
-from tests.support.fake_triton import FakePool, repository
+from tests.support.fake_triton import FakePool, fake_connect, repository
 from tools.bff_client import AUTH, KEY
 
 BASE_URL = "http://bff"
@@ -33,7 +33,7 @@ class Bff:
         self.pool = pool
         self.settings = from_env({}, **{"api_key": KEY, "model_repository": str(repository(folder, pool.states)),
                                         **overrides})
-        self.app = create_app(self.settings, pool_factory=lambda _: pool)  # the app as servers build it
+        self.app = create_app(self.settings, connect=fake_connect(pool))  # the app as servers build it
 
     def call(self, work: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
         """What `work` gives with an httpx client of the app, run inside the app's lifespan."""
