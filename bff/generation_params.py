@@ -31,9 +31,11 @@ class GenerationParams:
 
     def with_defaults(self, settings: Settings) -> GenerationParams:
         """Temperature, top_k and max_tokens from the settings where the request left them out. float() and
-        int(): JSON Schema's "integer" admits 1.0, which a packed INT32 does not."""
+        int(): JSON Schema's "integer" admits 1.0, which a packed INT32 or INT64 does not."""
+        given = lambda value, kind: None if value is None else kind(value)
         return replace(
             self,
-            temperature=settings.temperature if self.temperature is None else float(self.temperature),
-            top_k=settings.top_k if self.top_k is None else int(self.top_k),
-            max_tokens=settings.max_tokens if self.max_tokens is None else int(self.max_tokens))
+            temperature=float(settings.temperature if self.temperature is None else self.temperature),
+            top_k=int(settings.top_k if self.top_k is None else self.top_k),
+            max_tokens=int(settings.max_tokens if self.max_tokens is None else self.max_tokens),
+            top_p=given(self.top_p, float), seed=given(self.seed, int), min_tokens=given(self.min_tokens, int))

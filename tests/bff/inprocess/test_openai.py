@@ -127,6 +127,15 @@ def test_openais_and_vllms_fields_reach_triton(bff):
         "ignore_eos": True, "force_tool": "web_search", "min_answer_tokens": None}
 
 
+def test_integers_written_as_floats_reach_triton_as_integers(bff):
+    # JSON Schema's "integer" admits 1.0; the packed INT32/INT64 inputs do not (it was a 500)
+    body = {**CHAT, "seed": 7.0, "min_tokens": 2.0, "max_tokens": 9.0, "top_k": 5.0, "top_p": 1}
+    assert bff.post("/v1/chat/completions", body).status_code == 200
+    sent = bff.pool.opened[0]
+    assert [(sent[k], type(sent[k])) for k in ("seed", "min_tokens", "max_tokens", "top_k", "top_p")] == [
+        (7, int), (2, int), (9, int), (5, int), (1.0, float)]
+
+
 def test_defaults_reach_triton(bff):
     s = bff.settings
     assert bff.post("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}).status_code == 200
