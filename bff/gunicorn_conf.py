@@ -1,13 +1,7 @@
 """
-gunicorn settings for production: `gunicorn -c bff/gunicorn_conf.py bff.app:app`.
-
-uvicorn-worker does not map gunicorn's graceful_timeout to uvicorn, so the worker below sets uvicorn's
-timeout_graceful_shutdown itself; gunicorn's own bound is a little longer, so uvicorn cancels streams
-still running (each gets its Triton request cancelled) before gunicorn would kill the worker.
-Every setting comes from bff/settings.py (BFF_HOST, BFF_PORT, BFF_WORKERS: one per CPU this process may
-use by default, BFF_GRACEFUL_TIMEOUT_S, ...), read once here and again by each worker's app. Each worker
-has its own event loop, Triton channels and stream limit; the current model is shared through Triton
-(bff/registry.py). Metrics at /metrics are per worker.
+gunicorn for production: `gunicorn -c bff/gunicorn_conf.py bff.app:app`, every value from bff/settings.py. Each
+worker has its own event loop, Triton channels, stream limit and metrics; the served model is shared through
+Triton (bff/registry.py).
 """
 
 from __future__ import annotations
@@ -23,6 +17,9 @@ from bff.settings import from_env
 SETTINGS = from_env()
 
 
+# uvicorn-worker does not pass gunicorn's graceful_timeout to uvicorn, so the worker sets uvicorn's own; gunicorn's
+# bound is 5 s longer, so uvicorn cancels the streams still running (and their Triton requests) before gunicorn
+# would kill the worker
 class BffWorker(UvicornWorker):
     CONFIG_KWARGS: ClassVar[dict] = {**UvicornWorker.CONFIG_KWARGS,
                                      "timeout_graceful_shutdown": SETTINGS.graceful_timeout_s}

@@ -1,11 +1,7 @@
 """
-Request validation, compiled once from the request schemas in bff/openapi.yaml (the document the service
-publishes), plus the two rules JSON Schema cannot say: a system message only first, and a bound on the
-total characters of a conversation.
-
-Unknown top-level fields of a /generate body are accepted and ignored, as the gateway's reference service
-(a pydantic model with default settings) does: the gateway adds fields of its own (`force_web_search`).
-Each one is logged once per process, so an operator sees what clients send without a line per request.
+Request validation, compiled once from bff/openapi.yaml's request schemas (the document the service publishes),
+plus the two rules JSON Schema cannot say: a system message only first, and a bound on a conversation's
+characters. Unknown top-level fields of /generate are ignored, as the gateway's reference service ignores them.
 """
 
 from __future__ import annotations
@@ -94,6 +90,7 @@ def check(validator: Draft202012Validator, body: object) -> None:
 
 def check_generate(body: object) -> None:
     check(GENERATE, body)
+    # the gateway adds fields of its own (force_web_search): a line per name per process, not one per request
     for name in sorted(body.keys() - GENERATE_FIELDS - _ignored)[: MAX_IGNORED - len(_ignored)]:
         _ignored.add(name)
         log.info({"event": "unknown_field_ignored", "field": name[:100]})
