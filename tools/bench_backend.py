@@ -1,19 +1,8 @@
 """
-`make bench-backend`: the nanochat backend in a real Triton server, driven over gRPC streaming.
-
-One checkpoint (default: the shared head oracle) is exported into a temporary repository three
-ways: continuous batching (max_slots 16, responses by time: stream_interval_ms's default), the same with
-every token its own response (stream_interval_ms 0), and one request at a time (max_slots 1, the rest
-queued). Each is loaded alone (so the others' threads do not compete for the cores), and the same greedy
-workload runs at concurrency 1, 4 and 16. Printed side by side: aggregate output tokens/s,
-TTFT and ITL p50/p95 as the client sees them (tokens that arrive in one response count 0 ms), and
-the backend's CPU time per token outside the model (schedule + send parts of the
-nanochat_cpu_seconds_total metric: batching, sampling, detokenizing, building and sending responses).
-
-Then sampling at 16 streams on the batched model (temperature 0.8, top_k 50, the gateway's), in turns:
-without a seed (drawn with the whole batch where the logits are, core/device_sampling.py) and with one
-(nanochat's exact draw per row from the request's own generator, the path every sampled request took
-before). The model's time is in both: on ONNX Runtime the logits and the draw are on these same cores.
+`make bench-backend`: the nanochat backend in a real Triton server over gRPC streaming. One checkpoint is exported
+three ways (continuous batching with responses by time; the same with a response per token; one request at a time)
+and each, loaded alone, runs the same greedy workload at concurrency 1, 4 and 16: tokens/s, TTFT and ITL, and the
+backend's CPU per token outside the model. Then 16 sampled streams, drawn with the batch vs with a seed.
 
     python -m tools.bench_backend [--nanochat-base ../shared/oracle/head] [--max-tokens 64] [--stream-interval 4]
 """
@@ -52,6 +41,8 @@ PROMPTS = [
 
 
 def backend_counters(metrics_url: str, model: str) -> dict[str, float]:
+    """The backend's counters; the CPU per token outside the model is nanochat_cpu_seconds_total's schedule and send
+    parts (batching, sampling, detokenizing, building and sending responses)."""
     text = scrape(metrics_url)
     out = {"tokens": metric(text, METRIC_GENERATED_TOKENS, model=model),
            "runner_seconds": metric(text, METRIC_RUNNER_SECONDS, model=model)}

@@ -1,25 +1,10 @@
 """
-`python -m tools.bench_bff` (`make bench`): what the BFF costs. The same greedy requests run side by side
-through the BFF (concurrent SSE clients over HTTP) and directly against Triton over gRPC (one stream per
-request, opened and read as the BFF does it), at concurrency 1, 4 and 16; prints a table and saves a plot.
+`python -m tools.bench_bff` (`make bench`): what the BFF costs. The same greedy requests run side by side through
+the BFF (SSE clients; the BFF in its own uvicorn process, as in production) and straight to Triton over gRPC, at
+concurrency 1, 4 and 16; prints a table with the BFF's CPU per token and /health's latency, and saves a plot.
 
-Definitions (vLLM's): TTFT = first non-empty piece minus the moment just before the request is sent;
-ITL = gaps between consecutive non-empty pieces, pooled over all requests; tokens/s = generated tokens of
-all requests / wall time of the level. Requests are greedy with one prompt, so every request produces
-the same tokens; the token count per request comes from Triton's `token_ids` in a warm-up request. Direct
-streams ask for the outputs the BFF asks for, so the backend does the same work on both paths.
-The BFF runs in its own process (uvicorn), as in production, and its CPU time per token is reported too
-(a steadier figure than timings on a shared machine); Triton is started locally unless --triton-url is given.
-
-On a machine without a GPU the model's work is CPU work, and every CPU cycle the BFF (or a client) spends is
-taken from it. --triton-cpus keeps the local Triton on some CPUs and the BFF and the clients on the others,
-as on a GPU node; without it, all of them share every CPU, and the local Triton runs at the CPU priority
-`make serve` gives it (--triton-priority; tools/local_triton.py).
-
-While each level runs, a process of its own GETs /health every 20 ms, on a new connection each time (as the
-kubelet's probes do), and the latency of those answers is printed beside the table: /health answers from the
-prober's state, never from a call to Triton, so it must stay in milliseconds however busy the model keeps the
-CPU.
+Without a GPU the model's work is CPU work that the BFF and the clients take from: --triton-cpus keeps Triton on
+some CPUs and the rest on the others, as on a GPU node.
 """
 
 from __future__ import annotations
@@ -51,7 +36,9 @@ PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who l
 
 
 class Run:
-    """Timings of one (path, concurrency) level."""
+    """Timings of one (path, concurrency) level, as vLLM defines them: TTFT = the first non-empty piece minus the
+    moment before the request is sent; ITL = gaps between non-empty pieces, pooled over requests; tokens/s = the
+    level's generated tokens over its wall time (greedy, one prompt: every request makes the same tokens)."""
 
     def __init__(self) -> None:
         self.ttft: list[float] = []

@@ -1,18 +1,8 @@
 """
-`make bench-sim`: what the host costs per token at GPU speed, without a GPU. The runner is backend/sim_runner.py:
-each step sleeps the time a GPU profile gives it (core/roofline.py: bytes read over achieved bandwidth, plus a
-launch cost) and returns what the GPU runner returns (one id per row). Two layers, each at 64 and 256 streams,
-greedy and sampled (temperature 0.8, top_k 50, no seed: the gateway's requests):
-
-  scheduler  backend.scheduler.Scheduler alone; a client thread keeps `rows` requests in flight.
-  triton     the real Triton server with the nanochat backend serving the simulated model, the BFF (uvicorn, its own
-             process) and `rows` SSE clients (aiohttp) posting /generate as the gateway does.
-
-Printed per configuration: the profile's ceiling (tokens over the simulated device time of the steps that ran: what a
-host costing nothing would deliver), delivered tokens/s, and host CPU µs per generated token of each thread and
-process: step (the scheduler thread without the runner), runner (the simulator's own bookkeeping, standing for the GPU
-runner's launches), responses (the backend's response thread), tritonserver, bff, client. A table, then one JSON
-object a line (layer, profile, rows, sampling, ceiling_tok_s, delivered_tok_s, host_us_per_token).
+`make bench-sim`: what the host costs per token at GPU speed, without a GPU. The runner (backend/sim_runner.py)
+sleeps each step's time on a GPU profile and returns one id per row. Two layers, at 64 and 256 streams, greedy and
+sampled as the gateway samples: `scheduler` (backend.scheduler alone) and `triton` (the real Triton, the BFF and SSE
+clients). Prints the profile's ceiling, delivered tokens/s and host CPU µs per token of each thread and process.
 
     python -m tools.bench_sim [--profile d20-h100] [--layers scheduler triton] [--rows 64 256]
 """
@@ -190,6 +180,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Host CPU per token by part: step (the scheduler thread without the runner), runner (the simulator's bookkeeping,
+# standing for the GPU runner's launches), responses (the backend's response thread), then each process. The
+# ceiling is tokens over the simulated device time: what a host costing nothing would deliver.
 HOST_ORDER = ("step", "runner", "responses", "stub_other", "tritonserver", "bff", "client")
 
 

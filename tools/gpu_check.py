@@ -1,18 +1,8 @@
 """
-`make gpu-check`: every runtime this GPU box has, on the demo model and the shared oracles, in one table.
-
-For each checkpoint and each runtime present (PyTorch CUDA always; TensorRT and ONNX Runtime's CUDA provider when
-installed), at fp32 and the low precisions the runtime runs:
-  - top-1 agreement with the same runtime's fp32 over the oracles' prompts and 32 decode steps (both fed the fp32
-    run's tokens, so every step compares the same context), and the largest logit difference;
-  - at fp32, greedy text equality with nanochat's own references (the oracles);
-  - decode time per step at batch 1, 8 and 64 (median of greedy steps at half the context, each row in a slot of
-    its own), tokens/s at 64, and MBU at batch 1: bytes read per step (weights + the K/V each layer's window reads)
-    / step time / the GPU's peak bandwidth (nanochat infer_bench's table).
-Then, where `tritonserver` is installed, the first GPU runtime's model behind the local Triton and the BFF, and one
-/generate streamed through both to its done event; and the device sampler (tools/sampler_check.py): its draws
-against the distribution they must follow, and draws/s at 64 and 256 rows of a d20's vocabulary. What is not
-installed is a row saying so, never a crash. Without a CUDA GPU it stops at once with exit 2.
+`make gpu-check`: every runtime this GPU box has, on the demo model and the shared oracles, in one table: low
+precisions' top-1 agreement with fp32, fp32 greedy equality with nanochat's references, decode ms per step and MBU;
+then one /generate through the local Triton and the BFF, and the device sampler's check. What is not installed is a
+row saying so, never a crash; without a CUDA GPU it stops at once with exit 2.
 """
 
 from __future__ import annotations
@@ -59,6 +49,8 @@ def prefill_rows(runner, prompt: list[int], batch: int) -> np.ndarray:
     return np.concatenate([runner.forward(np.array([prompt]), np.array([0]), np.array([b])) for b in range(batch)])
 
 
+# The median of greedy steps at half the context, each row in a slot of its own; MBU at batch 1 = bytes read per
+# step (weights + the K/V each layer's window reads) / step time / the GPU's peak bandwidth (nanochat's infer_bench).
 def decode_step_seconds(runner, prompt: list[int], batch: int, steps: int, sync: Callable[[], None]) -> float:
     """Median seconds of one greedy decode step with `batch` rows, each at the prompt's context."""
     logits, slots, times = prefill_rows(runner, prompt, batch), np.arange(batch), []
@@ -72,6 +64,7 @@ def decode_step_seconds(runner, prompt: list[int], batch: int, steps: int, sync:
     return statistics.median(times)
 
 
+# Both runs are fed the fp32 run's tokens, so every step compares the same context.
 def agreement(fp32, low, prompts: list[list[int]], steps: int) -> tuple[int, int, float]:
     """(steps where low's top-1 equals fp32's, steps, max |logit diff|), both fed fp32's greedy tokens."""
     agree = total = 0
