@@ -20,6 +20,7 @@ from bff.app import create_app
 from bff.settings import from_env
 from tests.support.fake_triton import FakePool, fake_connect, repository
 from tools.bff_client import AUTH, KEY
+from tools.measure import SERVER_TIMEOUT_S
 
 BASE_URL = "http://bff"
 T = TypeVar("T")
@@ -39,7 +40,8 @@ class Bff:
         """What `work` gives with an httpx client of the app, run inside the app's lifespan."""
         async def run() -> T:
             async with falcon.testing.ASGIConductor(self.app), \
-                    httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=BASE_URL) as http:
+                    httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=BASE_URL,
+                                      timeout=SERVER_TIMEOUT_S) as http:
                 return await work(http)
 
         return asyncio.run(run())

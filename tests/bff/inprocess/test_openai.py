@@ -13,6 +13,7 @@ import pytest
 from tests.bff.inprocess.client import BASE_URL, Bff, events
 from tests.support.fake_triton import SILENT, TritonError, answer
 from tools.bff_client import AUTH, KEY
+from tools.measure import SERVER_TIMEOUT_S
 
 USER = {"role": "user", "content": "hi"}
 CHAT = {"model": "head", "messages": [USER]}
@@ -21,7 +22,7 @@ CHAT = {"model": "head", "messages": [USER]}
 def sdk(bff, work, api_key: str = KEY):
     """What `work(client)` gives, an AsyncOpenAI client of the app."""
     return bff.call(lambda http: work(openai.AsyncOpenAI(base_url=BASE_URL + "/v1", api_key=api_key, max_retries=0,
-                                                         http_client=http)))
+                                                         http_client=http, timeout=SERVER_TIMEOUT_S)))
 
 
 def streamed(bff, **fields) -> list:
