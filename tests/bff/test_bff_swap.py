@@ -1,7 +1,7 @@
 """
-Model swaps through the BFF against a Triton server of their own (swaps unload models): a swap while
-streams run on the old model lets them finish on it and sends new streams to the new model; a failed load
-leaves the old model serving; the current model is read back from Triton by a restarted BFF.
+Model swaps through the BFF against a Triton server of their own (swaps unload models): a swap while streams run
+on the old model lets them finish on it and sends new streams to the new model; a load that really fails leaves
+the old model serving; models a dead swap left are unloaded. The registry's other rules: tests/bff/inprocess/.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from tests.support.bffkit import first_tokens, is_done, loaded_models, model_ready, wait_until
+from tests.support.bffkit import is_done, loaded_models, model_ready, wait_until
 from tests.support.tritonkit import stub_process
 from tools.bff_client import AUTH, generate, health, run_bff, stats, stream_events, text_of, triton_settings
 from tools.local_triton import LocalTriton, derive_model
@@ -127,81 +127,11 @@ def test_failed_swap_keeps_the_old_model(swap_triton):
         assert swap["state"] == "idle" and "demo_broken" in swap["last_error"]
 
 
-def test_unknown_model_is_404(swap_triton):
-    with run_bff(**triton_settings(swap_triton)) as url:
-        r = _swap(url, "no-such-model")
-        assert r.status_code == 404
-        assert "no-such-model" in r.json()["detail"]
-
-
-def test_drain_first_refuses_new_streams_until_the_new_model_is_loaded(swap_triton):
-    with run_bff(**triton_settings(swap_triton, swap_strategy="drain-first")) as url:
-        old = health(url)["current_model"]
-        new = "demo" if old == "demo_b" else "demo_b"
-
-        async def scenario():
-            async with httpx.AsyncClient(timeout=SERVER_TIMEOUT_S) as client:
-                on_first_token, streaming = first_tokens(1)
-                running = asyncio.create_task(_stream(client, url, on_first_token))
-                await asyncio.wait_for(streaming.wait(), SERVER_TIMEOUT_S)  # admitted before the swap
-                swap = await client.post(url + "/models/swap", json={"model_tag": new}, headers=AUTH)
-                refused = await client.post(url + "/generate", json=LONG, headers=AUTH)
-                return swap, refused, await running
-
-        swap, refused, events = asyncio.run(scenario())
-        assert swap.status_code == 202 and swap.json() == {"status": "draining", "current_model": old}
-        assert refused.status_code == 503 and refused.headers["retry-after"]
-        assert is_done(events[-1])
-        wait_until(lambda: health(url) == {"status": "ok", "ready": True, "current_model": new},
-                   "drain-first swap did not finish", timeout=60)
-        assert generate(url, LONG)[0].status_code == 200
-
-
-def test_drain_first_whose_load_fails_brings_the_old_model_back(swap_triton):
-    with run_bff(**triton_settings(swap_triton, swap_strategy="drain-first")) as url:
-        old = health(url)["current_model"]
-        r = _swap(url, "demo_broken")
-        assert r.status_code == 202 and r.json() == {"status": "draining", "current_model": old}
-        wait_until(lambda: stats(url)["swap"]["state"] == "idle",
-                   "the failed drain-first swap never finished", timeout=60)
-        swap = stats(url)["swap"]
-        assert "loading demo_broken failed" in swap["last_error"] and f"{old} reloaded" in swap["last_error"]
-        assert health(url) == {"status": "ok", "ready": True, "current_model": old}
-        r, events = generate(url, LONG)
-        assert r.status_code == 200 and is_done(events[-1])
-
-
-def test_another_workers_swap_is_seen_after_a_probe(swap_triton):
-    # two BFF processes' views of one Triton (gunicorn workers, or replicas): a swap through one moves the other
-    settings = triton_settings(swap_triton)
-    with run_bff(**settings) as one, run_bff(**settings) as other:
-        before = health(other)["current_model"]
-        target = "demo" if before != "demo" else "demo_b"
-        assert _swap(one, target).status_code == 202
-        _wait_unloaded(swap_triton, before)
-        wait_until(lambda: health(other) == {"status": "ok", "ready": True,
-                                                                    "current_model": target},
-                   "the other BFF kept serving the unloaded model")
-        r, events = generate(other, LONG)
-        assert r.status_code == 200 and is_done(events[-1])
-
-
 def _unload_all(server) -> None:
     """Straight through Triton's repository API, as no BFF would."""
     for name in loaded_models(server):
         httpx.post(f"{server.http_url}/v2/repository/models/{name}/unload", timeout=SERVER_TIMEOUT_S).raise_for_status()
         _wait_unloaded(server, name)
-
-
-def test_no_model_loaded_is_a_503_until_a_swap_loads_one(swap_triton):
-    _unload_all(swap_triton)
-    with run_bff(**triton_settings(swap_triton)) as url:
-        assert health(url) == {"status": "ok", "ready": False, "current_model": None}
-        r, _ = generate(url, LONG)
-        assert r.status_code == 503 and r.json() == {"detail": "no model is loaded"} and r.headers["retry-after"]
-        assert _swap(url, "demo").json() == {"status": "draining", "current_model": "demo"}
-        r, events = generate(url, LONG)
-        assert r.status_code == 200 and is_done(events[-1])
 
 
 def test_models_a_dead_swap_left_beside_its_own_are_unloaded_once_no_swap_can_still_be_retiring_them(swap_triton):

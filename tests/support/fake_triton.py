@@ -58,8 +58,9 @@ class FakeEndpoint:
 
 
 class FakeStream:
-    """One generation that plays its script: Pieces, TritonErrors (raised) and SILENT waits. Past its final
-    piece it ends; a script that runs out before one stays silent forever, as a hung Triton does."""
+    """One generation that plays its script: Pieces, TritonErrors (raised), SILENT waits and asyncio.Events (silent
+    until the test sets one). Past its final piece it ends; a script that runs out before one stays silent forever,
+    as a hung Triton does."""
 
     def __init__(self, endpoint: FakeEndpoint, model: str, script: list) -> None:
         self.endpoint, self.model, self.script = endpoint, model, list(script)
@@ -75,6 +76,13 @@ class FakeStream:
         if item is SILENT:
             await asyncio.sleep(timeout or 0)
             raise TimeoutError
+        if isinstance(item, asyncio.Event):
+            if not item.is_set():
+                self.script.insert(0, item)  # still held: the next wait waits on it again
+                async with asyncio.timeout(timeout):
+                    await item.wait()
+            self.script.remove(item)
+            return await self.next(timeout)
         if isinstance(item, TritonError):
             raise item
         self.ended = item.final
@@ -94,6 +102,7 @@ class FakePool:
         self.endpoints = [FakeEndpoint(URL)]
         self.states = {**dict.fromkeys(others, "UNAVAILABLE"), **dict.fromkeys(served, "READY")}
         self.configs: dict[str, dict] = {}  # as each model was loaded (a swap's epoch is in it)
+        self.broken: set[str] = set()  # models whose load fails, as a model with a bad graph does
         self.scripts: list[list] = []
         self.default = answer("Hello", " world")
         self.opened: list[dict] = []  # each stream's inputs, its messages decoded
@@ -119,7 +128,10 @@ class FakePool:
         assert len(stop) <= MAX_STOPS and all(len(s) <= MAX_STOP_CHARS for s in stop), stop
         self.opened.append({"model": model, "request_id": request_id, **inputs,
                             "messages": orjson.loads(params.messages)})
-        stream = FakeStream(endpoint, model, self.scripts.pop(0) if self.scripts else self.default)
+        script = self.scripts.pop(0) if self.scripts else self.default
+        if self.states.get(model) != "READY":  # as Triton answers a request for a model it does not serve
+            script = [TritonError("no_model", f"Request for unknown model: '{model}' is not found")]
+        stream = FakeStream(endpoint, model, script)
         self.streams.append(stream)
         return stream
 
@@ -146,6 +158,8 @@ class FakePool:
     async def load(self, model: str, timeout_s: float, config: str | None = None) -> None:
         if model not in self.states:
             raise TritonError("failed", f"failed to load '{model}', no version is available")
+        if model in self.broken:
+            raise TritonError("failed", f"failed to load '{model}': the graph does not parse")
         self.states[model] = "READY"
         self.configs[model] = json.loads(config) if config else {}
 

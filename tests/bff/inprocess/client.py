@@ -8,7 +8,8 @@ does (falcon's simulated requests disconnect at once, which ends a stream at its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,12 +37,18 @@ class Bff:
                                         **overrides})
         self.app = create_app(self.settings, connect=fake_connect(pool))  # the app as servers build it
 
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[httpx.AsyncClient]:
+        """An httpx client of the app, inside the app's lifespan (its registry and prober live as long)."""
+        async with falcon.testing.ASGIConductor(self.app), \
+                httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=BASE_URL,
+                                  timeout=SERVER_TIMEOUT_S) as http:
+            yield http
+
     def call(self, work: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
         """What `work` gives with an httpx client of the app, run inside the app's lifespan."""
         async def run() -> T:
-            async with falcon.testing.ASGIConductor(self.app), \
-                    httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=BASE_URL,
-                                      timeout=SERVER_TIMEOUT_S) as http:
+            async with self.session() as http:
                 return await work(http)
 
         return asyncio.run(run())
