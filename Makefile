@@ -27,23 +27,35 @@ test: install lint  ## lint and the whole suite (starts and stops real Triton se
 # Docker images and compose for GPU nodes (docker/README.md). The work is done by docker itself.
 DOCKER_TAG ?= latest
 DOCKER_COMPOSE ?= docker compose -f docker/compose.yaml
+# compose reads its variables from .env in its project directory, the folder of the first -f file
+DOCKER_ENV := docker/.env
 
-.PHONY: docker-build docker-export docker-up docker-down
+.PHONY: docker-build docker-env docker-export docker-up docker-down
 
 docker-build:  ## the Triton, export and BFF images
 	docker build -f docker/triton.Dockerfile --target triton -t nanochat-triton:$(DOCKER_TAG) .
 	docker build -f docker/triton.Dockerfile --target export -t nanochat-export:$(DOCKER_TAG) .
 	docker build -f docker/bff.Dockerfile -t nanochat-bff:$(DOCKER_TAG) .
 
-# Builds the TensorRT engine for MODEL (default d20) on this node's GPU, into the compose `models` volume.
-docker-export:  ## TensorRT engine for MODEL on this node's GPU, into the compose volume
-	IMAGE_TAG=$(DOCKER_TAG) DEFAULT_MODEL=$(or $(MODEL),d20) $(DOCKER_COMPOSE) --profile export run --rm export
+docker-env: $(DOCKER_ENV)  ## docker/.env from docker/env.example with fresh keys (kept once written)
 
-docker-up:  ## Triton + the BFF with compose
-	IMAGE_TAG=$(DOCKER_TAG) DEFAULT_MODEL=$(or $(MODEL),d20) $(DOCKER_COMPOSE) up -d
+# Order-only: editing env.example later must not replace the keys the services and their callers hold.
+$(DOCKER_ENV): | docker/env.example
+	umask 077 && internal=$$(openssl rand -hex 32) && admin=$$(openssl rand -hex 32) && \
+	  sed -e "s/^INTERNAL_API_KEY=$$/&$$internal/" -e "s/^TRITON_ADMIN_KEY=$$/&$$admin/" docker/env.example > $@.tmp
+	mv $@.tmp $@
 
-docker-down:  ## stop them
-	IMAGE_TAG=$(DOCKER_TAG) $(DOCKER_COMPOSE) down
+# MODEL is passed only when given, so DEFAULT_MODEL in docker/.env (else compose's d20) applies otherwise.
+docker-export: $(DOCKER_ENV)  ## TensorRT engine for MODEL on this node's GPU, into the compose volume
+	IMAGE_TAG=$(DOCKER_TAG) $(if $(MODEL),DEFAULT_MODEL=$(MODEL)) $(DOCKER_COMPOSE) --profile export run --rm export
+
+docker-up: $(DOCKER_ENV)  ## Triton + the BFF with compose
+	IMAGE_TAG=$(DOCKER_TAG) $(if $(MODEL),DEFAULT_MODEL=$(MODEL)) $(DOCKER_COMPOSE) up -d
+
+# compose interpolates the whole file for every command: `down` needs no keys, so any stand-in passes the :? checks
+docker-down:  ## stop them (no docker/.env needed)
+	IMAGE_TAG=$(DOCKER_TAG) INTERNAL_API_KEY=$${INTERNAL_API_KEY:-unused} TRITON_ADMIN_KEY=$${TRITON_ADMIN_KEY:-unused} \
+	  $(DOCKER_COMPOSE) down
 
 # --- export: every option of `python -m export` is a make variable of the same name in capitals (MODEL=d20
 #     SOURCE= STEP= CHECKPOINT_DIR= NANOCHAT_BASE_DIR= NAME= MODEL_REPOSITORY= RUNTIME= PRECISION= MAX_SLOTS=

@@ -261,7 +261,8 @@ def test_compose_services():
     assert triton["shm_size"] and "models:/models:ro" in triton["volumes"]
     assert "ports" not in triton  # only the BFF reaches Triton, over the compose network
     restricted = [a for a in triton["command"] if "restricted" in a]
-    assert restricted == [f"--{flag}=model-repository:triton-admin-key=${{TRITON_ADMIN_KEY:?set TRITON_ADMIN_KEY}}"
+    admin_key = "${TRITON_ADMIN_KEY:?make docker-env writes it to docker/.env}"
+    assert restricted == [f"--{flag}=model-repository:triton-admin-key={admin_key}"
                           for flag in ("grpc-restricted-protocol", "http-restricted-api")]
     assert bff["ports"] == [f"{BFF_PORT}:{BFF_PORT}"]
     assert bff["environment"]["INTERNAL_API_KEY"].startswith("${INTERNAL_API_KEY:?")  # required, no default
