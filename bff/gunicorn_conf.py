@@ -1,18 +1,24 @@
 """
 gunicorn for production: `gunicorn -c bff/gunicorn_conf.py bff.app:app`, every value from bff/settings.py. Each
-worker has its own event loop, Triton channels, stream limit and metrics; the served model is shared through
-Triton (bff/registry.py).
+worker has its own event loop, Triton channels and stream limit; the served model is shared through Triton
+(bff/registry.py). Metrics are one set: workers write prometheus_client's multiprocess files in a directory this
+master owns, and any worker's /metrics merges them.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from typing import ClassVar
 
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
 from uvicorn_worker import UvicornWorker
 
 from bff.logs import FORMATTERS, HANDLER, QUIET
-from bff.settings import from_env
+from bff.settings import METRICS_DIR_ENV, from_env
 
 SETTINGS = from_env()
 
@@ -26,7 +32,7 @@ class BffWorker(UvicornWorker):
 
 
 bind = f"{SETTINGS.host}:{SETTINGS.port}"
-workers = SETTINGS.worker_count
+workers = SETTINGS.worker_count()
 worker_class = "bff.gunicorn_conf.BffWorker"
 # gunicorn takes whole seconds only (a float fails its start)
 graceful_timeout = math.ceil(SETTINGS.graceful_timeout_s) + 5
@@ -49,3 +55,20 @@ logconfig_dict = {
         **QUIET,
     },
 }
+
+
+# A fresh private directory per master, set before workers fork and import prometheus_client (it picks its
+# multiprocess mode at import): files left by another run would add their counts to ours. Not at module level,
+# since gunicorn re-reads this file on SIGHUP.
+def on_starting(server: Arbiter) -> None:
+    os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="bff-metrics-")
+
+
+def child_exit(server: Arbiter, worker: Worker) -> None:
+    from prometheus_client import multiprocess  # the master never imports it before the directory is set
+
+    multiprocess.mark_process_dead(worker.pid)  # its live gauges (streams in flight) leave the sums
+
+
+def on_exit(server: Arbiter) -> None:
+    shutil.rmtree(os.environ[METRICS_DIR_ENV], ignore_errors=True)

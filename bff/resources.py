@@ -6,7 +6,7 @@ Triton pool and model registry exist once the lifespan startup has run.
 from __future__ import annotations
 
 import falcon
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from bff.triton_metrics import backend_metrics, prefix_cache
 from bff.validation import OPENAPI_TEXT, SWAP, check, read_json
@@ -52,7 +52,7 @@ class Stats:
         metrics = await svc.metrics.text()
         backends = {url: backend_metrics(text) for url, text in metrics.items()}
         resp.media = {
-            "bff": svc.stats.snapshot(),
+            "bff": svc.stats.snapshot(),  # this worker's alone: its percentile window cannot merge across workers
             "swap": {**svc.registry.swap_state, "current_model": svc.registry.current,
                      "strategy": svc.settings.swap_strategy},
             "endpoints": [{"url": e.url, "up": e.up, "serving": sorted(e.serving), "active_streams": e.active,
@@ -72,7 +72,7 @@ class Metrics:
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE_LATEST
-        resp.data = generate_latest(self.service.stats.registry)
+        resp.data = self.service.stats.exposition()
 
 
 class OpenApi:

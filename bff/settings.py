@@ -11,8 +11,10 @@ what a direct Triton client gets.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from backend.protocol import INPUT
@@ -20,6 +22,12 @@ from core.config_fields import check, parse, setting
 
 SWAP_STRATEGIES = ("load-first", "drain-first")
 MIN_KEY_CHARS = 16
+CGROUP_ROOT = "/sys/fs/cgroup"
+# the default worker count's ceiling when no CPU quota bounds it: each worker costs ~75 MB and probes every Triton
+# endpoint, and one event loop relays hundreds of streams, so more workers on a big node only risk the pod's OOM
+MAX_DEFAULT_WORKERS = 8
+# prometheus_client's multiprocess switch: gunicorn_conf sets it before any worker imports prometheus_client
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class MissingKey(ValueError):
@@ -30,6 +38,21 @@ def _metrics_url(grpc_url: str) -> str:
     # Triton's default ports are grpc 8001 / metrics 8002; anything else must be given explicitly.
     host = urlsplit("//" + grpc_url).hostname or "127.0.0.1"
     return f"http://{host}:8002/metrics"
+
+
+def cpu_quota(root: str = CGROUP_ROOT) -> int | None:
+    """The CPUs this container's quota allows, rounded up and at least 1 (cgroup v2 `cpu.max`, else v1's CFS
+    files); None without a quota."""
+    try:
+        quota, period = Path(root, "cpu.max").read_text().split()
+    except OSError:
+        try:
+            quota, period = (Path(root, "cpu", f"cpu.cfs_{n}_us").read_text().strip() for n in ("quota", "period"))
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
 
 
 def _bounds(name: str) -> dict:
@@ -55,7 +78,8 @@ class Settings:
                                     env="BFF_MODEL_REPOSITORY")
     host: str = setting("127.0.0.1", "listen address", env="BFF_HOST")
     port: int = setting(8003, "listen port", env="BFF_PORT")
-    workers: int = setting(0, "gunicorn workers (0: one per CPU this process may use)", low=0, env="BFF_WORKERS")
+    workers: int = setting(0, f"gunicorn workers (0: one per CPU of the container's quota, else of the CPUs this "
+                              f"process may use, at most {MAX_DEFAULT_WORKERS})", low=0, env="BFF_WORKERS")
     temperature: float = setting(INPUT["temperature"].default, "generation default", **_bounds("temperature"),
                                  env="BFF_TEMPERATURE")
     top_k: int = setting(INPUT["top_k"].default, "generation default", **_bounds("top_k"), env="BFF_TOP_K")
@@ -103,10 +127,10 @@ class Settings:
         if self.api_key and len(self.api_key) < MIN_KEY_CHARS:
             raise ValueError(f"INTERNAL_API_KEY must be at least {MIN_KEY_CHARS} characters")
 
-    @property
-    def worker_count(self) -> int:
-        # the CPUs this process may use (a container's cpuset), not the host's count that os.cpu_count() gives
-        return self.workers or len(os.sched_getaffinity(0))
+    def worker_count(self, cgroup_root: str = CGROUP_ROOT) -> int:
+        # a Burstable pod's affinity mask is every CPU of the node: the quota says what it may really use
+        cpus = cpu_quota(cgroup_root) or len(os.sched_getaffinity(0))
+        return self.workers or min(cpus, MAX_DEFAULT_WORKERS)
 
 
 def from_env(env: dict[str, str] | None = None, **overrides) -> Settings:

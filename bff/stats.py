@@ -1,16 +1,21 @@
 """
 The BFF's own figures, kept twice on purpose: Prometheus metrics for scraping (/metrics) and a window of
-recent samples for the percentiles /stats reports directly.
+recent samples for the percentiles /stats reports directly. Under gunicorn the metrics are every worker's
+(prometheus_client's multiprocess files, bff/gunicorn_conf.py); the window is the answering worker's alone.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import Counter, deque
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from bff.settings import METRICS_DIR_ENV
 
 WINDOW = 10_000  # recent samples kept for /stats percentiles
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -32,7 +37,8 @@ class BffStats:
         r = self.registry
         self.p_requests = PromCounter("bff_requests", "HTTP requests by route and status", ["route", "code"],
                                       registry=r)
-        self.p_streams = Gauge("bff_streams_active", "SSE streams in flight", registry=r)
+        self.p_streams = Gauge("bff_streams_active", "SSE streams in flight", multiprocess_mode="livesum",
+                               registry=r)
         self.p_tokens = PromCounter("bff_generated_pieces", "text pieces streamed to clients", registry=r)
         self.p_errors = PromCounter("bff_errors", "errors by kind", ["kind"], registry=r)
         self.p_ends = PromCounter("bff_stream_ends", "how streams ended", ["reason"], registry=r)
@@ -49,6 +55,14 @@ class BffStats:
         self.ends: Counter[str] = Counter()
         self.ttft: deque[float] = deque(maxlen=WINDOW)
         self.itl: deque[float] = deque(maxlen=WINDOW)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format: this process's, or every gunicorn worker's merged."""
+        if METRICS_DIR_ENV not in os.environ:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()  # the collector alone: these metrics in it too would be counted twice
+        MultiProcessCollector(merged)
+        return generate_latest(merged)
 
     def request(self, route: str, code: int) -> None:
         self.p_requests.labels(route, str(code)).inc()

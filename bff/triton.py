@@ -32,6 +32,8 @@ CHANNEL_ARGS = [
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # a replica back under its name at a new address is looked up again within a second, not 30 s
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
     ("grpc.keepalive_time_ms", KEEPALIVE_MS),  # Triton accepts these: TRITON_KEEPALIVE_FLAGS
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     # what gRPC core enforces on an unanswered keepalive ping is the ping timeout (default 60 s), not the
@@ -40,6 +42,9 @@ CHANNEL_ARGS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# In gRPC's error when the name did not resolve, whichever resolver ("errors resolving", "DNS resolution failed"):
+# a replica whose pod is not Ready yet has no DNS record
+UNRESOLVED = "resolv"
 _END = object()
 # Triton's stream RPC is bidirectional, but a generation sends exactly one request, so it is called as a
 # server-streaming call: the headers, the request and the half-close leave in one batch instead of three,
@@ -56,16 +61,19 @@ class Endpoint:
     def __init__(self, url: str, metrics_url: str) -> None:
         self.url = url
         self.metrics_url = metrics_url
-        self.client = InferenceServerClient(url, channel_args=CHANNEL_ARGS)
-        self.channel = grpc.aio.insecure_channel(url, options=CHANNEL_ARGS)
-        self.stream_infer = self.channel.unary_stream(
-            STREAM_METHOD, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
-            response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        self._connect()
         self.active = 0
         self.opened = 0  # streams ever started here
         self._serving: set[str] = set()  # the models READY here when Triton last said
         self.up = True
         self.why = ""  # what the last failed liveness probe said
+
+    def _connect(self) -> None:
+        self.client = InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+        self.channel = grpc.aio.insecure_channel(self.url, options=CHANNEL_ARGS)
+        self.stream_infer = self.channel.unary_stream(
+            STREAM_METHOD, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
 
     @property
     def serving(self) -> Set[str]:
@@ -95,6 +103,12 @@ class Endpoint:
             return live
         except InferenceServerException as exc:
             self.why = f"liveness probe: {exc.message()}"
+            # gRPC backs off a failed lookup per channel, up to two minutes, and no option shortens that: new
+            # channels look the name up at the next probe. A channel whose name does not resolve carries no call.
+            if UNRESOLVED in self.why and not self.active:
+                stale = self.client, self.channel
+                self._connect()  # before closing the old ones: a stream picked meanwhile gets the new channel
+                await asyncio.gather(*(c.close() for c in stale))
             return False
 
     def mark(self, up: bool, why: str = "") -> None:
