@@ -183,10 +183,12 @@ def bff_process(gunicorn: bool = False, **overrides) -> Iterator[tuple[subproces
         "--no-access-log"]
     # its log goes to a file: a pipe that nobody reads fills after a few hundred requests' access lines and
     # then blocks every worker that logs
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", *command], env={**os.environ, **to_env(settings)},
+    # a temp dir of its own: what the server leaves there when it is killed (gunicorn's metrics directory) goes too
+    with tempfile.TemporaryFile("w+") as log, tempfile.TemporaryDirectory(prefix="bff-process-") as tmp:
+        proc = subprocess.Popen([sys.executable, "-m", *command], env={**os.environ, **to_env(settings), "TMPDIR": tmp},
                                 stderr=log, text=True)
         proc.log_tail = lambda chars=3000: (log.seek(0), log.read()[-chars:])[1]
+        proc.tmpdir = Path(tmp)
         try:
             deadline = time.monotonic() + 60
             while not ready(url):

@@ -51,8 +51,7 @@ def stream_pids(proc) -> set[int]:
     return {line["pid"] for line in lines if line.get("route") == "/generate"}
 
 
-def test_two_workers_export_one_set_of_metrics(triton_server, monkeypatch, tmp_path):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the metrics directory of a master this test kills goes with it
+def test_two_workers_export_one_set_of_metrics(triton_server):
     with long_answers(triton_server) as model:
         settings = triton_settings(triton_server, model=model, workers=2, metrics_open=True)
         with bff_process(gunicorn=True, **settings) as (proc, url):
@@ -71,13 +70,12 @@ def test_two_workers_export_one_set_of_metrics(triton_server, monkeypatch, tmp_p
             assert ended == sent, ended
 
 
-def test_sigterm_lets_a_live_stream_finish(triton_server, monkeypatch, tmp_path):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+def test_sigterm_lets_a_live_stream_finish(triton_server):
     stub = stub_process(triton_server, "head")
     settings = triton_settings(triton_server, model="head", workers=1, graceful_timeout_s=30)
     with bff_process(gunicorn=True, **settings) as (proc, url):
         _, reference = generate(url, BODY)
-        assert [p.name.startswith("bff-metrics-") for p in tmp_path.iterdir() if p.is_dir()] == [True]
+        assert [p.name.startswith("bff-metrics-") for p in proc.tmpdir.iterdir() if p.is_dir()] == [True]
         lines = []
         try:
             with httpx.stream("POST", url + "/generate", json=BODY, headers=AUTH, timeout=60) as r:
@@ -94,7 +92,7 @@ def test_sigterm_lets_a_live_stream_finish(triton_server, monkeypatch, tmp_path)
         finally:
             stub.resume()
         assert proc.wait(30) == 0, proc.log_tail()
-        assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # the master removed its metrics directory
+        assert not [p for p in proc.tmpdir.iterdir() if p.is_dir()]  # the master removed its metrics directory
         # the worker probed Triton (its metrics too) before it was ready: httpx's line per request stays quiet
         assert '"logger":"httpx"' not in proc.log_tail(10**7)
     events = parse_events(lines)
