@@ -12,6 +12,8 @@ import errno
 import hashlib
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from backend.protocol import METADATA_FILE, VERSION, read_metadata
 
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 ASIDE = ".old"  # suffix of an old model moved aside by the fallback of install()
+# another host's export folder is left alone for this long: its pid cannot be checked from here
+STALE_ELSEWHERE_S = 24 * 3600
 
 
 class RepositoryError(Exception):
@@ -65,12 +69,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale(folder: Path) -> bool:
+    """Whether an export folder's export is dead. Named `<host>-<pid>` (or `<pid>`, this host's, before hosts were
+    named): a pid says something only on its own host, since a shared volume sees exports of other containers."""
+    host, _, pid = folder.name.removesuffix(ASIDE).split(".export-", 1)[1].rpartition("-")
+    if host not in ("", socket.gethostname()):
+        return time.time() - folder.stat().st_mtime > STALE_ELSEWHERE_S
+    return pid.isdigit() and not _pid_alive(int(pid))
+
+
 def clean_stale(repo: Path, name: str) -> None:
     """Remove what dead exports of `name` left: staging folders, and old models moved aside, which go back
     into place if the export died before its new model was (the two-rename fallback of install())."""
     for p in repo.glob(f".{name}.export-*"):
-        pid = p.name.removesuffix(ASIDE).rsplit("-", 1)[-1]
-        if not pid.isdigit() or _pid_alive(int(pid)):
+        if not _stale(p):
             continue
         if p.name.endswith(ASIDE) and not (repo / name).exists():
             p.rename(repo / name)
@@ -81,7 +93,7 @@ def clean_stale(repo: Path, name: str) -> None:
 @contextlib.contextmanager
 def staging(repo: Path, name: str) -> Iterator[Path]:
     """A staging model folder next to repo/name (the same filesystem, so renames are atomic), named after this
-    process so a later export knows it is stale; removed unless `install` moved it into place."""
+    host and process so a later export knows it is stale; removed unless `install` moved it into place."""
     try:
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -89,7 +101,7 @@ def staging(repo: Path, name: str) -> Iterator[Path]:
     if not os.access(repo, os.W_OK | os.X_OK):
         raise RepositoryError(f"model repository {repo} is not writable")
     clean_stale(repo, name)
-    stage = repo / f".{name}.export-{os.getpid()}"
+    stage = repo / f".{name}.export-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
         (stage / VERSION).mkdir(parents=True)

@@ -6,7 +6,9 @@ interrupted without leaving a partial model or touching the old one.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -317,6 +319,20 @@ def test_an_old_model_left_aside_by_a_killed_export_comes_back(tmp_path):
     aside = model_folder(tmp_path / f".m.export-{dead_pid()}{repository.ASIDE}", "older")
     repository.clean_stale(tmp_path, "m")
     assert not aside.exists() and (tmp_path / "m" / "config.pbtxt").read_text() == "old"
+
+
+def test_another_hosts_export_folder_is_left_alone_until_it_is_a_day_old(tmp_path):
+    # a volume shared across containers: a pid that is dead here may be a live export there
+    stage = model_folder(tmp_path / f".m.export-other-host-{dead_pid()}", "theirs")
+    repository.clean_stale(tmp_path, "m")
+    assert stage.exists()
+    day_old = time.time() - repository.STALE_ELSEWHERE_S - 60
+    os.utime(stage, (day_old, day_old))
+    repository.clean_stale(tmp_path, "m")
+    assert not stage.exists()
+    ours = model_folder(tmp_path / f".m.export-{socket.gethostname()}-{dead_pid()}", "ours")
+    repository.clean_stale(tmp_path, "m")
+    assert not ours.exists()
 
 
 def test_install_without_the_exchange_restores_the_old_model_on_failure(tmp_path, monkeypatch):
