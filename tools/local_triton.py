@@ -62,10 +62,21 @@ def pytriton_root() -> Path:
     return Path(pytriton.__file__).parent
 
 
+def free_ports(count: int, taken: tuple[int | None, ...] = ()) -> list[int]:
+    """`count` distinct loopback ports free now, none of `taken`: held open together while they are picked, since
+    a port just closed may be handed out again at once (a server once got one port for gRPC and metrics)."""
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        while len(ports) < count:
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            if (port := s.getsockname()[1]) not in taken:
+                ports.append(port)
+        return ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def make_backend_dir(root: Path) -> Path:
@@ -124,9 +135,10 @@ class LocalTriton:
             raise ValueError(f"priority must be one of {sorted(PRIORITIES)}, not {priority!r}")
         self.model_repository = Path(model_repository).resolve()
         self.load = list(load)
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        picked = iter(free_ports(3, taken=(http_port, grpc_port, metrics_port)))
+        self.http_port = http_port or next(picked)
+        self.grpc_port = grpc_port or next(picked)
+        self.metrics_port = metrics_port or next(picked)
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = startup_timeout
         self.verbose = verbose
