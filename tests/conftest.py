@@ -9,7 +9,7 @@ Session fixtures that start one real Triton server for every test that needs it 
     triton_server      a tools.local_triton.LocalTriton over it with five models loaded (not demo_tools);
                        use .grpc_url / .http_url / .metrics_url
     oracle_references  {"head": references.json, "orig": ...} of ../shared/oracle
-    demo_training, generation_exports, head_export, wide_export
+    demo_training, generation_exports, head_export, wide_export, image_envs
                        slow preparation started with the session, in the background (BACKGROUND)
 
 Tests that use them are skipped when the oracles or the Triton wheel are missing.
@@ -151,6 +151,17 @@ def wide_export(tmp_path_factory):
     stop_unwaited(proc)
 
 
+@pytest.fixture(scope="session")
+def image_envs(tmp_path_factory):
+    """The Triton and BFF images' Python environments (tests/support/images.py), built in the background; returns
+    a function that waits for them and gives name -> (venv, source)."""
+    from tests.support.images import start_image_envs
+
+    wait, pool = start_image_envs(tmp_path_factory.mktemp, nice=19)  # niced: see start_background_work
+    yield wait
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def stop_unwaited(proc) -> None:
     """A background command that no test waited for (the session ended first) is not left running, nor are its
     children (make export runs Python under make)."""
@@ -167,7 +178,7 @@ def stop_unwaited(proc) -> None:
 # Slow preparation that tests late in the session need, and that no test times: started with the session, at the
 # lowest CPU priority, so it runs on the CPU the earlier (Triton, BFF, timed) tests leave idle, about half of it.
 # Peak memory is measured by the kernel per process, so running beside other work does not change it.
-BACKGROUND = ("demo_training", "generation_exports", "head_export", "wide_export")
+BACKGROUND = ("demo_training", "generation_exports", "head_export", "wide_export", "image_envs")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,80 +10,16 @@ module that imports something its image lacks fails here.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
-import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
 
 from tests.support.bffkit import is_done, wait_until
+from tests.support.images import DOCKER, image_recipe, site_packages
 from tools.bff_client import AUTH, KEY, generate, health, ready, text_of
 from tools.local_triton import LocalTriton, free_port
-from tools.paths import PROJECT
 
 pytestmark = pytest.mark.triton
-DOCKER = PROJECT / "docker"
-GPU_ONLY = {"tensorrt"}  # extras whose wheels need an NVIDIA GPU
-
-
-def stage_lines(dockerfile: Path, stage: str) -> list[str]:
-    """The instructions of one build stage, continuation lines joined."""
-    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
-    lines, current = [], None
-    for line in text.splitlines():
-        if m := re.match(r"FROM \S+(?: AS (\S+))?", line):
-            current = m.group(1)
-        elif current == stage and line and not line.startswith("#"):
-            lines.append(line)
-    return lines
-
-
-def image_recipe(dockerfile: Path, stage: str | None) -> tuple[list[tuple[list[str], str]], list[str], bool]:
-    """(COPY sources and destination, the extras pip installs, editable?) of an image's stage."""
-    lines = stage_lines(dockerfile, stage)
-    copies = []
-    for line in lines:
-        if line.startswith("COPY ") and "--from=" not in line:
-            *sources, dest = line.split()[1:]
-            copies.append((sources, dest))
-    install = next(line for line in lines if re.search(r"pip install .*\.\[", line))
-    extras = re.search(r'(-e )?"\.\[([a-z,]+)\]"', install)
-    return copies, extras.group(2).split(","), bool(extras.group(1))
-
-
-def build_environment(tmp: Path, dockerfile: Path, stage: str | None) -> tuple[Path, Path]:
-    """The image's source tree and a fresh venv with its extras; returns (venv, source)."""
-    copies, extras, editable = image_recipe(dockerfile, stage)
-    source = tmp / "src"
-    for sources, dest in copies:  # Docker's rules: a folder's contents go into dest; a file into dest/ or as dest
-        if dest.startswith("/"):
-            continue  # into the server's own folders (the backend file), not the project
-        for s in sources:
-            src = PROJECT / s
-            if src.is_dir():
-                shutil.copytree(src, source / dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                to = source / dest / src.name if dest.endswith("/") else source / dest
-                to.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, to)
-    wanted = [e for e in extras if e not in GPU_ONLY]
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    spec = f"{source}[{','.join(wanted)}]"
-    # --no-compile: the same files; Python compiles what it imports when it imports it (faster to install)
-    cmd = [str(venv / "bin" / "pip"), "install", "-q", "--no-compile", *(["-e"] if editable else []), spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return venv, source
-
-
-def site_packages(venv: Path) -> str:
-    return sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
-
-
 def test_recipes_are_read_from_the_dockerfiles():
     copies, extras, editable = image_recipe(DOCKER / "triton.Dockerfile", "triton")
     assert extras == ["core", "backend", "tensorrt"] and not editable
@@ -96,25 +32,13 @@ def test_recipes_are_read_from_the_dockerfiles():
 
 
 @pytest.fixture(scope="module")
-def image_envs(tmp_path_factory) -> dict:
-    """Both images' environments, built side by side (each pip install is mostly one process unpacking wheels)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    recipes = {"triton": ("triton.Dockerfile", "triton"), "bff": ("bff.Dockerfile", "build")}
-    with ThreadPoolExecutor(len(recipes)) as pool:
-        futures = {name: pool.submit(build_environment, tmp_path_factory.mktemp(f"{name}_image"), DOCKER / file, stage)
-                   for name, (file, stage) in recipes.items()}
-        return {name: f.result() for name, f in futures.items()}
-
-
-@pytest.fixture(scope="module")
 def triton_image_env(image_envs):
-    return image_envs["triton"]
+    return image_envs()["triton"]  # built in the background since the session began (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def bff_image_env(image_envs):
-    return image_envs["bff"]
+    return image_envs()["bff"]
 
 
 def test_the_triton_image_imports_its_serving_modules_and_nothing_of_the_bff(triton_image_env):
