@@ -212,6 +212,16 @@ def test_readme_walks_the_install_in_order():
     assert text.index("must have") < text.index("```sh")  # prerequisites come before the first command
 
 
+def test_a_read_only_gpu_container_comes_with_the_readmes_first_gpu_node_check():
+    # CDI-mode NVIDIA toolkits can fail to create a GPU container with a read-only root (kserve/kserve#5711)
+    sts = find("StatefulSet", "triton")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    text = README.read_text()
+    check = text.index("kserve/kserve#5711")
+    assert check < text.index("```sh") and "readOnlyRootFilesystem: false" in text[check:check + 600]
+
+
 # ---------------------------------------------------------------- Triton and the BFF
 
 
