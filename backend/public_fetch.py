@@ -6,7 +6,9 @@ the name), so DNS rebinding cannot send the request inside; each redirect hop is
 
 from __future__ import annotations
 
+import queue
 import socket
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -42,6 +44,27 @@ class Page:
 def resolve_host(host: str, port: int) -> list[str]:
     """The addresses of host, as the system resolver gives them."""
     return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def resolve_within(resolve: Resolver, host: str, port: int, timeout_s: float) -> list[str]:
+    """resolve(host, port), given up after timeout_s (OSError). The system resolver takes no timeout, so the lookup
+    runs in a daemon thread of its own, left to finish: a tool worker is never held by a name server."""
+    answer: queue.SimpleQueue = queue.SimpleQueue()
+
+    def lookup() -> None:
+        try:
+            answer.put(resolve(host, port))
+        except OSError as e:
+            answer.put(e)
+
+    threading.Thread(target=lookup, name=f"resolve {host}", daemon=True).start()
+    try:
+        found = answer.get(timeout=max(timeout_s, 0))
+    except queue.Empty:
+        raise OSError(f"no answer within {timeout_s:.1f} s") from None
+    if isinstance(found, OSError):
+        raise found
+    return found
 
 
 def is_public(ip: Address) -> bool:
@@ -103,7 +126,7 @@ def fetch_public(url: str, *, timeout_s: float, max_bytes: int, resolve: Resolve
     except (httpx.InvalidURL, TypeError) as e:
         raise ToolError(f"refused: {url!r} is not a valid URL ({e})") from None
     for redirects in range(MAX_REDIRECTS + 1):
-        ip = check_url(current, resolve, allow)
+        ip = check_url(current, lambda h, p: resolve_within(resolve, h, p, deadline - time.monotonic()), allow)
         host = current.raw_host.decode("ascii")
         remaining = deadline - time.monotonic()
         if remaining <= 0:

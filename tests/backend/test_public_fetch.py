@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -98,6 +100,17 @@ def test_a_long_body_is_cut_at_max_bytes(server):
 def test_a_silent_server_times_out(silent_port):
     with pytest.raises(ToolError, match="timed out"):
         fetch_public(f"http://127.0.0.1:{silent_port}/", timeout_s=0.3, max_bytes=1000, allow=LOOPBACK)
+
+
+def test_a_name_server_that_never_answers_times_out():
+    # the system resolver takes no timeout: the lookup is given up at the fetch's deadline
+    stuck = threading.Event()
+    hanging = lambda host, port: stuck.wait(60) and []
+    started = time.monotonic()
+    with pytest.raises(ToolError, match=r"cannot resolve slow\.test: no answer within"):
+        fetch_public("http://slow.test/", timeout_s=0.3, max_bytes=1000, resolve=hanging)
+    assert time.monotonic() - started < 5  # a bound on a hang, not a speed check
+    stuck.set()
 
 
 def test_the_connection_goes_to_the_checked_address_with_the_original_host(server):
