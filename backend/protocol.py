@@ -123,9 +123,10 @@ INVALID = "invalid request: "  # the client's fault: bad input, a prompt longer 
 QUEUE_FULL = "queue full: "  # every slot busy and the queue full; try again later
 SHUTTING_DOWN = "model is shutting down"  # the instance is being unloaded; try again (another model)
 
-# gRPC keepalive, BFF to Triton: a hung server is noticed within the sum, not never. Triton must permit the pings
-# without data (a long prefill): by default it allows one per 5 minutes and drops the connection at the second.
-KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000
+# gRPC keepalive, BFF to Triton: a hung server is noticed within the sum, not never (10 s: the least gRPC
+# advises). Triton must permit the pings without data (a long prefill): by default it allows one per 5 minutes and
+# drops the connection at the second. The timeout stays 10 s: a busy 2-core host can be seconds late to answer.
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 10_000, 10_000
 TRITON_KEEPALIVE_FLAGS = ("--grpc-keepalive-permit-without-calls=1",
                           f"--grpc-http2-min-recv-ping-interval-without-data={KEEPALIVE_MS // 2}")
 

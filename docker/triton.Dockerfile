@@ -62,7 +62,7 @@ ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver", \
             "--model-control-mode=explicit", \
             "--exit-timeout-secs=60", \
             "--grpc-keepalive-permit-without-calls=1", \
-            "--grpc-http2-min-recv-ping-interval-without-data=10000"]
+            "--grpc-http2-min-recv-ping-interval-without-data=5000"]
 CMD []
 
 # python3 is in the image (the stub needs it); curl may not be.
