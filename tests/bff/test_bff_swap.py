@@ -147,8 +147,9 @@ def test_models_a_dead_swap_left_beside_its_own_are_unloaded_once_no_swap_can_st
                json={"parameters": {"config": config}}, timeout=SERVER_TIMEOUT_S).raise_for_status()
     assert loaded_models(swap_triton) == ["demo", "demo_b"]
 
-    with run_bff(**triton_settings(swap_triton)) as url:  # the default bounds: a swap may take 22 minutes
-        time.sleep(2.5)  # five probes
+    # the default bounds: a swap may take 22 minutes
+    with run_bff(**triton_settings(swap_triton, probe_interval_s=0.1)) as url:
+        time.sleep(0.5)  # five probes
         assert loaded_models(swap_triton) == ["demo", "demo_b"]
         assert health(url) == {"status": "ok", "ready": True, "current_model": "demo_b"}
     with run_bff(**triton_settings(swap_triton, model_load_timeout_s=20, drain_timeout_s=10)) as url:  # bound 60 s
