@@ -15,6 +15,7 @@ import numpy as np
 from backend import kv_cache
 from backend import protocol as P
 from backend.runner import in_pieces
+from backend.tensorrt_module import import_tensorrt
 from core.device_sampling import BatchSampling, Drawn, draw, new_generator
 from core.last_tokens import LastTokens
 
@@ -69,8 +70,9 @@ class TrtRunner:
 
     def __init__(self, plan_path: str | Path, max_slots: int, max_seq: int, device_id: int = 0,
                  metadata_path: str | Path | None = None):
-        import tensorrt as trt
         import torch
+
+        trt = import_tensorrt()
 
         plan_path = Path(plan_path)
         meta_path = Path(metadata_path) if metadata_path else plan_path.parent / P.METADATA_FILE

@@ -4,25 +4,22 @@
 #   docker build -f docker/triton.Dockerfile --target triton -t nanochat-triton:latest .
 #   docker build -f docker/triton.Dockerfile --target export -t nanochat-export:latest .
 #
-# Why 25.04: the first release with the fix for the server crash when gRPC streams are cancelled (the BFF
-# cancels on every client disconnect; 25.01 crashed under such storms, docker/README.md), with decoupled-model
-# cancellation (since 23.10) and numpy 2 support (since 24.11); we still install numpy 1.26.4 because the project
-# pins numpy<2. It ships Ubuntu 24.04 with Python 3.12 (the stub's Python, so packages go into that
-# interpreter), CUDA 12.9 (R575+; PyPI's torch 2.13.0 below is a CUDA 13.0 build, so nodes need R580+) and TensorRT
-# 10.9.0.34, which is the version pinned for the `tensorrt` Python package below: the engine is built and served
-# by the same TensorRT.
-# Bumping TRITON_RELEASE means bumping the tensorrt* pins in docker/constraints-gpu.txt to that release's TensorRT.
-ARG TRITON_RELEASE=25.04
+# Why 25.10: the gRPC stream-cancellation fix (25.04+; the BFF cancels on every client disconnect, and 25.01 crashed
+# under such storms, docker/README.md), decoupled-model cancellation (23.10+), numpy 1 and 2 (24.11+; we install
+# numpy 1.26.4 because the project pins numpy<2), and CUDA 13.0: PyPI's torch 2.13.0 is a CUDA 13.0 build, so the
+# container and torch agree on the CUDA major (driver R580+). Ubuntu 24.04 with Python 3.12, the stub's Python, so
+# packages go into that interpreter. TensorRT is the container's own (10.13.3); its Python API is PyPI's binary
+# bindings of the same release, and the build checks the library it loads is that release.
+# Bumping TRITON_RELEASE means bumping tensorrt-cu13-bindings in docker/constraints-gpu.txt to its TensorRT.
+ARG TRITON_RELEASE=25.10
 
 FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3 AS triton
 
-# NVIDIA's index as well as PyPI, for TensorRT's libs/bindings wheels.
 # PIP_BREAK_SYSTEM_PACKAGES: the Python backend stub embeds the system Python 3.12, so the project is
 # installed into that interpreter (Ubuntu 24.04 marks it externally managed).
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
-    PIP_EXTRA_INDEX_URL=https://pypi.nvidia.com \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /opt/nanochat-triton
@@ -31,13 +28,16 @@ COPY docker/constraints-gpu.txt docker/
 COPY core/ core/
 COPY backend/ backend/
 # Exactly the extras of the folders copied: core (torch, tiktoken, numpy) and backend (ONNX Runtime), plus
-# TensorRT's Python API, all pinned by the constraints. torch is PyPI's CUDA build: the backend's seeded
+# TensorRT's Python API, wheels only, all pinned by the constraints. torch is PyPI's CUDA build: the backend's seeded
 # sampling matches nanochat's torch.Generator, and the TensorRT runner keeps the KV cache in torch tensors.
-# tests/deploy/test_images.py builds this environment (minus the GPU wheels) and serves a model from it.
-# The smoke step imports what tritonserver's stub imports: the scheduler and both runners.
+# tests/deploy/test_image_dependencies.py resolves this line against PyPI; tests/deploy/test_images.py builds this
+# environment (minus the bindings, which need the container's TensorRT) and serves a model from it.
+# The smoke step imports what tritonserver's stub imports (the scheduler and both runners) and checks that the
+# TensorRT bindings run on the container's libnvinfer of the same release.
 # hadolint ignore=DL3013
-RUN pip install --constraint docker/constraints-gpu.txt ".[core,backend,tensorrt]" \
-    && python3 -c "import numpy, tensorrt, torch, backend.scheduler, backend.runner, backend.onnx_runner, backend.trt_runner; assert numpy.__version__.startswith('1.'), numpy.__version__; assert tensorrt.__version__ == '10.9.0.34', tensorrt.__version__"
+RUN pip install --only-binary=:all: --constraint docker/constraints-gpu.txt ".[core,backend]" tensorrt-cu13-bindings \
+    && python3 -c "import numpy, torch, backend.scheduler, backend.runner, backend.onnx_runner, backend.trt_runner; assert numpy.__version__.startswith('1.'), numpy.__version__" \
+    && python3 -c "from backend.tensorrt_module import check_library; print('tensorrt', check_library())"
 
 # A Python-based backend: every model whose config.pbtxt says `backend: "nanochat"` is served by this file.
 COPY backend/model.py /opt/tritonserver/backends/nanochat/model.py
@@ -70,7 +70,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
 
 
-# `make export` on the GPU node: the same image (same TensorRT 10.9.0.34, same torch), plus ONNX for tracing.
+# `make export` on the GPU node: the same image (the same TensorRT and torch), plus ONNX for tracing.
 FROM triton AS export
 
 USER 0:0
@@ -87,7 +87,8 @@ COPY export/ export/
 # The export extra adds ONNX and onnxscript to what the serving stage installed.
 # hadolint ignore=DL3013
 RUN python3 -m venv --system-site-packages /opt/venv \
-    && /opt/venv/bin/pip install --constraint docker/constraints-gpu.txt ".[core,backend,export,tensorrt]" \
+    && /opt/venv/bin/pip install --only-binary=:all: --constraint docker/constraints-gpu.txt ".[core,backend,export]" \
+        tensorrt-cu13-bindings \
     && /opt/venv/bin/python -c "import export.pipeline, export.graph, export.tensorrt_build" \
     && /opt/venv/bin/python -m export --help > /dev/null
 

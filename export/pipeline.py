@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend import protocol
+from backend import protocol, tensorrt_module
 from backend.model_config import ModelShape, config_pbtxt
 from core.checkpoint import CheckpointError, find_checkpoint, open_checkpoint, save_tokenizer
 from core.config import parse_overrides
@@ -168,12 +168,7 @@ def versions() -> dict:
     import onnxruntime
     import torch
 
-    try:
-        import tensorrt
-
-        trt_version = tensorrt.__version__
-    except ImportError:
-        trt_version = None
+    trt_version = tensorrt_module.import_tensorrt().__version__ if tensorrt_module.installed() else None
     return dict(torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
                 tensorrt=trt_version, python=platform.python_version())
 

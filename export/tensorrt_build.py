@@ -7,7 +7,6 @@ prefill and decode, one per execution context of backend/trt_runner.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from backend import tensorrt_module
 from backend.protocol import (
     CACHE_PREFIXES,
     DECODE_PROFILE,
@@ -38,8 +38,8 @@ def unavailable_reason() -> str | None:
         gpu = False
     if not gpu:
         return "no CUDA GPU is visible on this machine"
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt Python package is not installed (pip install '.[tensorrt]')"
+    if not tensorrt_module.installed():
+        return "TensorRT's Python API is not installed (pip install '.[tensorrt]')"
     return None
 
 
@@ -96,8 +96,7 @@ def _progress_monitor(trt, log: Callable[[str], None]):
 def build_engine(onnx_path: Path, plan_path: Path, max_slots: int, max_seq: int, prefill_chunk: int,
                  workspace_gib: float = 8.0, log: Callable[[str], None] = print) -> dict:
     """Parse onnx_path, build, write plan_path; returns the metadata's `tensorrt` entry."""
-    import tensorrt as trt
-
+    trt = tensorrt_module.import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")

@@ -162,6 +162,17 @@ def image_envs(tmp_path_factory):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.fixture(scope="session")
+def image_resolutions():
+    """What pip would install in each image (tests/support/images.py), resolved against PyPI in the background;
+    returns a function that waits for it."""
+    from tests.support.images import start_resolutions
+
+    wait, pool = start_resolutions(nice=19)
+    yield wait
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def stop_unwaited(proc) -> None:
     """A background command that no test waited for (the session ended first) is not left running, nor are its
     children (make export runs Python under make)."""
@@ -180,7 +191,7 @@ def stop_unwaited(proc) -> None:
 # at the lowest CPU priority, so it runs on the CPU the Triton, BFF and timed tests leave idle, about half of it.
 # Peak memory is measured by the kernel per process, so running beside other work does not change it.
 FIRST = ("triton_server",)
-BACKGROUND = ("demo_training", "generation_exports", "head_export", "wide_export", "image_envs")
+BACKGROUND = ("demo_training", "generation_exports", "head_export", "wide_export", "image_envs", "image_resolutions")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend import tensorrt_module
 from core.roofline import bytes_per_step, dense_params, peak_bandwidth
 from tools.paths import ORACLE_DIR
 from tools.sampler_check import sampler_line
@@ -170,7 +171,7 @@ def missing_runtimes() -> dict[str, str | None]:
 
     cuda_ort = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     return {
-        "tensorrt": None if importlib.util.find_spec("tensorrt") else "the tensorrt package is not installed",
+        "tensorrt": None if tensorrt_module.installed() else "TensorRT's Python API is not installed",
         "onnxruntime-cuda": None if cuda_ort else "ONNX Runtime has no CUDAExecutionProvider here "
                                                   "(onnxruntime-gpu is not installed)",
     }

@@ -21,7 +21,8 @@ import pytest
 from tools.paths import PROJECT
 
 PACKAGES = ("core", "backend", "export", "bff", "tools")
-EXPORT_MAY_USE = {"backend.protocol", "backend.model_config", "backend.onnx_runner", "backend.trt_runner"}
+EXPORT_MAY_USE = {"backend.protocol", "backend.model_config", "backend.onnx_runner", "backend.trt_runner",
+                  "backend.tensorrt_module"}
 BFF_MAY_USE = {"backend.protocol", "core.config_fields"}  # standard library only: the BFF's image copies just these
 
 

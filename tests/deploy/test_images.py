@@ -1,7 +1,7 @@
 """
 Each image's Python environment does its job, without Docker: for the Triton image and the BFF image, a
 fresh virtual environment gets exactly what the Dockerfile gives it (the folders its COPY lines copy, then
-`pip install` of the extras its RUN line names, GPU-only wheels left out), and the real servers run from it:
+`pip install` of the extras its RUN line names, TensorRT's bindings left out), and the real servers run from it:
 the local Triton with the backend importing only from the Triton image's environment, the BFF under
 gunicorn (the image's command) from the BFF image's, and one /generate streams through both. A serving
 module that imports something its image lacks fails here.
@@ -22,7 +22,7 @@ from tools.local_triton import LocalTriton, free_port
 pytestmark = pytest.mark.triton
 def test_recipes_are_read_from_the_dockerfiles():
     copies, extras, editable = image_recipe(DOCKER / "triton.Dockerfile", "triton")
-    assert extras == ["core", "backend", "tensorrt"] and not editable
+    assert extras == ["core", "backend"] and not editable
     assert (["core/"], "core/") in copies and (["backend/model.py"], "/opt/tritonserver/backends/nanochat/model.py") \
         in copies
     copies, extras, editable = image_recipe(DOCKER / "bff.Dockerfile", "build")

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.triton
 MODEL = "demo"
 TOTAL, WARM, CONCURRENCY = 1000, 100, 8
 # a hundred cancellations mid-answer: the local Triton 2.51 has a race between a stream's cancellation and a
-# response being written that can kill the server (docker/README.md; fixed in the images' 25.04), so a test
+# response being written that can kill the server (docker/README.md; fixed in the images' Triton), so a test
 # that cancels at random moments more often than it needs to shows growth fails on that alone now and then
 LEAVE_EVERY = 10
 
