@@ -112,7 +112,8 @@ demo: install $(DEMO_REPO)/demo/config.pbtxt  ## from nothing: a toy model train
 # decode together instead of queueing for the demo's 8. It runs twice: all processes sharing every CPU, Triton
 # at idle priority as make serve runs it, then (with 2+ CPUs) Triton on CPU 0 at normal priority and the BFF and
 # the clients on the others, as on a GPU node, where the model's work does not compete with the BFF's (there,
-# idle priority would only make Triton's own threads wait for each other's time slices).
+# idle priority would only make Triton's own threads wait for each other's time slices). Then the head oracle (16
+# slots) with 16 sampled streams, the batch's draw against the exact per-row path a seed forces, side by side.
 BENCH_REPO := $(DEMO_DIR)/bench_repository
 BENCH = $(BIN)/python -m tools.bench_bff --model demo --model-repository $(BENCH_REPO)
 
@@ -120,10 +121,15 @@ $(BENCH_REPO)/demo/config.pbtxt: $(DEMO_REPO)/demo/config.pbtxt
 	$(BIN)/python -m export --nanochat-base-dir $(DEMO_DIR)/nanochat --model demo --name demo --max-slots 16 \
 		--model-repository $(BENCH_REPO) --force
 
-bench: install $(BENCH_REPO)/demo/config.pbtxt  ## the BFF's SSE vs Triton's gRPC stream, side by side
+$(BENCH_REPO)/head/config.pbtxt:
+	$(BIN)/python -m export --nanochat-base-dir $(ORACLE_DIR)/head --source base --name head --max-slots 16 \
+		--model-repository $(BENCH_REPO) --force
+
+bench: install $(BENCH_REPO)/demo/config.pbtxt $(BENCH_REPO)/head/config.pbtxt  ## the BFF's SSE vs Triton's gRPC stream, side by side
 	$(BENCH) --plot $(DEMO_DIR)/bench_bff.png
 	$(if $(filter-out 1,$(shell nproc)),$(BENCH) --triton-cpus 0 --triton-priority normal \
 		--plot $(DEMO_DIR)/bench_bff_split.png)
+	$(BIN)/python -m tools.bench_bff --model head --model-repository $(BENCH_REPO) --sampled --concurrency 16
 
 # make bench-prefix: ten-turn chats through the BFF, the time to first token of each turn with prefix caching on
 # and off, on the demo model and on the shared head oracle (exported into a repository of its own).

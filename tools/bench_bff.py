@@ -2,6 +2,9 @@
 `python -m tools.bench_bff` (`make bench`): what the BFF costs. The same greedy requests run side by side through
 the BFF (SSE clients; the BFF in its own uvicorn process, as in production) and straight to Triton over gRPC, at
 concurrency 1, 4 and 16; prints a table with the BFF's CPU per token and /health's latency, and saves a plot.
+With --sampled: sampled streams (the gateway's temperature and top_k, no seed) through the BFF, drawn with the batch
+where the logits are, against the same requests with a seed, which forces the exact per-row path (nanochat's
+generator on the host): tokens/s of each, side by side, from the backend's count of generated tokens.
 
 Without a GPU the model's work is CPU work that the BFF and the clients take from: --triton-cpus keeps Triton on
 some CPUs and the rest on the others, as on a GPU node.
@@ -13,8 +16,10 @@ import argparse
 import asyncio
 import contextlib
 import http.client
+import json
 import multiprocessing
 import os
+import statistics
 import time
 import urllib.parse
 from pathlib import Path
@@ -24,13 +29,14 @@ import numpy as np
 import orjson
 import psutil
 
+from backend.protocol import METRIC_FINISHED, METRIC_GENERATED_TOKENS
 from bff.generation_params import GenerationParams
 from bff.settings import Settings
 from bff.triton import Endpoint
 from bff.wire import OUTPUTS, Piece, raw_outputs, request_message
 from tools.bff_client import bff_process, token_times
 from tools.local_triton import BESIDE_BFF_PRIORITY, PRIORITIES, LocalTriton
-from tools.measure import percentile
+from tools.measure import metric, metrics_once_ended, percentile, scrape
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a dragon who learns to code."}]
 
@@ -186,6 +192,38 @@ async def measure(bff_url: str, bff_pid: int, grpc_url: str, model: str, levels:
     return tokens, rows
 
 
+SAMPLED = {"temperature": 0.8, "top_k": 50}  # the gateway's defaults; it sends no seed
+DRAWS = {"batch draw": False, "seeded exact draw": True}  # the path -> whether its requests carry a seed
+
+
+async def measure_sampled(bff_url: str, metrics_url: str, model: str, concurrency: int, per_client: int,
+                          max_tokens: int, rounds: int) -> dict[str, list[float]]:
+    """tokens/s of each draw path (DRAWS) at `concurrency` sampled streams through the BFF, `rounds` runs each,
+    taking turns; the tokens are what the backend counts it generated (sampled answers differ in length)."""
+    out: dict[str, list[float]] = {name: [] for name in DRAWS}
+    seeds = iter(range(1 << 30))
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
+        async def client_loop(seeded: bool) -> None:
+            for _ in range(per_client):
+                body = {"messages": PROMPT, "max_tokens": max_tokens, **SAMPLED}
+                await token_times(http, bff_url, {**body, "seed": next(seeds)} if seeded else body)
+
+        await client_loop(False)  # warm-up
+        for r in range(rounds):
+            for name in list(DRAWS) if r % 2 == 0 else list(DRAWS)[::-1]:
+                text = await asyncio.to_thread(scrape, metrics_url)
+                ended, tokens = metric(text, METRIC_FINISHED, model=model), metric(text, METRIC_GENERATED_TOKENS,
+                                                                                  model=model)
+                start = time.perf_counter()
+                await asyncio.gather(*(client_loop(DRAWS[name]) for _ in range(concurrency)))
+                wall = time.perf_counter() - start
+                text = await asyncio.to_thread(metrics_once_ended, metrics_url, model,
+                                               int(ended) + concurrency * per_client)
+                out[name].append((metric(text, METRIC_GENERATED_TOKENS, model=model) - tokens) / wall)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     head = ("| streams | path | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | tokens/s | BFF CPU µs/token "
             "| client CPU µs/token |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -247,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--port", type=int, default=8013)
     p.add_argument("--plot", default="bench_bff.png")
+    p.add_argument("--sampled", action="store_true",
+                   help="sampled streams drawn with the batch vs the exact path a seed forces (tokens/s only)")
     p.add_argument("--triton-cpus", type=lambda v: {int(c) for c in v.split(",")}, metavar="0[,1...]",
                    help="run the local Triton on these CPUs and the BFF and this benchmark on the others, as on "
                         "a GPU node, where the model's work does not take the BFF's CPU (default: all share all)")
@@ -271,12 +311,29 @@ def main(argv: list[str] | None = None) -> None:
         proc, url = stack.enter_context(bff_process(
             triton_urls=(grpc_url,), triton_metrics_urls=(metrics_url,) if metrics_url else (), model=a.model,
             model_repository=a.model_repository, port=a.port))
-        tokens, rows = asyncio.run(measure(url, proc.pid, grpc_url, a.model, a.concurrency, a.requests_per_client,
-                                           a.max_tokens, a.rounds))
+        if a.sampled:
+            if not metrics_url:
+                p.error("--sampled counts tokens from Triton's metrics: give --triton-metrics-url with --triton-url")
+            sampled = {c: asyncio.run(measure_sampled(url, metrics_url, a.model, c, a.requests_per_client,
+                                                      a.max_tokens, a.rounds)) for c in a.concurrency}
+        else:
+            tokens, rows = asyncio.run(measure(url, proc.pid, grpc_url, a.model, a.concurrency,
+                                               a.requests_per_client, a.max_tokens, a.rounds))
     cpus = f"Triton on CPUs {sorted(a.triton_cpus)}, the BFF and the clients on the others" if a.triton_cpus \
         else "Triton, the BFF and the clients sharing all CPUs"
     if a.triton_url is None:
         cpus += f"; Triton at {a.triton_priority} priority"
+    if a.sampled:
+        print(f"model {a.model}, sampled {SAMPLED} through the BFF, up to {a.max_tokens} tokens, "
+              f"{a.requests_per_client} requests per client, {a.rounds} rounds per path; {cpus}")
+        print("| streams | batch draw tokens/s | seeded exact draw tokens/s | batch / exact |\n|---:|---:|---:|---:|")
+        for c, runs in sampled.items():
+            batch, exact = (statistics.median(runs[name]) for name in DRAWS)
+            print(f"| {c} | {batch:.0f} | {exact:.0f} | {batch / exact:.2f}x |")
+        print(json.dumps({"event": "bench_bff_sampled", "model": a.model,
+                          "tok_s": {c: {n: [round(v) for v in vs] for n, vs in runs.items()}
+                                    for c, runs in sampled.items()}}))
+        return
     print(f"model {a.model}, greedy, {tokens} tokens per request, {a.requests_per_client} requests per client, "
           f"{a.rounds} rounds per path; {cpus}")
     print(table(rows))

@@ -24,7 +24,7 @@ def test_the_pytorch_rows_and_the_missing_runtimes_on_cpu(tmp_path):
     assert total > 0 and agree / total >= 0.9 and fp16.max_diff < 1.0
     assert all(r.step_s[1] > 0 and r.step_s[2] > 0 for r in (fp32, fp16))
     skipped = {r.runtime: r.skipped for r in rows if r.skipped}
-    assert "tensorrt package is not installed" in skipped["tensorrt"]
+    assert "TensorRT's Python API is not installed" in skipped["tensorrt"]
     assert "CUDAExecutionProvider" in skipped["onnxruntime-cuda"]
     assert "no GPU runtime" in skipped["triton + bff"]
     text = gpu_check.table(rows, (1, 2))
