@@ -2,9 +2,9 @@
 `python -m tools.bench_bff` (`make bench`): what the BFF costs. The same greedy requests run side by side through
 the BFF (SSE clients; the BFF in its own uvicorn process, as in production) and straight to Triton over gRPC, at
 concurrency 1, 4 and 16; prints a table with the BFF's CPU per token and /health's latency, and saves a plot.
-With --sampled: sampled streams (the gateway's temperature and top_k, no seed) through the BFF, drawn with the batch
-where the logits are, against the same requests with a seed, which forces the exact per-row path (nanochat's
-generator on the host): tokens/s of each, side by side, from the backend's count of generated tokens.
+With --sampled: sampled streams (the gateway's temperature and top_k, no seed) through the BFF's OpenAI surface, whose
+`seed` forces the exact per-row path (nanochat's generator on the host), against the same requests without one, drawn
+with the batch where the logits are: tokens/s of each side by side, from the backend's count of generated tokens.
 
 Without a GPU the model's work is CPU work that the BFF and the clients take from: --triton-cpus keeps Triton on
 some CPUs and the rest on the others, as on a GPU node.
@@ -29,12 +29,13 @@ import numpy as np
 import orjson
 import psutil
 
-from backend.protocol import METRIC_FINISHED, METRIC_GENERATED_TOKENS
+from backend.protocol import METRIC_FINISHED
 from bff.generation_params import GenerationParams
 from bff.settings import Settings
 from bff.triton import Endpoint
 from bff.wire import OUTPUTS, Piece, raw_outputs, request_message
-from tools.bff_client import bff_process, token_times
+from tools.bench_backend import backend_counters
+from tools.bff_client import AUTH, bff_process, token_times
 from tools.local_triton import BESIDE_BFF_PRIORITY, PRIORITIES, LocalTriton
 from tools.measure import metric, metrics_once_ended, percentile, scrape
 
@@ -197,30 +198,40 @@ DRAWS = {"batch draw": False, "seeded exact draw": True}  # the path -> whether 
 
 
 async def measure_sampled(bff_url: str, metrics_url: str, model: str, concurrency: int, per_client: int,
-                          max_tokens: int, rounds: int) -> dict[str, list[float]]:
-    """tokens/s of each draw path (DRAWS) at `concurrency` sampled streams through the BFF, `rounds` runs each,
-    taking turns; the tokens are what the backend counts it generated (sampled answers differ in length)."""
-    out: dict[str, list[float]] = {name: [] for name in DRAWS}
+                          max_tokens: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """(tokens/s, the backend's CPU µs per token outside the model) of each draw path (DRAWS) at `concurrency`
+    sampled streams through the BFF, `rounds` runs each, taking turns; the tokens are what the backend counts it
+    generated (sampled answers differ in length)."""
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in DRAWS}
     seeds = iter(range(1 << 30))
     connector = aiohttp.TCPConnector(limit=concurrency * 2)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
         async def client_loop(seeded: bool) -> None:
             for _ in range(per_client):
-                body = {"messages": PROMPT, "max_tokens": max_tokens, **SAMPLED}
-                await token_times(http, bff_url, {**body, "seed": next(seeds)} if seeded else body)
+                # OpenAI's surface: /generate, as the contract has it, takes no seed
+                body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": True, **SAMPLED}
+                async with http.post(bff_url + "/v1/chat/completions", headers=AUTH,
+                                     json={**body, "seed": next(seeds)} if seeded else body) as r:
+                    r.raise_for_status()
+                    async for line in r.content:
+                        if line.startswith(b"data: [DONE]"):
+                            break
 
+        ended = metric(await asyncio.to_thread(scrape, metrics_url), METRIC_FINISHED, model=model)
         await client_loop(False)  # warm-up
+        ended += per_client
+        await asyncio.to_thread(metrics_once_ended, metrics_url, model, int(ended))
         for r in range(rounds):
             for name in list(DRAWS) if r % 2 == 0 else list(DRAWS)[::-1]:
-                text = await asyncio.to_thread(scrape, metrics_url)
-                ended, tokens = metric(text, METRIC_FINISHED, model=model), metric(text, METRIC_GENERATED_TOKENS,
-                                                                                  model=model)
+                before = await asyncio.to_thread(backend_counters, metrics_url, model)
                 start = time.perf_counter()
                 await asyncio.gather(*(client_loop(DRAWS[name]) for _ in range(concurrency)))
                 wall = time.perf_counter() - start
-                text = await asyncio.to_thread(metrics_once_ended, metrics_url, model,
-                                               int(ended) + concurrency * per_client)
-                out[name].append((metric(text, METRIC_GENERATED_TOKENS, model=model) - tokens) / wall)
+                ended += concurrency * per_client
+                await asyncio.to_thread(metrics_once_ended, metrics_url, model, int(ended))
+                after = await asyncio.to_thread(backend_counters, metrics_url, model)
+                d = {k: after[k] - before.get(k, 0.0) for k in after}
+                out[name].append((d["tokens"] / wall, 1e6 * (d["schedule"] + d["send"]) / max(1.0, d["tokens"])))
     return out
 
 
@@ -324,15 +335,20 @@ def main(argv: list[str] | None = None) -> None:
     if a.triton_url is None:
         cpus += f"; Triton at {a.triton_priority} priority"
     if a.sampled:
-        print(f"model {a.model}, sampled {SAMPLED} through the BFF, up to {a.max_tokens} tokens, "
+        print(f"model {a.model}, sampled {SAMPLED} through the BFF's OpenAI surface, up to {a.max_tokens} tokens, "
               f"{a.requests_per_client} requests per client, {a.rounds} rounds per path; {cpus}")
-        print("| streams | batch draw tokens/s | seeded exact draw tokens/s | batch / exact |\n|---:|---:|---:|---:|")
+        print("| streams | path | tokens/s, each round | median | backend CPU µs/token outside the model |\n"
+              "|---:|---|---|---:|---:|")
         for c, runs in sampled.items():
-            batch, exact = (statistics.median(runs[name]) for name in DRAWS)
-            print(f"| {c} | {batch:.0f} | {exact:.0f} | {batch / exact:.2f}x |")
+            for name, rounds in runs.items():
+                print(f"| {c} | {name} | {', '.join(f'{t:.0f}' for t, _ in rounds)} | "
+                      f"{statistics.median(t for t, _ in rounds):.0f} | "
+                      f"{statistics.median(us for _, us in rounds):.0f} |")
         print(json.dumps({"event": "bench_bff_sampled", "model": a.model,
-                          "tok_s": {c: {n: [round(v) for v in vs] for n, vs in runs.items()}
-                                    for c, runs in sampled.items()}}))
+                          "tok_s": {c: {n: [round(t) for t, _ in vs] for n, vs in runs.items()}
+                                    for c, runs in sampled.items()},
+                          "backend_us_per_token": {c: {n: [round(us, 1) for _, us in vs] for n, vs in runs.items()}
+                                                   for c, runs in sampled.items()}}))
         return
     print(f"model {a.model}, greedy, {tokens} tokens per request, {a.requests_per_client} requests per client, "
           f"{a.rounds} rounds per path; {cpus}")

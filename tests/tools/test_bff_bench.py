@@ -1,7 +1,9 @@
-"""`make bench` end to end at a tiny size: both paths run against the session's Triton and the table holds."""
+"""`make bench` end to end at a tiny size: both paths (and both draws of --sampled) run against the session's Triton
+and the tables hold."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -38,6 +40,20 @@ def test_bench_measures_both_paths(triton_server, tmp_path):
     assert "GET /health" in health[0][1] and [r[0].strip() for r in health[1:]] == ["1", "2"]
     for _, p50, p99, probes in health[1:]:  # /health probed all along, answered in well under a second
         assert int(probes) > 0 and 0 < float(p50) <= float(p99) < 1000, (p50, p99, probes)
+
+
+def test_bench_compares_the_batch_draw_with_the_seeded_exact_path(triton_server):
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.bench_bff", "--model", "head", "--sampled",
+         "--model-repository", str(triton_server.model_repository),
+         "--triton-url", triton_server.grpc_url, "--triton-metrics-url", triton_server.metrics_url,
+         "--concurrency", "2", "--requests-per-client", "1", "--rounds", "1", "--max-tokens", "4",
+         "--port", str(free_port())], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(next(line for line in run.stdout.splitlines() if '"bench_bff_sampled"' in line))
+    for figures in (summary["tok_s"]["2"], summary["backend_us_per_token"]["2"]):
+        assert set(figures) == {"batch draw", "seeded exact draw"}
+        assert all(len(v) == 1 and v[0] > 0 for v in figures.values()), figures
 
 
 def test_bench_refuses_to_place_a_remote_triton():
