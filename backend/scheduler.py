@@ -1,8 +1,9 @@
 """
 Continuous batching over one Runner: the engine behind each Triton model instance. One step thread owns the runner
 and its KV cache; requests join only at step boundaries, every decoding row advances in one batched call, and
-prompts prefill by chunks, so a long prompt costs the others one chunk per step, not its whole length. The step
-thread never blocks on clients: its tokens go to the response thread (backend/responses.py) as one batch.
+prompts prefill by chunks, so a long prompt costs the others one chunk per step, not its whole length; so does a
+tool result mid-answer. The step thread never blocks on clients: its tokens go to the response thread
+(backend/responses.py) as one batch.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class Request:
     # the step thread's
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
+    # answer tokens to put through the model before the row draws again (a tool result taken whole), from position
+    # feed_at: [the last token drawn, the result's tokens but the last]
+    feed: list[int] = field(default_factory=list)
+    feed_at: int = 0
     slotted: float = 0.0  # when it got its KV-cache slot (0: never)
     done: bool = False  # its slot (or place in the queue) is given up
     # the response thread's (backend/responses.py); cancelled and ended are read by the step thread once flagged
@@ -85,6 +90,7 @@ class Scheduler:
         self._decoding: list[Request] = []  # rows whose prompt is all in the cache (kept, not rebuilt each step)
         self._prefilling: list[Request] = []  # rows still reading their prompt, oldest first
         self._calling: list[Request] = []  # waiting for a tool call: rows mid-answer, and forced searches
+        self._feeding: list[Request] = []  # rows mid-answer putting a tool result through the model, oldest first
         self.log = log
         self.tools = None if tools is None else ToolRuns(tools, engine.tool_timeout_ms / 1000, self._wake)
         # each slot's request's sampling settings, set when it is placed: a step takes its rows' by slot index
@@ -165,8 +171,8 @@ class Scheduler:
         step_cpu = time.thread_time()
         while True:
             with self._cv:
-                while not (self._inbox or self._decoding or self._prefilling or self._waiting or self._stopping
-                           or self._tool_done):
+                while not (self._inbox or self._decoding or self._prefilling or self._feeding or self._waiting
+                           or self._stopping or self._tool_done):
                     self.stats.cpu["step"] += time.thread_time() - step_cpu
                     # rows waiting on a tool only: sleep until one is done (_wake), the first deadline, or the
                     # response thread's poll (a cancelled row is flagged there)
@@ -185,7 +191,7 @@ class Scheduler:
                 else:
                     self._waiting.append(req)
             if stopping:
-                for req in [*self._decoding, *self._prefilling, *self._waiting, *self._calling]:
+                for req in [*self._decoding, *self._prefilling, *self._feeding, *self._waiting, *self._calling]:
                     self._finish(req, error=f"{SHUTTING_DOWN}; request stopped")
                 return
             try:
@@ -195,8 +201,8 @@ class Scheduler:
             except Exception as e:  # a runner failure ends the requests in flight, not the backend
                 self.failed_steps += 1
                 self.stats.healthy = int(self.healthy)
-                for req in [*self._decoding, *self._prefilling]:  # their rows may be half written: nothing in them
-                    # is reused
+                for req in [*self._decoding, *self._prefilling, *self._feeding]:  # rows may be half written: nothing
+                    # in them is reused
                     self._finish(req, error=f"inference failed: {type(e).__name__}: {e}", cached=False)
             now = time.thread_time()
             self.stats.cpu["step"] += now - step_cpu
@@ -204,7 +210,8 @@ class Scheduler:
 
     def _step(self) -> None:
         """Let go of flagged rows, take tool results, give free slots to waiting requests (oldest first), decode
-        every row with a token to feed in one call, then prefill one chunk. Finished rows free their slot here."""
+        every row with a token to feed in one call, then prefill one chunk, then feed one chunk of a tool result.
+        Finished rows free their slot here."""
         flagged = self.responses.flagged  # cancelled, or ended by the response thread (a stop string)
         while flagged:
             req = flagged.popleft()
@@ -238,6 +245,14 @@ class Scheduler:
                 self._prefilling.remove(req)
                 self._decoding.append(req)
             self._run_rows(ids, positions, rows, done)
+        if self._feeding:
+            req = self._feeding[0]
+            chunk, req.feed = req.feed[: self.prefill_chunk], req.feed[self.prefill_chunk:]
+            self._run_rows(np.array([chunk], dtype=np.int64), [req.feed_at], [req], [])  # no draw: forced tokens
+            req.feed_at += len(chunk)
+            if not req.feed:  # the result is in the cache: the row draws again, from the result's last token
+                self._feeding.pop(0)
+                self._decoding.append(req)
 
     def _prefill_rows(self) -> tuple[list[Request], int]:
         """The oldest rows still reading their prompt that advance T tokens together, T x rows <= prefill_chunk,
@@ -286,9 +301,7 @@ class Scheduler:
                 self._finish(req, error=f"generation failed: {type(e).__name__}: {e}")
                 continue
             finish = req.seq.finish_reason or ""
-            if req.seq.hold_until and not req.seq.holds_stop:  # min_tokens reached: it may stop from now on
-                req.seq.hold_until = 0
-                self._sampling.hold[req.slot] = False
+            self._release_hold(req)
             events.append((req, token, finish))
             if finish:
                 self._finish(req, finish_reason=finish, by_token=True)
@@ -311,7 +324,7 @@ class Scheduler:
             req.run = None
             if req.slot >= 0:
                 req.seq.give_result(result)
-                self._decoding.append(req)
+                self._take_forced(req)
                 continue
             text = forced_text(req.force, result)
             ids = self.tok.encode(text)
@@ -322,8 +335,38 @@ class Scheduler:
                          max_seq=self.runner.max_seq)
             self._waiting.append(req)
 
+    def _release_hold(self, req: Request) -> None:
+        if req.seq.hold_until and not req.seq.holds_stop:  # min_tokens reached: it may stop from now on
+            req.seq.hold_until = 0
+            self._sampling.hold[req.slot] = False
+
+    def _take_forced(self, req: Request) -> None:
+        """A mid-answer row with a tool result to force. Drawn with the batch (no seed), it takes the result whole:
+        streamed now and put through the model a prefill chunk a step (a 4 KB search result is about a thousand
+        tokens, which a token a step would spend a thousand steps on). A seeded row takes it a token a step, as
+        nanochat does: its generator draws at every step, forced or not, and its answer must stay nanochat's."""
+        seq = req.seq
+        if seq.rng is not None or len(seq.forced) < 2:
+            self._decoding.append(req)
+            return
+        feed_at = seq.length - 1  # the last token drawn has not been through the model yet
+        events = []
+        while seq.forced and not seq.finished:
+            token, _ = seq.next_token(-1)  # the forced token replaces the draw
+            events.append((req, token, seq.finish_reason or ""))
+        self._release_hold(req)
+        self.stats.tokens += len(events)
+        self.responses.tokens(time.monotonic(), events)
+        if seq.finished:  # the result reached max_tokens or the context: the answer ends with it
+            self._decoding.append(req)
+            self._finish(req, finish_reason=seq.finish_reason, by_token=True)
+            return
+        req.feed, req.feed_at = seq.generated[feed_at - len(seq.prompt): -1], feed_at
+        self._feeding.append(req)
+
     def _active(self) -> int:
-        return len(self._decoding) + len(self._prefilling) + sum(r.slot >= 0 for r in self._calling)
+        waiting_mid_answer = sum(r.slot >= 0 for r in self._calling)
+        return len(self._decoding) + len(self._prefilling) + len(self._feeding) + waiting_mid_answer
 
     def _place(self, req: Request) -> None:
         """Give a request a slot (backend/slots.py) and start its prefill after what the slot already holds; at least
@@ -348,6 +391,8 @@ class Scheduler:
         if req.run is not None:  # waiting for a tool call: mid-answer, or a forced search before its queue
             self._calling.remove(req)
             req.run = None
+        elif req in self._feeding:
+            self._feeding.remove(req)
         elif req.slot >= 0:
             (self._decoding if req.prefilled == len(req.seq.prompt) else self._prefilling).remove(req)
         else:
@@ -357,7 +402,8 @@ class Scheduler:
             held = []
             if cached and self.prefix_cache:
                 whole = req.prefilled == len(seq.prompt)
-                held = seq.prompt[: req.prefilled] + (seq.generated[:-1] if whole else [])
+                in_cache = req.feed_at - len(seq.prompt) if req.feed else len(seq.generated) - 1
+                held = seq.prompt[: req.prefilled] + (seq.generated[:in_cache] if whole else [])
             self.slots.give_back(req.slot, held)
             req.slot = -1
         req.done = True
