@@ -57,8 +57,11 @@ def test_torch_and_tensorrt_match_the_container(resolved, image):
     release = TRITON_RELEASES[re.search(r"^ARG TRITON_RELEASE=(\S+)$", (DOCKER / "triton.Dockerfile").read_text(),
                                         re.MULTILINE).group(1)]
     major = release.cuda.split(".")[0]
-    for _, packages, _ in resolved[image]:
-        assert packages["torch"].split("+")[0] == "2.13.0"  # the torch the project is tested with
+    # the torch the project is tested with (pyproject.toml's core extra)
+    tested = re.search(r'"torch==([^"]+)"', (PROJECT / "pyproject.toml").read_text()).group(1)
+    for args, packages, _ in resolved[image]:
+        assert packages is not None, f"{image}: pip install {' '.join(args)} does not resolve (the test above says why)"
+        assert packages["torch"] == tested
         # torch's CUDA is the cuda-toolkit it requires (nvidia-*-cu12 wheels before CUDA 13)
         cuda = packages.get("cuda-toolkit") or packages.get("nvidia-cuda-runtime-cu12") or "none"
         assert cuda.split(".")[0] == major, f"torch is a CUDA {cuda} build; the container is CUDA {release.cuda}"

@@ -28,7 +28,7 @@ def test_the_pytorch_rows_and_the_missing_runtimes_on_cpu(tmp_path):
     assert "CUDAExecutionProvider" in skipped["onnxruntime-cuda"]
     assert "no GPU runtime" in skipped["triton + bff"]
     text = gpu_check.table(rows, (1, 2))
-    assert "skipped: the tensorrt package is not installed" in text and f"{n}/{n}" in text
+    assert "skipped: TensorRT's Python API is not installed" in text and f"{n}/{n}" in text
 
 
 def test_the_stream_through_triton_and_the_bff(oracle_repository):
