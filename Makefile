@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
 PYTEST_ARGS ?=
+# Python writes the bytecode of what it imports: with PYTHONDONTWRITEBYTECODE set (as on this machine and in CI), every
+# process compiled torch anew, 7 s of CPU an import on a slow VM against 2.6 s (docs/benchmarks.md)
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: help install test lint
 
