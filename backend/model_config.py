@@ -23,6 +23,10 @@ RUNTIMES = ("onnx", "tensorrt", "sim")  # sim: backend/sim_runner.py, a GPU's st
 # 20 updates a second, still a continuous stream to a reader; at 256 streams on the d20-on-H100 simulation it halves
 # the messages of 20 ms, and with them the CPU of every hop (docs/benchmarks.md, make bench-sim)
 STREAM_INTERVAL_MS = 50
+# Every response costs each hop the same CPU (the backend's IPC send, Triton's gRPC write, the BFF's read and SSE
+# write: about 0.6 ms of a slow VM's CPU in all), so past this many a second the interval grows with the rows
+# running: 50 ms up to 128 streams, 100 ms at 256 (docs/benchmarks.md, make bench-sim)
+MAX_RESPONSES_PER_S = 2560
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -38,6 +42,10 @@ class EngineConfig:
     stream_interval_ms: int = setting(STREAM_INTERVAL_MS, "at most one response per request per this many ms after "
                                       "the first (tokens made in between travel together), so responses grow with "
                                       "time, not tokens; 0: by stream_interval alone", low=0, high=10_000)
+    max_responses_per_s: int = setting(MAX_RESPONSES_PER_S, "streaming responses a second, all requests together, "
+                                       "past which each request's interval grows beyond stream_interval_ms to "
+                                       "(rows running) / this, so the host's work stays bounded under load; 0: no "
+                                       "bound", low=0, high=1_000_000)
 
     prefix_cache: int = setting(1, "1: a finished request's KV stays in its slot, and a prompt that begins with what "
                                    "a free slot holds is placed there and prefilled from where it ends; 0: every "

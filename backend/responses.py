@@ -74,9 +74,10 @@ POLL_S = 0.25
 
 class ResponseThread:
     def __init__(self, sink: Sink, stats: EngineStats, stream_interval: int = 1, stream_interval_ms: int = 0,
-                 device_id: int = 0, poll_interval: float = POLL_S, exporter=None):
+                 max_responses_per_s: int = 0, device_id: int = 0, poll_interval: float = POLL_S, exporter=None):
         self.sink, self.stats, self.poll_interval = sink, stats, poll_interval
         self.stream_interval, self.stream_interval_s = stream_interval, stream_interval_ms / 1000
+        self.response_s = 1 / max_responses_per_s if max_responses_per_s else 0.0  # each running row's share
         self.device_id = device_id
         self.exporter = exporter  # object with export(stats), e.g. backend.metrics.TritonMetrics
         self.flagged: collections.deque = collections.deque()  # requests cancelled or ended here: the step thread
@@ -187,13 +188,13 @@ class ResponseThread:
             req.unsent_text += text
             if finish:
                 self._final(req, finish, None)
-            # the first token at once, then every stream_interval tokens and stream_interval_ms (those between
-            # travel together)
+            # the first token at once, then every stream_interval tokens and stream_interval_ms, or longer when
+            # more rows run than max_responses_per_s allows (those between travel together)
             elif req.stream and (req.emitted == 1 or (len(req.unsent_ids) >= self.stream_interval
                                                       and now >= req.send_at)):
                 out = self._output(req, "")
                 req.unsent_text, req.unsent_ids = "", []
-                req.send_at = now + self.stream_interval_s
+                req.send_at = now + max(self.stream_interval_s, self.stats.active * self.response_s)
                 self._send(req, out, None, False)
 
     def _preface(self, req, text: str, ids: list[int]) -> None:

@@ -79,8 +79,8 @@ class Scheduler:
         self.device_id = device_id
         self.stats = stats or EngineStats()
         self.stats.max_slots = self.max_slots
-        self.responses = ResponseThread(sink, self.stats, engine.stream_interval, engine.stream_interval_ms, device_id,
-                                        exporter=exporter)
+        self.responses = ResponseThread(sink, self.stats, engine.stream_interval, engine.stream_interval_ms,
+                                        engine.max_responses_per_s, device_id, exporter=exporter)
         self._cv = threading.Condition()
         self._inbox: list[Request] = []
         self._outstanding = 0  # accepted and not finished: bounds slots + queue

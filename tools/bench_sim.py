@@ -196,14 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--per-stream", type=int, default=2, help="requests each stream sends, one after another")
     p.add_argument("--stream-interval-ms", type=int, default=EngineConfig().stream_interval_ms)
+    p.add_argument("--max-responses-per-s", type=int, default=EngineConfig().max_responses_per_s)
     p.add_argument("--port", type=int, default=8023)
     a = p.parse_args(argv)
     prof = PROFILES[a.profile]
     print(f"profile {prof.name}: {prof.gpu}, {prof.bandwidth / 1e12:.2f} TB/s and {prof.flops / 1e12:.0f} TFLOP/s "
           f"peak at {prof.efficiency:.0%}, {prof.launch_s * 1e6:.0f} µs a step; {prof.dense_params() / 1e6:.0f} M "
           f"dense parameters in bf16 ({prof.source}); {a.prompt_words}-word prompts, {a.max_tokens} tokens each, "
-          f"stream_interval_ms {a.stream_interval_ms}", flush=True)
-    engine = EngineConfig(max_queue=1024, stream_interval_ms=a.stream_interval_ms)
+          f"stream_interval_ms {a.stream_interval_ms}, max_responses_per_s {a.max_responses_per_s}", flush=True)
+    engine = EngineConfig(max_queue=1024, stream_interval_ms=a.stream_interval_ms,
+                          max_responses_per_s=a.max_responses_per_s)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         tok = d20_tokenizer(Path(tmp) / "tokenizer")

@@ -163,6 +163,29 @@ def test_stream_interval_ms_sends_the_first_token_then_at_most_one_response_per_
     assert [len(out.token_ids) for out, _, _ in sink.responses["r"]] == [1, len(tokens) - 1]
 
 
+def test_max_responses_per_s_stretches_every_rows_interval_by_the_rows_running(demo):
+    """Two rows and at most one response a second in all: each row's interval is two seconds, longer than its
+    answer takes, so the first token goes alone and the final carries the rest; unbounded, a 1 ms interval sends
+    many responses."""
+    model, tok = demo
+    counts = {}
+    for rate in (1, 0):
+        sink = FakeSink()
+        sched = Scheduler(TorchRunner(model, 2, MAX_SEQ), tok, sink,
+                          EngineConfig(stream_interval_ms=1, max_responses_per_s=rate))
+        params = SamplingParams(0.0, None, 40, 0)
+        for h in ("a", "b"):
+            sched.submit(h, prompts(tok)[1], params)
+        sink.wait(2)
+        sched.close()
+        for h in ("a", "b"):
+            tokens, _, _, error = sink.result(h)
+            assert error is None and tokens == alone(model, tok, prompts(tok)[1], params)
+        counts[rate] = [len(out.token_ids) for out, _, _ in sink.responses["a"]]
+    assert counts[1] == [1, 39], counts
+    assert len(counts[0]) > 4, counts
+
+
 def test_engine_settings_are_range_checked():
     with pytest.raises(ValueError, match="stream_interval must be an integer in"):
         EngineConfig(stream_interval=0)

@@ -57,7 +57,8 @@ def test_make_export_writes_a_triton_model(make_export_head):
     # only the engine's settings: the serving shape is metadata.json's (the graph was built for it)
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == dict(max_queue="64", prefill_chunk="256", stream_interval="1", stream_interval_ms="50",
-                          prefix_cache="1", tool_timeout_ms="10000", unhealthy_after="3") == EngineConfig().parameters()
+                          max_responses_per_s="2560", prefix_cache="1", tool_timeout_ms="10000",
+                          unhealthy_after="3") == EngineConfig().parameters()
     version = model / "1"
     assert sorted(p.name for p in version.iterdir()) == ["metadata.json", "model.onnx", "model.onnx.data",
                                                          "tokenizer.pkl"]
