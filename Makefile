@@ -62,7 +62,8 @@ docker-down:  ## stop them (no docker/.env needed)
 
 # --- export: every option of `python -m export` is a make variable of the same name in capitals (MODEL=d20
 #     SOURCE= STEP= CHECKPOINT_DIR= NANOCHAT_BASE_DIR= NAME= MODEL_REPOSITORY= RUNTIME= PRECISION= MAX_SLOTS=
-#     MAX_SEQ= TOOL_CHANNEL= MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL= PREFIX_CACHE= TOOL_TIMEOUT_MS= UNHEALTHY_AFTER=
+#     MAX_SEQ= TOOL_CHANNEL= MAX_QUEUE= PREFILL_CHUNK= STREAM_INTERVAL= STREAM_INTERVAL_MS= MAX_RESPONSES_PER_S=
+#     PREFIX_CACHE= TOOL_TIMEOUT_MS= UNHEALTHY_AFTER=
 #     OVERRIDES="softcap=20 ..."
 #     FORCE=1 VERIFY=0): make puts command-line variables in the environment, and --env reads them (export/options.py
 #     defines them; `.venv/bin/python -m export --help` lists them).
