@@ -312,7 +312,7 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = say) -> Pa
                 generation=cfg.generation, config=cfg.to_dict(), overrides=list(o.overrides),
                 **dataclasses.asdict(shape), files=files,
                 tensorrt=trt_info, versions=versions(), content_hash=content_hash,
-                exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                exported_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             )
             (vdir / protocol.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             (stage / protocol.CONFIG_FILE).write_text(
