@@ -129,6 +129,11 @@ SHUTTING_DOWN = "model is shutting down"  # the instance is being unloaded; try 
 KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 10_000, 10_000
 TRITON_KEEPALIVE_FLAGS = ("--grpc-keepalive-permit-without-calls=1",
                           f"--grpc-http2-min-recv-ping-interval-without-data={KEEPALIVE_MS // 2}")
+# What every tritonserver serving this backend runs with (the image's entrypoint and tools/local_triton.py). The
+# exporter writes whole configs, so Triton's auto-complete has nothing to add; left on, the Python backend starts a
+# stub process per model load just to ask the model for a config, and that stub imports the backend (torch
+# included): 4 s of every load and swap on a 2-core host.
+TRITON_FLAGS = (*TRITON_KEEPALIVE_FLAGS, "--disable-auto-complete-config")
 
 # Metrics on Triton's /metrics, labelled model, version, device.
 METRIC_GENERATED_TOKENS = "nanochat_generated_tokens_total"

@@ -56,13 +56,15 @@ EXPOSE 8000 8001 8002
 # Explicit model control: the BFF loads and swaps models through the repository API. Extra arguments (CMD,
 # compose `command`, Kubernetes `args`) are appended, e.g. --load-model=d20 so a fresh replica comes up serving.
 # --exit-timeout-secs: on SIGTERM Triton waits this long for in-flight streams before exiting. The two gRPC
-# flags accept the BFF's keepalive pings (backend/protocol.py TRITON_KEEPALIVE_FLAGS).
+# flags accept the BFF's keepalive pings, and the exporter's configs need no auto-complete (backend/protocol.py
+# TRITON_FLAGS: it would start an extra stub at every model load).
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver", \
             "--model-repository=/models", \
             "--model-control-mode=explicit", \
             "--exit-timeout-secs=60", \
             "--grpc-keepalive-permit-without-calls=1", \
-            "--grpc-http2-min-recv-ping-interval-without-data=5000"]
+            "--grpc-http2-min-recv-ping-interval-without-data=5000", \
+            "--disable-auto-complete-config"]
 CMD []
 
 # python3 is in the image (the stub needs it); curl may not be.

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from backend.model_config import EngineConfig, config_pbtxt
-from backend.protocol import BACKEND, CONFIG_FILE, TRITON_KEEPALIVE_FLAGS
+from backend.protocol import BACKEND, CONFIG_FILE, TRITON_FLAGS
 from bff.model_control import ADMIN_HEADER
 from tools.paths import PROJECT
 
@@ -173,7 +173,7 @@ class LocalTriton:
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
                f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
                "--exit-timeout-secs=3", "--strict-readiness=true", f"--log-verbose={int(self.verbose)}",
-               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}", *TRITON_KEEPALIVE_FLAGS]
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}", *TRITON_FLAGS]
         if self.admin_key:
             restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
             cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
