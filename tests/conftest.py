@@ -3,13 +3,13 @@ Session fixtures that start one real Triton server for every test that needs it 
 
     oracle_repository  a model repository in a session temp dir with the two nanochat oracle
                        checkpoints exported as "head" (G4) and "orig" (G0), a small demo checkpoint
-                       as "demo" (and as "demo_tools", with samosaChaat's tool channel), "demo_1slot" (a larger
+                       as "demo" (and, by demo_tools, with samosaChaat's tool channel), "demo_1slot" (a larger
                        demo model with max_slots 1, max_queue 1), and "hf", a transformers NanoChat
                        folder (tests/support/hf_models.py; its metadata.json's checkpoint_path is the folder)
     triton_server      a tools.local_triton.LocalTriton over it with five models loaded (not demo_tools);
                        use .grpc_url / .http_url / .metrics_url
     oracle_references  {"head": references.json, "orig": ...} of ../shared/oracle
-    demo_training, generation_exports, head_export, wide_export, image_envs
+    demo_tools, demo_training, generation_exports, head_export, wide_export, image_envs
                        slow preparation started with the session, in the background (BACKGROUND)
 
 Tests that use them are skipped when the oracles or the Triton wheel are missing.
@@ -41,7 +41,17 @@ def oracle_references() -> dict:
 
 
 @pytest.fixture(scope="session")
-def oracle_repository(tmp_path_factory, oracle_references) -> Path:
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """The nanochat base dir of the small demo checkpoint (G4, two layers)."""
+    from core.random_checkpoint import make_checkpoint
+
+    base = tmp_path_factory.mktemp("demo_checkpoint")
+    make_checkpoint(base, "G4", depth=2, n_embd=64, sequence_len=DEMO_MAX_SEQ)
+    return base
+
+
+@pytest.fixture(scope="session")
+def oracle_repository(tmp_path_factory, oracle_references, demo_checkpoint) -> Path:
     from core.random_checkpoint import make_checkpoint
     from tests.support.exports import export_all
     from tests.support.hf_models import write_oracle_model
@@ -49,14 +59,8 @@ def oracle_repository(tmp_path_factory, oracle_references) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
     jobs = [export_options(repo, name, base, "base", max_slots=16, max_seq=512, max_queue=64, prefill_chunk=256)
             for name, base in ORACLES.items()]
-    demo_base = tmp_path_factory.mktemp("demo_checkpoint")
-    make_checkpoint(demo_base, "G4", depth=2, n_embd=64, sequence_len=DEMO_MAX_SEQ)
-    jobs.append(export_options(repo, "demo", demo_base, "sft", max_slots=4, max_seq=DEMO_MAX_SEQ, max_queue=8,
+    jobs.append(export_options(repo, "demo", demo_checkpoint, "sft", max_slots=4, max_seq=DEMO_MAX_SEQ, max_queue=8,
                                prefill_chunk=64))
-    # the same model calling tools as samosaChaat's fine-tunes do (JSON calls, web_search), with a context that
-    # holds a search result: what `make serve` shows
-    jobs.append(export_options(repo, "demo_tools", demo_base, "sft", max_slots=2, max_seq=4 * DEMO_MAX_SEQ,
-                               tool_channel="registry"))
     # head-sized, so a request holds its one slot long enough (seconds) for queueing and cancelling tests
     slow_base = tmp_path_factory.mktemp("slow_checkpoint")
     make_checkpoint(slow_base, "G4", depth=4, n_embd=256, n_head=4, sequence_len=1024)
@@ -68,6 +72,20 @@ def oracle_repository(tmp_path_factory, oracle_references) -> Path:
                                max_queue=8, prefill_chunk=64))
     export_all(jobs)
     return repo
+
+
+@pytest.fixture(scope="session")
+def demo_tools(oracle_repository, demo_checkpoint):
+    """The demo model calling tools as samosaChaat's fine-tunes do (JSON calls, web_search), with a context that
+    holds a search result (what `make serve` shows), exported as "demo_tools" into the session's repository in a
+    worker process; returns a function that waits for it. One test serves it, so it is no part of the first
+    tests' wait."""
+    from tests.support.exports import start_exports
+
+    wait, pool = start_exports([export_options(oracle_repository, "demo_tools", demo_checkpoint, "sft", max_slots=2,
+                                               max_seq=4 * DEMO_MAX_SEQ, tool_channel="registry")], nice=19)
+    yield wait
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +209,8 @@ def stop_unwaited(proc) -> None:
 # at the lowest CPU priority, so it runs on the CPU the Triton, BFF and timed tests leave idle, about half of it.
 # Peak memory is measured by the kernel per process, so running beside other work does not change it.
 FIRST = ("triton_server",)
-BACKGROUND = ("demo_training", "generation_exports", "head_export", "wide_export", "image_envs", "image_resolutions")
+BACKGROUND = ("demo_tools", "demo_training", "generation_exports", "head_export", "wide_export", "image_envs",
+              "image_resolutions")
 
 
 @pytest.fixture(scope="session", autouse=True)

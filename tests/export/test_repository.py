@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -197,10 +198,10 @@ def test_injected_failure_leaves_old_model(tmp_path, demo_base, monkeypatch):
 def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
     """SIGTERM mid-way (as `kill` or a CI timeout sends it): old model intact, staging removed;
     SIGKILL leaves a staging folder, which the next export removes as it replaces the model."""
-    exported = demo_exports("G2")
-    repo = exported.parent
+    repo = tmp_path / "repo"  # a copy of the fidelity tests' export: the exports below replace it
+    exported = shutil.copytree(demo_exports("G4"), repo / "g4")
     before = snapshot(exported)
-    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "export", "--model", "g2", "--source", "base",
+    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "export", "--model", "g4", "--source", "base",
            "--nanochat-base-dir", str(demo_base), "--model-repository", str(repo), "--max-slots", "3"]
     # SIGTERM at two moments of tracing: the later one lands inside torch's lazy imports, whose error handling
     # turns the KeyboardInterrupt into other exceptions
@@ -210,7 +211,7 @@ def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
             if line.startswith("tracing"):
                 break
         time.sleep(delay)
-        staged = list(repo.glob(".g2.export-*"))
+        staged = list(repo.glob(".g4.export-*"))
         assert staged, "the export builds in a staging folder next to the target"
         proc.send_signal(sig)
         rc = proc.wait(timeout=60)
@@ -218,11 +219,11 @@ def test_killed_export_leaves_old_model(tmp_path, demo_base, demo_exports):
         if sig == signal.SIGTERM:
             err = proc.stderr.read()
             assert rc == 130 and "interrupted" in err, (rc, err[-2000:])
-            assert not list(repo.glob(".g2.export-*"))
+            assert not list(repo.glob(".g4.export-*"))
         else:
-            assert list(repo.glob(".g2.export-*"))
+            assert list(repo.glob(".g4.export-*"))
     # the next export removes the dead export's staging folder and replaces the model cleanly
-    again = export_model(options(model_repository=repo, name="g2", model="g2", source="base",
+    again = export_model(options(model_repository=repo, name="g4", model="g4", source="base",
                                  nanochat_base_dir=demo_base, runtime="onnx", max_slots=3, verify=False),
                          log=lambda _: None)
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]

@@ -34,7 +34,9 @@ QUESTION = "Who won the match yesterday?"
 
 @pytest.mark.parametrize(("workers", "model"), [(None, "demo_tools"), (2, "demo")],
                          ids=["uvicorn-search", "gunicorn-2-workers"])
-def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_repository, workers, model):
+def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_repository, demo_tools, workers, model):
+    if model == "demo_tools":
+        demo_tools()  # exported in the background since the session started
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("INTERNAL_API_KEY", "BFF_", "TAVILY_", "SEARXNG_"))}
