@@ -213,6 +213,14 @@ BACKGROUND = ("demo_tools", "demo_training", "generation_exports", "head_export"
               "image_resolutions")
 
 
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The modules whose tests wait for background preparation run last, in their order: the preparation gets the
+    CPU that the other tests' waits leave idle (servers starting, timeouts, streams), instead of the suite waiting
+    for it with nothing else to run. Whole modules move, so their module fixtures are made once."""
+    waiting = {item.module for item in items if any(name in item.fixturenames for name in BACKGROUND)}
+    items.sort(key=lambda item: item.module in waiting)  # stable: the order within each part stays
+
+
 @pytest.fixture(scope="session", autouse=True)
 def start_background_work(request):
     for name in FIRST + BACKGROUND:

@@ -41,12 +41,15 @@ def test_every_generation_lowered_follows_the_parsers_rules(name, precision, exp
     assert set(state_readers(proto)) <= {"Gather", "Shape"}, state_readers(proto)
 
 
-def test_the_graph_as_traced_is_refused_for_its_computed_axes(demo_base, tmp_path, monkeypatch):
+def test_the_graph_as_traced_is_refused_for_its_computed_axes(tmp_path, monkeypatch):
+    from core.random_checkpoint import make_checkpoint
     from export import export_model, options
 
+    # one layer: every op kind of a G4 block is in it, and tracing costs seconds a layer
+    make_checkpoint(tmp_path / "base", "G4", tag="g4", source="base", depth=1, n_embd=64, n_head=2, sequence_len=512)
     monkeypatch.setattr(graph, "fold_integer_constants", lambda model: None)  # the export before folding
-    target = export_model(options(model_repository=tmp_path, name="m", model="g4", source="base",
-                                  nanochat_base_dir=demo_base, runtime="onnx", max_slots=2, verify=False),
+    target = export_model(options(model_repository=tmp_path / "repo", name="m", model="g4", source="base",
+                                  nanochat_base_dir=tmp_path / "base", runtime="onnx", max_slots=2, verify=False),
                           log=lambda _: None)
     found = problems(target / VERSION / ONNX_FILE)
     assert found and all("ReduceMean" in p and "`axes` must be an initializer" in p for p in found), found
