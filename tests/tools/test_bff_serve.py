@@ -7,6 +7,7 @@ the environment, the gateway's Search toggle starts the answer with the search's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -88,7 +89,11 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
         assert not [p for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         search.close()
-        if proc.poll() is None:  # a failed test leaves nothing behind either: gunicorn's workers outlive a killed serve
+        if proc.poll() is None:  # a failed test leaves nothing behind either: Ctrl-C first, so serve stops its Triton
+            proc.send_signal(signal.SIGINT)  # and removes the stubs' shared memory, which a kill would leave
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(15)
+        if proc.poll() is None:  # gunicorn's workers outlive a killed serve
             for child in psutil.Process(proc.pid).children(recursive=True):
                 child.kill()
             proc.kill()
