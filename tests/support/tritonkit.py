@@ -61,10 +61,18 @@ def long_answers(server, name: str = "sim_long") -> Iterator[str]:
         httpx.post(f"{control}/unload", timeout=SERVER_TIMEOUT_S).raise_for_status()
 
 
+def command_line(process: psutil.Process) -> list[str]:
+    """Its command line; empty for one that has exited (an unloaded model's stub is a zombie until Triton reaps
+    it, and psutil refuses to read a zombie's)."""
+    with contextlib.suppress(psutil.Error):
+        return process.cmdline()
+    return []
+
+
 def stub_process(server, model: str) -> psutil.Process:
     """The Python backend stub that runs `model` (its one instance) under a LocalTriton."""
     children = psutil.Process(server.process.pid).children(recursive=True)
-    return next(p for p in children if any(f"/{model}/1/model.py" in a for a in p.cmdline()))
+    return next(p for p in children if any(f"/{model}/1/model.py" in a for a in command_line(p)))
 
 
 async def wait_busy(server, model: str, active: int, queued: int, timeout: float = OUTCOME_TIMEOUT_S) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from tests.support.bffkit import is_done, wait_until
 from tests.support.httpkit import LoopbackServer, json_reply, searxng_results
+from tests.support.tritonkit import command_line
 from tools.bff_client import parse_events, ready, text_of
 from tools.local_triton import free_port, session_members
 from tools.measure import SERVER_TIMEOUT_S
@@ -76,7 +77,8 @@ def test_serve_streams_the_printed_request_and_ctrl_c_stops_everything(oracle_re
 
         triton = next(json.loads(line)["pid"] for line in list(stderr) if '"triton_started"' in line)
         assert os.sched_getscheduler(triton) == os.SCHED_IDLE, "serve's default: the model yields the CPU to the BFF"
-        servers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "gunicorn" in " ".join(p.cmdline())]
+        children = psutil.Process(proc.pid).children(recursive=True)
+        servers = [p for p in children if "gunicorn" in " ".join(command_line(p))]
         assert len(servers) == (1 + workers if workers else 0)  # the master and its workers
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         try:
