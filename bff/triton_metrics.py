@@ -18,11 +18,21 @@ from bff.triton import PROBE_TIMEOUT_S, Endpoint, TritonPool
 BACKEND_METRICS = (METRIC_PREFIX, "nv_inference_pending_request_count")
 
 
+def lines_of(text: str, prefixes: tuple[str, ...]) -> str:
+    """The part of a scrape about the metrics named with one of `prefixes`: their samples and their # HELP and
+    # TYPE lines, in order. The parser is pure Python and a scrape is mostly other metrics (every model's
+    histograms): the prober parsed a whole scrape, 18 ms of CPU for three models here, every two seconds in every
+    BFF worker (71 s of the test suite's CPU); the health gauge's lines alone take 0.45 ms."""
+    keep = [line for line in text.splitlines()
+            if (line[7:] if line.startswith(("# HELP ", "# TYPE ")) else line).startswith(prefixes)]
+    return "\n".join(keep) + "\n" if keep else ""
+
+
 def families(text: str, prefixes: tuple[str, ...]) -> dict[str, list[dict]]:
     """The samples ({labels, value}) of each metric family named with one of `prefixes`. The parser names a
     counter's family without its _total."""
     out: dict[str, list[dict]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(lines_of(text, prefixes)):
         if family.name.startswith(prefixes):
             out[family.name] = [{"labels": s.labels, "value": s.value} for s in family.samples]
     return out

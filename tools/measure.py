@@ -13,6 +13,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.protocol import METRIC_FINISHED
+from bff.triton_metrics import lines_of
 
 # One call to a local server (a model load or unload, a swap, a health, stats or metrics read, a stream's next
 # bytes) on a loaded 2-core machine: a load alone can pass httpx's default 5 s there. A bound on a hang, not a
@@ -37,7 +38,9 @@ def samples(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], f
     """(labels, value) of every sample called `name` whose labels include `labels`. The parser names a
     counter's samples <family>_total, so a counter exported without that suffix (the backend's
     inter-token histogram series, x_bucket and x_count) is found by its family's name."""
-    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+    # only the lines that can hold it are parsed: Triton writes a counter's samples without the _total
+    lines = lines_of(text, (name.removesuffix("_total"),))
+    return [(s.labels, s.value) for family in text_string_to_metric_families(lines) for s in family.samples
             if name in (s.name, family.name if family.type == "counter" else None)
             and all(s.labels.get(k) == v for k, v in labels.items())]
 

@@ -68,3 +68,24 @@ def test_stats_and_metrics_count_a_known_workload(bff_url):
     assert moved("bff_time_to_first_token_seconds_count") == 3
     assert moved("bff_inter_token_latency_seconds_count") == pieces - 3
     assert measure.metric(metrics.text, "bff_streams_active") == 0
+
+
+def test_the_metrics_read_from_a_scrape_are_what_a_parse_of_all_of_it_gives(triton_server, bff_url):
+    """The BFF and the tools parse only the lines of the metrics they read (bff.triton_metrics.lines_of); on a
+    real scrape of five models after traffic, that is what prometheus_client's parse of the whole text gives."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from backend.protocol import METRIC_HEALTHY, METRIC_ITL
+    from bff.triton_metrics import BACKEND_METRICS, families
+
+    assert generate(bff_url, BODY)[0].status_code == 200
+    text = measure.scrape(triton_server.metrics_url)
+    whole = list(text_string_to_metric_families(text))
+    for prefixes in ((METRIC_HEALTHY,), BACKEND_METRICS, ("nv_inference_count", "nv_cpu")):
+        want = {f.name: [{"labels": s.labels, "value": s.value} for s in f.samples]
+                for f in whole if f.name.startswith(prefixes)}
+        assert want and families(text, prefixes) == want, prefixes
+    for name in (METRIC_HEALTHY, f"{METRIC_ITL}_bucket", "nv_inference_count_total", "nv_inference_count"):
+        want = [(s.labels, s.value) for f in whole for s in f.samples
+                if name in (s.name, f.name if f.type == "counter" else None)]
+        assert want and measure.samples(text, name) == want, name
