@@ -126,3 +126,51 @@ def test_an_unreadable_response_ends_the_stream_with_an_error():
 def test_a_stream_that_ends_without_its_final_response_is_an_error():
     out = read_all([stream_response(response("a", 0, "", False))])
     assert isinstance(out[-1], TritonError) and "before the final response" in out[-1].detail
+
+
+
+class SlowCall(FakeCall):
+    """A call that waits before each response: (seconds, response) pairs."""
+
+    async def _gen(self):
+        import asyncio
+
+        for delay, r in self.responses:
+            await asyncio.sleep(delay)
+            yield r
+
+
+class SlowEndpoint(FakeEndpoint):
+    def start(self, request) -> SlowCall:
+        return SlowCall(self.responses)
+
+
+def test_a_wait_that_times_out_leaves_the_stream_going():
+    """Waits that time out (the BFF's pings) lose and reorder no piece, and each times out on its own deadline
+    whatever the waits before it armed: a shorter one after a longer one a piece ended early, a longer one than
+    the timer still armed."""
+    import asyncio
+    import time
+
+    piece = lambda text: stream_response(response(text, 0, "", False))
+    # a at 0.3 s, b at 0.6, c at 1.2, then the final response
+    responses = [(0.3, piece("a")), (0.3, piece("b")), (0.6, piece("c")),
+                 (0.0, stream_response(response("", 0, "stop", True)))]
+
+    async def go():
+        stream, got = Stream(SlowEndpoint(responses), "head", service_pb2.ModelInferRequest()), []
+        for timeout in (0.2, 0.05, 1.0, 0.1, 0.5, 0.35, None, None, None):
+            start = time.monotonic()
+            try:
+                p = await stream.next(timeout)
+                got.append(None if p is None else p.text)
+            except TimeoutError:
+                got.append(("timeout", timeout, time.monotonic() - start))
+        stream.close()
+        return got
+
+    got = asyncio.run(asyncio.wait_for(go(), 10))  # a wait that never ends fails here, not by hanging
+    assert [g[:2] if isinstance(g, tuple) else g for g in got] == [
+        ("timeout", 0.2), ("timeout", 0.05), "a", ("timeout", 0.1), "b", ("timeout", 0.35), "c", "", None]
+    for _, timeout, waited in (g for g in got if isinstance(g, tuple)):
+        assert timeout - 0.002 <= waited < timeout + 0.1, (timeout, waited)
