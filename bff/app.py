@@ -71,7 +71,9 @@ class Service:
         self._probe = asyncio.create_task(self._probe_forever())
         # What is alive now lives as long as the worker (modules, channels, the app): out of the collector's
         # sight, so a full collection walks what requests made, not some 90,000 objects (50 ms with every
-        # stream stalled, a few times a minute under load; docs/benchmarks.md)
+        # stream stalled, a few times a minute under load; docs/benchmarks.md). Garbage first: what is frozen
+        # is never freed.
+        gc.collect()
         gc.freeze()
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
