@@ -69,12 +69,6 @@ class Service:
         await self.registry.start()
         await self.registry.probe()
         self._probe = asyncio.create_task(self._probe_forever())
-        # What is alive now lives as long as the worker (modules, channels, the app): out of the collector's
-        # sight, so a full collection walks what requests made, not some 90,000 objects (50 ms with every
-        # stream stalled, a few times a minute under load; docs/benchmarks.md). Garbage first: what is frozen
-        # is never freed.
-        gc.collect()
-        gc.freeze()
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
         if self._probe is not None:
@@ -124,5 +118,12 @@ def __getattr__(name: str):
     if name == "app":
         if not logging.getLogger().handlers:  # JSON lines on stderr, unless a server configured logging
             logs.setup()
-        return create_app(from_env())
+        app = create_app(from_env())
+        # This process is a server (a uvicorn process or a gunicorn worker): what is alive now (modules, the app)
+        # lives as long as it, so it leaves the collector's sight, and a full collection walks what requests made,
+        # not some 90,000 objects (50 ms with every stream stalled, under load; docs/benchmarks.md). Garbage
+        # first: what is frozen is never freed.
+        gc.collect()
+        gc.freeze()
+        return app
     raise AttributeError(name)
