@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from backend.model_config import EngineConfig
@@ -115,24 +116,30 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
-async def sse_clients(url: str, texts: list[str], rows: int, per_stream: int, max_tokens: int, sampling: str) -> int:
+async def sse_clients(url: str, texts: list[str], rows: int, per_stream: int, max_tokens: int,
+                      sampling: str) -> tuple[int, list[float]]:
     """`rows` gateway-like clients, each posting /generate per_stream times and reading its events to done; the
-    token events they read."""
+    token events they read, and each request's seconds to its first token event."""
     import aiohttp
 
     from tools.bff_client import token_times
+
+    firsts: list[float] = []
 
     async def stream(client, i: int) -> int:
         events = 0
         for r in range(per_stream):
             body = {"messages": [{"role": "user", "content": texts[(i + r * rows) % len(texts)]}],
                     "max_tokens": max_tokens, **SAMPLING[sampling]}
-            events += len(await token_times(client, url, body))
+            sent = time.perf_counter()
+            times = await token_times(client, url, body)
+            firsts.append(times[0] - sent)
+            events += len(times)
         return events
 
     connector = aiohttp.TCPConnector(limit=rows * 2)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
-        return sum(await asyncio.gather(*(stream(client, i) for i in range(rows))))
+        return sum(await asyncio.gather(*(stream(client, i) for i in range(rows)))), firsts
 
 
 def triton_layer(profile: str, rows: int, sampling: str, repo: Path, tok_file: Path, texts: list[str],
@@ -150,7 +157,7 @@ def triton_layer(profile: str, rows: int, sampling: str, repo: Path, tok_file: P
         before = backend_counters(triton.metrics_url, name), cpu_of([server]), cpu_of(stubs), cpu_of([bff_pid])
         client = time.process_time()
         start = time.perf_counter()
-        events = asyncio.run(sse_clients(url, texts, rows, per_stream, max_tokens, sampling))
+        events, firsts = asyncio.run(sse_clients(url, texts, rows, per_stream, max_tokens, sampling))
         wall = time.perf_counter() - start
         client = time.process_time() - client
         metrics_once_ended(triton.metrics_url, name, WARM_UP + rows * per_stream)
@@ -163,7 +170,11 @@ def triton_layer(profile: str, rows: int, sampling: str, repo: Path, tok_file: P
                   {"step": per(counters["schedule"]), "runner": per(counters["model_call"]),
                    "responses": per(counters["send"]), "stub_other": per(stub_other),
                    "tritonserver": per(after[1] - before[1]), "bff": per(after[3] - before[3]),
-                   "client": per(client)}), "sse_events_per_token": round(events / tokens, 3)}
+                   "client": per(client)}), "sse_events_per_token": round(events / tokens, 3),
+            # how long the requests waited for their first token: at 256 streams mostly for the prefill of the
+            # prompts that came together, one prefill_chunk a step
+            "ttft_s_p50": round(float(np.percentile(firsts, 50)), 3),
+            "ttft_s_p90": round(float(np.percentile(firsts, 90)), 3)}
 
 
 def table(rows: list[dict]) -> str:
@@ -197,15 +208,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-stream", type=int, default=2, help="requests each stream sends, one after another")
     p.add_argument("--stream-interval-ms", type=int, default=EngineConfig().stream_interval_ms)
     p.add_argument("--max-responses-per-s", type=int, default=EngineConfig().max_responses_per_s)
+    p.add_argument("--prefill-chunk", type=int, default=EngineConfig().prefill_chunk,
+                   help="prompt tokens prefilled a step (default: the CPU's; README: PREFILL_CHUNK on a GPU)")
     p.add_argument("--port", type=int, default=8023)
     a = p.parse_args(argv)
     prof = PROFILES[a.profile]
     print(f"profile {prof.name}: {prof.gpu}, {prof.bandwidth / 1e12:.2f} TB/s and {prof.flops / 1e12:.0f} TFLOP/s "
           f"peak at {prof.efficiency:.0%}, {prof.launch_s * 1e6:.0f} µs a step; {prof.dense_params() / 1e6:.0f} M "
           f"dense parameters in bf16 ({prof.source}); {a.prompt_words}-word prompts, {a.max_tokens} tokens each, "
-          f"stream_interval_ms {a.stream_interval_ms}, max_responses_per_s {a.max_responses_per_s}", flush=True)
+          f"stream_interval_ms {a.stream_interval_ms}, max_responses_per_s {a.max_responses_per_s}, prefill_chunk "
+          f"{a.prefill_chunk}", flush=True)
     engine = EngineConfig(max_queue=1024, stream_interval_ms=a.stream_interval_ms,
-                          max_responses_per_s=a.max_responses_per_s)
+                          max_responses_per_s=a.max_responses_per_s, prefill_chunk=a.prefill_chunk)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         tok = d20_tokenizer(Path(tmp) / "tokenizer")
