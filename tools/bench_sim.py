@@ -133,7 +133,8 @@ async def sse_clients(url: str, texts: list[str], rows: int, per_stream: int, ma
                     "max_tokens": max_tokens, **SAMPLING[sampling]}
             sent = time.perf_counter()
             times = await token_times(client, url, body)
-            firsts.append(times[0] - sent)
+            if times:  # an answer whose tokens made no text has no first token
+                firsts.append(times[0] - sent)
             events += len(times)
         return events
 
